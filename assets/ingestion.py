@@ -1,0 +1,251 @@
+"""Ingestion: corpus files → documents → chunks → embeddings in Postgres + pgvector."""
+
+from pathlib import Path
+
+import dagster as dg
+from pydantic import Field
+
+from assets.resources import (
+    EmbeddingModelResource,
+    MLflowResource,
+    PostgresResource,
+    mlflow_metadata,
+)
+from refinery.lineage import TAG_CORPUS_HASH
+from refinery.settings import Settings
+from serving.chunking import ChunkingConfig
+from serving.ingestion import make_chunker, sync_chunks, sync_documents, sync_embeddings
+
+GROUP = "ingestion"
+EXPERIMENT = "refinery-ingestion"
+
+
+class SourceDocumentsConfig(dg.Config):
+    corpus_dir: str = Field(
+        default="", description="Corpus folder; empty: REFINERY_CORPUS_DIR or the sample corpus."
+    )
+    max_file_mb: float = Field(
+        default=20.0, gt=0, description="Files larger than this are rejected."
+    )
+    allow_empty: bool = Field(
+        default=False, description="Allow a corpus with no readable file to empty the index."
+    )
+
+    def corpus_path(self) -> Path:
+        return (
+            Path(self.corpus_dir).expanduser()
+            if self.corpus_dir
+            else Settings.from_env().corpus_dir
+        )
+
+
+class DocumentChunksConfig(dg.Config):
+    max_tokens: int = Field(default=200, ge=16, description="Chunk size in embedding-model tokens.")
+    overlap_tokens: int = Field(
+        default=32, ge=0, description="Tokens shared by neighbouring chunks."
+    )
+
+
+class ChunkEmbeddingsConfig(dg.Config):
+    batch_size: int = Field(default=64, ge=1, le=4096, description="Chunks per encode and commit.")
+
+
+def _rejections_markdown(rejections: list) -> str:
+    if not rejections:
+        return "No file was rejected."
+    rows = ["| file | reason | detail |", "|---|---|---|"]
+    for r in rejections:
+        detail = r.detail.replace("|", "\\|")
+        rows.append(f"| `{r.source}` | {r.reason.value} | {detail} |")
+    return "\n".join(rows)
+
+
+@dg.asset(
+    group_name=GROUP,
+    kinds={"postgres", "python"},
+    description="Corpus files parsed to normalized text, one row per document with its content "
+    "hash; files that cannot be read are skipped and listed in the rejected_files ledger.",
+)
+def source_documents(
+    context: dg.AssetExecutionContext,
+    config: SourceDocumentsConfig,
+    postgres: PostgresResource,
+    mlflow: MLflowResource,
+) -> dg.MaterializeResult:
+    corpus = config.corpus_path()
+    params = {"corpus_dir": str(corpus), "max_file_mb": config.max_file_mb}
+    with mlflow.asset_run(context, EXPERIMENT, params=params) as run:
+        result = sync_documents(
+            postgres.store(),
+            corpus,
+            max_file_bytes=int(config.max_file_mb * 1024 * 1024),
+            allow_empty=config.allow_empty,
+            progress=context.log.info,
+        )
+        run.log_metrics(result.metrics())
+        run.set_tags({TAG_CORPUS_HASH: result.corpus_hash})
+        run.log_dict(
+            [
+                {"file": r.source, "reason": r.reason.value, "detail": r.detail}
+                for r in result.rejections
+            ],
+            "rejected_files.json",
+        )
+    return dg.MaterializeResult(
+        metadata={
+            "corpus": str(corpus),
+            "corpus_hash": result.corpus_hash,
+            "documents": result.documents,
+            "new": result.new,
+            "changed": result.changed,
+            "unchanged": result.unchanged,
+            "removed": result.removed,
+            "rejected": result.rejected,
+            "rejected_files": dg.MetadataValue.md(_rejections_markdown(result.rejections)),
+            **mlflow_metadata(run),
+        },
+        data_version=dg.DataVersion(result.corpus_hash),
+    )
+
+
+@dg.asset_check(
+    asset=source_documents,
+    description="Warns when corpus files were rejected (the ledger lists each with its reason).",
+)
+def no_rejected_files(postgres: PostgresResource) -> dg.AssetCheckResult:
+    rejections = postgres.store().rejections()
+    return dg.AssetCheckResult(
+        passed=not rejections,
+        severity=dg.AssetCheckSeverity.WARN,
+        metadata={
+            "rejected": len(rejections),
+            "files": dg.MetadataValue.md(
+                "\n".join(f"- `{r['path']}`: {r['reason']} ({r['detail']})" for r in rejections)
+                or "none"
+            ),
+        },
+    )
+
+
+@dg.asset(
+    group_name=GROUP,
+    deps=[source_documents],
+    kinds={"postgres", "python"},
+    description="Token-aware recursive chunks with overlap; ids derived from document and text, "
+    "so reruns overwrite instead of duplicating. Only changed documents are re-chunked.",
+)
+def document_chunks(
+    context: dg.AssetExecutionContext,
+    config: DocumentChunksConfig,
+    postgres: PostgresResource,
+    mlflow: MLflowResource,
+    embedding_model: EmbeddingModelResource,
+) -> dg.MaterializeResult:
+    chunking = ChunkingConfig(max_tokens=config.max_tokens, overlap_tokens=config.overlap_tokens)
+    embedder = embedding_model.get()
+    store = postgres.store()
+    params = {**chunking.__dict__, "tokenizer": embedder.name}
+    with mlflow.asset_run(context, EXPERIMENT, params=params) as run:
+        result = sync_chunks(store, make_chunker(chunking, embedder), progress=context.log.info)
+        corpus_hash = store.corpus_hash()
+        run.log_metrics(result.metrics())
+        run.set_tags({TAG_CORPUS_HASH: corpus_hash})
+    return dg.MaterializeResult(
+        metadata={
+            "chunks": result.chunks_total,
+            "documents_rechunked": result.documents_chunked,
+            "chunks_new": result.chunks_new,
+            "chunks_deleted": result.chunks_deleted,
+            "corpus_hash": corpus_hash,
+            **mlflow_metadata(run),
+        },
+        data_version=dg.DataVersion(
+            f"{corpus_hash[:32]}-{chunking.fingerprint(embedder.name)[:16]}"
+        ),
+    )
+
+
+@dg.asset(
+    group_name=GROUP,
+    deps=[document_chunks],
+    kinds={"pgvector", "pytorch"},
+    description="One vector per chunk in the embedding model's space (HNSW, cosine). Embeds only "
+    "chunks without a vector, committing batch by batch.",
+)
+def chunk_embeddings(
+    context: dg.AssetExecutionContext,
+    config: ChunkEmbeddingsConfig,
+    postgres: PostgresResource,
+    mlflow: MLflowResource,
+    embedding_model: EmbeddingModelResource,
+) -> dg.MaterializeResult:
+    embedder = embedding_model.get()
+    store = postgres.store()
+    params = {"model": embedder.name, "device": embedder.device, "batch_size": config.batch_size}
+    with mlflow.asset_run(context, EXPERIMENT, params=params) as run:
+        result = sync_embeddings(
+            store, embedder, batch_size=config.batch_size, progress=context.log.info
+        )
+        corpus_hash = store.corpus_hash()
+        run.log_metrics(result.metrics())
+        run.set_tags({TAG_CORPUS_HASH: corpus_hash, "refinery.embedding_space": result.space_id})
+    return dg.MaterializeResult(
+        metadata={
+            "model": result.model,
+            "dimension": result.dim,
+            "space": result.space_id,
+            "embedded_now": result.embedded,
+            "chunks": result.total,
+            "seconds": round(result.seconds, 2),
+            "chunks_per_second": round(result.chunks_per_second, 1),
+            "corpus_hash": corpus_hash,
+            **mlflow_metadata(run),
+        },
+    )
+
+
+_EMBEDDING_CHECKS = {
+    "every_chunk_embedded": "Every chunk has exactly one current vector of the space's dimension.",
+    "no_orphan_embeddings": "No vector without its chunk.",
+    "no_nan_embeddings": "No vector holds NaN.",
+    "hnsw_index_exists": "The HNSW cosine index of the space exists.",
+}
+
+
+@dg.multi_asset_check(
+    specs=[
+        dg.AssetCheckSpec(name, asset=chunk_embeddings, description=desc, blocking=True)
+        for name, desc in _EMBEDDING_CHECKS.items()
+    ],
+)
+def chunk_embeddings_integrity(
+    postgres: PostgresResource, embedding_model: EmbeddingModelResource
+):  # no return annotation: dagster would read it as an output type
+    store = postgres.store()
+    space = store.find_space(embedding_model.get().name)
+    if space is None:
+        for name in _EMBEDDING_CHECKS:
+            yield dg.AssetCheckResult(
+                check_name=name, passed=False, metadata={"error": "no embedding space yet"}
+            )
+        return
+    v = store.integrity(space)
+    yield dg.AssetCheckResult(
+        check_name="every_chunk_embedded",
+        passed=v.missing == 0 and v.wrong_dim == 0 and v.stale == 0,
+        metadata={
+            "chunks": v.chunks,
+            "missing": v.missing,
+            "wrong_dimension": v.wrong_dim,
+            "stale": v.stale,
+        },
+    )
+    yield dg.AssetCheckResult(
+        check_name="no_orphan_embeddings", passed=v.orphans == 0, metadata={"orphans": v.orphans}
+    )
+    yield dg.AssetCheckResult(
+        check_name="no_nan_embeddings", passed=v.nan == 0, metadata={"nan": v.nan}
+    )
+    yield dg.AssetCheckResult(
+        check_name="hnsw_index_exists", passed=v.index_exists, metadata={"index": space.index_name}
+    )

@@ -1,0 +1,254 @@
+"""`refinery`: the command line. Runs go through Dagster, on the instance under REFINERY_HOME,
+so they show in the Dagster UI like runs launched from it."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shlex
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import click
+
+from refinery.settings import Settings
+from refinery.stores import (
+    apply_process_environment,
+    database_url,
+    embedded_postgres_running,
+    environment,
+    stop_embedded_postgres,
+)
+
+
+def _settings() -> Settings:
+    settings = Settings.from_env()
+    apply_process_environment(settings)
+    return settings
+
+
+@click.group()
+def main() -> None:
+    """Refinery: one Dagster lineage graph from documents and a base model to a served model."""
+
+
+@main.command()
+@click.option(
+    "--shell/--no-shell", default=True, help="Print `export` lines (default) or KEY=VALUE."
+)
+def env(shell: bool) -> None:
+    """Print the variables under which mlflow, dagster and psql see Refinery's stores.
+
+    Starts the embedded Postgres if no external one is configured; it keeps running until
+    `refinery db stop`. Use: eval "$(refinery env)".
+    """
+    settings = _settings()
+    url = database_url(settings, persistent=True)
+    for key, value in sorted(environment(settings, url).items()):
+        click.echo(f"export {key}={shlex.quote(value)}" if shell else f"{key}={value}")
+    if not settings.database_url:
+        click.echo("# embedded Postgres is running; stop it with: refinery db stop")
+
+
+@main.group()
+def db() -> None:
+    """Start, stop or inspect the embedded Postgres."""
+
+
+@db.command("start")
+def db_start() -> None:
+    """Start the embedded Postgres and leave it running."""
+    settings = _settings()
+    click.echo(database_url(settings, persistent=True))
+
+
+@db.command("stop")
+def db_stop() -> None:
+    """Stop the embedded Postgres."""
+    settings = _settings()
+    click.echo("stopped" if stop_embedded_postgres(settings) else "not running")
+
+
+@db.command("status")
+def db_status() -> None:
+    settings = _settings()
+    if settings.database_url:
+        click.echo("external database configured by REFINERY_DATABASE_URL")
+    else:
+        click.echo("running" if embedded_postgres_running(settings) else "stopped")
+
+
+def _execute(job_name: str, run_config: dict[str, Any]) -> bool:
+    from dagster import DagsterInstance
+
+    from orchestration.definitions import defs
+
+    job = defs.resolve_job_def(job_name)
+    instance = DagsterInstance.get()
+    result = job.execute_in_process(run_config=run_config, instance=instance, raise_on_error=False)
+    settings = Settings.from_env()
+    click.echo("")
+    click.echo(f"Dagster run {result.run_id}: {'succeeded' if result.success else 'FAILED'}")
+    click.echo(f"  {settings.dagster_ui_url}/runs/{result.run_id}  (after `make ui`)")
+    for event in result.get_asset_check_evaluations():
+        status = "passed" if event.passed else f"FAILED ({event.severity.value})"
+        click.echo(f"  check {event.asset_key.to_user_string()}:{event.check_name} {status}")
+    return bool(result.success)
+
+
+def _ingest_config(corpus: Path | None) -> dict[str, Any]:
+    if corpus is None:
+        return {}
+    if not corpus.is_dir():
+        raise click.BadParameter(f"{corpus} is not a folder", param_hint="--corpus")
+    return {"ops": {"source_documents": {"config": {"corpus_dir": str(corpus.resolve())}}}}
+
+
+@main.command()
+@click.option("--corpus", type=click.Path(path_type=Path), default=None, help="Corpus folder.")
+def ingest(corpus: Path | None) -> None:
+    """Materialize documents → chunks → embeddings through Dagster for a corpus folder."""
+    _settings()
+    if not _execute("ingest", _ingest_config(corpus)):
+        sys.exit(1)
+
+
+@main.command()
+@click.option("--corpus", type=click.Path(path_type=Path), default=None, help="Corpus folder.")
+def run(corpus: Path | None) -> None:
+    """Run the whole lineage graph through Dagster (what `make run` does)."""
+    settings = _settings()
+    ok = _execute("refinery", _ingest_config(corpus))
+    click.echo("")
+    click.echo("Where to look next:")
+    click.echo('  refinery query "How long does a worker bee take to develop?"')
+    click.echo(
+        f"  make ui    → Dagster {settings.dagster_ui_url}   MLflow {settings.mlflow_ui_url}"
+    )
+    click.echo(
+        f'  eval "$(refinery env)"   → mlflow / dagster / psql on the same stores ({settings.home})'
+    )
+    if not ok:
+        sys.exit(1)
+
+
+@main.command()
+@click.argument("question")
+@click.option("-k", default=5, show_default=True, help="How many chunks to return (1-100).")
+@click.option("--source", "sources", multiple=True, help="Only these sources (`*` wildcard).")
+@click.option(
+    "--format", "formats", multiple=True, help="Only these formats (markdown, text, html, pdf)."
+)
+@click.option(
+    "--model", default="", help="Embedding model (default: the packaged all-MiniLM-L6-v2)."
+)
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def query(
+    question: str,
+    k: int,
+    sources: tuple[str, ...],
+    formats: tuple[str, ...],
+    model: str,
+    as_json: bool,
+) -> None:
+    """Print the chunks nearest to QUESTION, with their sources and scores."""
+    import sqlalchemy as sa
+
+    from serving.embedding import Embedder
+    from serving.retrieval import Filters, RetrievalError, Retriever
+    from serving.vectorstore import VectorStore
+
+    settings = _settings()
+    engine = sa.create_engine(database_url(settings))
+    try:
+        store = VectorStore(engine)
+        store.create_schema()
+        retriever = Retriever(store, Embedder(model or None))
+        hits = retriever.search(question, k=k, filters=Filters(sources=sources, formats=formats))
+    except RetrievalError as err:
+        raise click.ClickException(str(err)) from err
+    finally:
+        engine.dispose()
+    if as_json:
+        click.echo(json.dumps([h.to_dict() for h in hits], indent=2, ensure_ascii=False))
+        return
+    if not hits:
+        click.echo("no matching chunks")
+    for i, h in enumerate(hits, 1):
+        pages = f" p.{','.join(map(str, h.meta['pages']))}" if h.meta.get("pages") else ""
+        click.echo(f"{i}. [{h.score:.3f}] {h.source}{pages} (chunk {h.position}) — {h.title}")
+        click.echo("   " + h.text[:300].replace("\n", " ") + ("…" if len(h.text) > 300 else ""))
+
+
+@main.command()
+@click.option("--dagster-port", default=3100, show_default=True, envvar="DAGSTER_PORT")
+@click.option("--mlflow-port", default=5000, show_default=True, envvar="MLFLOW_PORT")
+def ui(dagster_port: int, mlflow_port: int) -> None:
+    """Dagster UI and MLflow UI on 127.0.0.1 over the same stores, until Ctrl-C."""
+    settings = _settings()
+    url = database_url(settings)  # this process holds the embedded Postgres open while the UIs run
+    env = {**os.environ, **environment(settings, url)}
+    env["REFINERY_DAGSTER_UI_URL"] = f"http://127.0.0.1:{dagster_port}"
+    env["REFINERY_MLFLOW_UI_URL"] = f"http://127.0.0.1:{mlflow_port}"
+    env["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] = "false"
+    bin_dir = Path(sys.executable).parent
+    commands = {
+        "dagster": [
+            str(bin_dir / "dagster"), "dev", "-m", "orchestration.definitions",
+            "-h", "127.0.0.1", "-p", str(dagster_port),
+        ],
+        "mlflow": [
+            str(bin_dir / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(mlflow_port),
+            "--workers", "1", "--backend-store-uri", settings.mlflow_tracking_uri,
+            *(["--default-artifact-root", settings.mlflow_artifacts_dir.as_uri()] if settings.mlflow_is_local else []),
+        ],
+    }  # fmt: skip
+    # Each UI in its own process group: stopping the group stops its children (code servers,
+    # workers) too, which a plain terminate of the parent would leave behind.
+    procs = {
+        name: subprocess.Popen(cmd, env=env, start_new_session=True)
+        for name, cmd in commands.items()
+    }
+    click.echo(
+        f"Dagster UI: http://127.0.0.1:{dagster_port}   MLflow UI: http://127.0.0.1:{mlflow_port}"
+    )
+    click.echo("Ctrl-C stops both.")
+
+    def _stop(*_: Any) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, _stop)
+    try:
+        while all(p.poll() is None for p in procs.values()):
+            time.sleep(0.5)
+        for name, p in procs.items():
+            if p.poll() is not None:
+                click.echo(f"{name} exited with {p.returncode}", err=True)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        _stop_groups(list(procs.values()))
+
+
+def _stop_groups(procs: list[subprocess.Popen[bytes]], timeout: float = 15.0) -> None:
+    for p in procs:
+        if p.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(p.pid, signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    for p in procs:
+        try:
+            p.wait(timeout=max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(p.pid, signal.SIGKILL)
+            p.wait()
+
+
+if __name__ == "__main__":
+    main()

