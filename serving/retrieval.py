@@ -105,6 +105,60 @@ def search_vector(
 
     ``exact=True`` scans every row instead of the HNSW index (the ground truth for recall).
     """
+    stmt = _search_statement(space, vector, k, filters, ef_search)
+    with engine.begin() as conn:
+        _plan_settings(conn, exact, ef_search, bool(filters))
+        rows = conn.execute(stmt).all()
+    return [
+        Hit(
+            chunk_id=r.chunk_id,
+            doc_id=r.doc_id,
+            source=r.source,
+            title=r.title,
+            position=r.position,
+            text=r.text,
+            score=1.0 - float(r.distance),
+            meta=r.meta,
+        )
+        for r in rows
+    ]
+
+
+def explain_search(
+    engine: sa.Engine,
+    space: EmbeddingSpace,
+    vector: np.ndarray,
+    k: int = 5,
+    filters: Filters | None = None,
+    *,
+    ef_search: int = DEFAULT_EF_SEARCH,
+) -> str:
+    """Postgres's plan for ``search_vector`` with the same settings (to see the index used)."""
+    stmt = _search_statement(space, vector, k, filters, ef_search)
+    compiled = stmt.compile(engine)
+    with engine.begin() as conn:
+        _plan_settings(conn, False, ef_search, bool(filters))
+        params = {
+            k: "[" + ",".join(map(str, v.tolist())) + "]" if isinstance(v, np.ndarray) else v
+            for k, v in compiled.params.items()
+        }
+        rows = conn.exec_driver_sql("EXPLAIN " + str(compiled), params).all()
+    return "\n".join(r[0] for r in rows)
+
+
+def _plan_settings(conn: sa.Connection, exact: bool, ef_search: int, filtered: bool) -> None:
+    if exact:
+        conn.execute(sa.text("SET LOCAL enable_indexscan = off"))
+        return
+    # SET cannot take bind parameters; ef_search is a validated int.
+    conn.execute(sa.text(f"SET LOCAL hnsw.ef_search = {int(ef_search)}"))
+    if filtered:
+        conn.execute(sa.text("SET LOCAL hnsw.iterative_scan = relaxed_order"))
+
+
+def _search_statement(
+    space: EmbeddingSpace, vector: np.ndarray, k: int, filters: Filters | None, ef_search: int
+) -> sa.Select:
     if not 1 <= k <= MAX_K:
         raise RetrievalError(f"k must be between 1 and {MAX_K}, got {k}")
     if vector.shape != (space.dim,):
@@ -141,29 +195,7 @@ def search_vector(
         inner = inner.where(c.c.meta.contains(filters.meta))
     # relaxed_order may return the k rows slightly out of order: sort them again outside.
     sub = inner.subquery()
-    stmt = sa.select(sub).order_by(sub.c.distance)
-    with engine.begin() as conn:
-        if exact:
-            conn.execute(sa.text("SET LOCAL enable_indexscan = off"))
-        else:
-            # SET cannot take bind parameters; ef_search is a validated int.
-            conn.execute(sa.text(f"SET LOCAL hnsw.ef_search = {int(ef_search)}"))
-            if filters:
-                conn.execute(sa.text("SET LOCAL hnsw.iterative_scan = relaxed_order"))
-        rows = conn.execute(stmt).all()
-    return [
-        Hit(
-            chunk_id=r.chunk_id,
-            doc_id=r.doc_id,
-            source=r.source,
-            title=r.title,
-            position=r.position,
-            text=r.text,
-            score=1.0 - float(r.distance),
-            meta=r.meta,
-        )
-        for r in rows
-    ]
+    return sa.select(sub).order_by(sub.c.distance)
 
 
 def _source_clause(column: sa.ColumnElement[str], pattern: str) -> sa.ColumnElement[bool]:

@@ -180,16 +180,15 @@ class VectorStore:
         with self.engine.connect() as conn:
             return [dict(row._mapping) for row in conn.execute(stmt)]
 
-    def corpus_hash(self, corpus: str | None = None) -> str:
-        """Hash of every indexed document's (corpus, source, content hash): the data version."""
+    def corpus_hash(self) -> str:
+        """The data version of the index: a hash of every document's (source, content hash).
+
+        Independent of where the corpus folder lives, so the same files hash the same anywhere.
+        """
         d = schema.documents
-        stmt = sa.select(d.c.corpus, d.c.source, d.c.content_hash)
-        if corpus is not None:
-            stmt = stmt.where(d.c.corpus == corpus)
         with self.engine.connect() as conn:
-            return combined_hash(
-                (f"{r.corpus}\x00{r.source}", r.content_hash) for r in conn.execute(stmt)
-            )
+            rows = conn.execute(sa.select(d.c.source, d.c.content_hash))
+            return combined_hash((r.source, r.content_hash) for r in rows)
 
     # ---- chunks -----------------------------------------------------------------------------
 

@@ -1,0 +1,66 @@
+# Refinery: every target creates the virtual environment and installs on first use.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+PYTEST_ARGS ?=
+
+export MLFLOW_DISABLE_TELEMETRY=true
+export BENTOML_DO_NOT_TRACK=true
+export DAGSTER_DISABLE_TELEMETRY=true
+export HF_HUB_OFFLINE=1
+export TOKENIZERS_PARALLELISM=false
+
+.PHONY: help install run test test-unit test-integration test-e2e bench lint format ui clean
+
+help:
+	@echo "make run     - set up, start the embedded stores, run the whole lineage graph through Dagster"
+	@echo "make test    - the whole test suite (what .ci/run runs)"
+	@echo "make bench   - benchmarks; result tables land in benchmarks/results/"
+	@echo "make lint    - ruff, mypy and import-linter contracts"
+	@echo "make ui      - Dagster UI (:3100) and MLflow UI (:5000) on 127.0.0.1; Ctrl-C stops both"
+	@echo "make clean   - remove the embedded stores under .refinery/ (keeps .venv)"
+
+install: $(STAMP)
+
+# torch first, pinned: the CPU build lies on local disk; letting pip pick one pulls a CUDA build.
+$(STAMP): pyproject.toml constraints.txt
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -c constraints.txt -e '.[dev]'
+	@touch $(STAMP)
+
+run: $(STAMP)
+	$(BIN)/refinery run
+
+test: $(STAMP)
+	$(BIN)/pytest $(PYTEST_ARGS)
+
+test-unit: $(STAMP)
+	$(BIN)/pytest tests/unit $(PYTEST_ARGS)
+
+test-integration: $(STAMP)
+	$(BIN)/pytest tests/integration $(PYTEST_ARGS)
+
+test-e2e: $(STAMP)
+	$(BIN)/pytest tests/e2e $(PYTEST_ARGS)
+
+bench: $(STAMP)
+	$(BIN)/python -m benchmarks
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+	$(BIN)/lint-imports
+
+format: $(STAMP)
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
+
+ui: $(STAMP)
+	$(BIN)/refinery ui
+
+clean:
+	-$(BIN)/refinery db stop
+	rm -rf .refinery

@@ -1,0 +1,114 @@
+"""Shared fixtures. The whole session runs against its own REFINERY_HOME in a temporary folder,
+so tests never touch a developer's stores; the embedded Postgres it starts stops at exit."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from refinery.settings import REPO_ROOT, TELEMETRY_OFF
+
+SAMPLE_CORPUS = REPO_ROOT / "data" / "corpus"
+
+_SESSION_HOME = Path(tempfile.mkdtemp(prefix="refinery-test-home-"))
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    os.environ["REFINERY_HOME"] = str(_SESSION_HOME)
+    os.environ.pop("REFINERY_DATABASE_URL", None)
+    os.environ.pop("REFINERY_MLFLOW_TRACKING_URI", None)
+    os.environ.pop("REFINERY_CORPUS_DIR", None)
+    os.environ["DAGSTER_HOME"] = str(_SESSION_HOME / "dagster")
+    for key, value in TELEMETRY_OFF.items():
+        os.environ.setdefault(key, value)
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    from refinery.settings import Settings
+    from refinery.stores import stop_embedded_postgres
+
+    try:
+        stop_embedded_postgres(Settings.from_env())
+    finally:
+        shutil.rmtree(_SESSION_HOME, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def settings():
+    from refinery.settings import Settings
+
+    return Settings.from_env()
+
+
+@pytest.fixture(scope="session")
+def server_url(settings) -> str:
+    """URL of the session's embedded Postgres (database "postgres")."""
+    from refinery.stores import database_url
+
+    return database_url(settings)
+
+
+@pytest.fixture
+def db_url(server_url: str) -> Iterator[str]:
+    """A fresh, empty database on the embedded server for one test, dropped afterwards."""
+    import sqlalchemy as sa
+
+    name = f"t_{uuid.uuid4().hex[:12]}"
+    admin = sa.create_engine(server_url, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(sa.text(f'CREATE DATABASE "{name}"'))
+    url = sa.make_url(server_url).set(database=name).render_as_string(hide_password=False)
+    try:
+        yield url
+    finally:
+        with admin.connect() as conn:
+            conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        admin.dispose()
+
+
+@pytest.fixture
+def store(db_url: str):
+    import sqlalchemy as sa
+
+    from serving.vectorstore import VectorStore
+
+    engine = sa.create_engine(db_url)
+    s = VectorStore(engine)
+    s.create_schema()
+    yield s
+    engine.dispose()
+
+
+@pytest.fixture(scope="session")
+def embedder():
+    from serving.embedding import Embedder
+
+    return Embedder()
+
+
+@pytest.fixture
+def mlflow_uri(tmp_path: Path) -> str:
+    return f"sqlite:///{tmp_path / 'mlflow.db'}"
+
+
+@pytest.fixture
+def small_corpus(tmp_path: Path) -> Path:
+    """A copy of six sample documents, one or two of each format, to edit freely."""
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for name in [
+        "colony-castes-and-development.md",
+        "varroa-mite-monitoring-and-treatment.md",
+        "queen-mating-flight.txt",
+        "waggle-and-round-dances.html",
+        "siting-an-apiary.pdf",
+        "splitting-colonies.pdf",
+    ]:
+        shutil.copy(SAMPLE_CORPUS / name, corpus / name)
+    return corpus

@@ -1,0 +1,215 @@
+"""The ingestion slice of the graph through Dagster, into a fresh home, then queried."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import dagster as dg
+import pytest
+import sqlalchemy as sa
+from mlflow.tracking import MlflowClient
+
+from refinery.settings import Settings
+from refinery.stores import database_url
+from serving.documents import RejectReason
+from serving.embedding import Embedder
+from serving.retrieval import Retriever
+from serving.vectorstore import VectorStore
+from tests.conftest import SAMPLE_CORPUS
+
+pytestmark = pytest.mark.e2e
+
+INGESTION = ["source_documents", "document_chunks", "chunk_embeddings"]
+
+
+def run_ingest(corpus: Path, **config) -> dg.ExecuteInProcessResult:
+    from orchestration.definitions import defs
+
+    ops = {"source_documents": {"config": {"corpus_dir": str(corpus)}}}
+    if config:
+        ops["chunk_embeddings"] = {"config": config}
+    return defs.resolve_job_def("ingest").execute_in_process(
+        run_config={"ops": ops}, instance=dg.DagsterInstance.get(), raise_on_error=False
+    )
+
+
+def materializations(result) -> dict[str, dict]:
+    return {
+        e.asset_key.to_user_string(): e.event_specific_data.materialization.metadata
+        for e in result.get_asset_materialization_events()
+    }
+
+
+def checks(result) -> dict[str, tuple[bool, str]]:
+    return {
+        e.check_name: (e.passed, e.severity.value) for e in result.get_asset_check_evaluations()
+    }
+
+
+def store_for_home() -> VectorStore:
+    return VectorStore(sa.create_engine(database_url(Settings.from_env())))
+
+
+def test_sample_corpus_through_dagster_with_mlflow_lineage(fresh_home):
+    result = run_ingest(SAMPLE_CORPUS)
+    assert result.success
+    meta = materializations(result)
+    assert set(meta) == set(INGESTION)
+    assert all(v for v, _ in checks(result).values())
+    assert meta["source_documents"]["documents"].value == 32
+    assert (
+        meta["chunk_embeddings"]["embedded_now"].value
+        == meta["chunk_embeddings"]["chunks"].value
+        > 100
+    )
+
+    # Every materialization links to its MLflow run, and every run links back to Dagster.
+    client = MlflowClient(Settings.from_env().mlflow_tracking_uri)
+    corpus_hash = meta["source_documents"]["corpus_hash"].value
+    for asset, m in meta.items():
+        run = client.get_run(m["mlflow_run_id"].value)
+        assert m["mlflow_run"].value.endswith(f"/runs/{run.info.run_id}")
+        assert run.data.tags["dagster.run_id"] == result.run_id
+        assert run.data.tags["dagster.asset_key"] == asset
+        assert run.data.tags["dagster.run_url"].endswith(f"/runs/{result.run_id}")
+        assert run.data.tags["refinery.corpus_hash"] == corpus_hash
+        assert run.data.tags["refinery.code_version"]
+        assert run.info.status == "FINISHED"
+    embed_run = client.get_run(meta["chunk_embeddings"]["mlflow_run_id"].value)
+    assert embed_run.data.params["model"] == "sentence-transformers/all-MiniLM-L6-v2"
+    assert embed_run.data.metrics["chunks_per_second"] > 0
+    chunk_run = client.get_run(meta["document_chunks"]["mlflow_run_id"].value)
+    assert (
+        chunk_run.data.params["max_tokens"] == "200"
+        and chunk_run.data.params["overlap_tokens"] == "32"
+    )
+
+    hits = Retriever(store_for_home(), Embedder()).search(
+        "What is the threshold of mites per 100 bees?", k=3
+    )
+    assert hits[0].source == "varroa-mite-monitoring-and-treatment.md"
+
+    # A second run with nothing changed embeds nothing and keeps the data version.
+    again = run_ingest(SAMPLE_CORPUS)
+    meta2 = materializations(again)
+    assert again.success
+    assert meta2["source_documents"]["unchanged"].value == 32
+    assert meta2["document_chunks"]["documents_rechunked"].value == 0
+    assert meta2["chunk_embeddings"]["embedded_now"].value == 0
+    assert meta2["source_documents"]["corpus_hash"].value == corpus_hash
+
+
+def test_salted_corpus_finishes_with_every_bad_file_in_the_ledger(fresh_home, small_corpus):
+    bad = {
+        "empty.md": (b"", RejectReason.EMPTY),
+        "binary.txt": (bytes(range(256)) * 64, RejectReason.BINARY),
+        "nul.txt": (b"Bees make honey.\x00More text.", RejectReason.NUL_BYTES),
+        "latin1.txt": ("Crème brûlée honey".encode("latin-1"), RejectReason.INVALID_UTF8),
+        "truncated.pdf": (
+            (SAMPLE_CORPUS / "pollination-services.pdf").read_bytes()[:2000],
+            RejectReason.CORRUPT_PDF,
+        ),
+    }
+    for name, (content, _) in bad.items():
+        (small_corpus / name).write_bytes(content)
+    from pypdf import PdfReader, PdfWriter
+
+    writer = PdfWriter(clone_from=PdfReader(SAMPLE_CORPUS / "pollination-services.pdf"))
+    writer.encrypt(user_password="secret", algorithm="AES-256")
+    writer.write(small_corpus / "encrypted.pdf")
+    with open(small_corpus / "huge.txt", "wb") as fh:
+        fh.write(b"x")
+        fh.truncate(100 * 1024 * 1024)
+    (small_corpus / "loop.md").symlink_to(small_corpus / "loop.md")
+    (small_corpus / "private.md").write_text("# Private")
+    (small_corpus / "private.md").chmod(0)
+    expected = {name: reason for name, (_, reason) in bad.items()} | {
+        "encrypted.pdf": RejectReason.ENCRYPTED_PDF,
+        "huge.txt": RejectReason.TOO_LARGE,
+        "loop.md": RejectReason.SYMLINK_LOOP,
+        "private.md": RejectReason.UNREADABLE,
+    }
+    try:
+        result = run_ingest(small_corpus)
+    finally:
+        (small_corpus / "private.md").chmod(0o644)
+    assert result.success
+    meta = materializations(result)
+    assert meta["source_documents"]["documents"].value == 6  # every good document
+    assert meta["source_documents"]["rejected"].value == len(expected)
+    ledger = {r["path"]: r for r in store_for_home().rejections()}
+    assert {k: RejectReason(v["reason"]) for k, v in ledger.items()} == expected
+    assert all(r["detail"] for r in ledger.values())
+    assert checks(result)["no_rejected_files"] == (False, "WARN")  # warns, does not block
+    assert checks(result)["every_chunk_embedded"] == (True, "ERROR")
+
+    # Fixed files (re-encoded; permission given back above) leave the ledger for the index.
+    (small_corpus / "latin1.txt").write_text("Crème brûlée honey, now in UTF-8.")
+    result = run_ingest(small_corpus)
+    still_bad = {r["path"] for r in store_for_home().rejections()}
+    assert still_bad == set(expected) - {"latin1.txt", "private.md"}
+    assert materializations(result)["source_documents"]["documents"].value == 8
+
+
+def test_sigkill_during_embedding_then_rerun_leaves_no_duplicates_or_gaps(fresh_home):
+    refinery = str(Path(sys.executable).parent / "refinery")
+    cmd = [refinery, "ingest", "--corpus", str(SAMPLE_CORPUS), "--batch-size", "4"]
+    proc = subprocess.Popen(
+        cmd,
+        env=dict(os.environ),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    store = None
+    embedded_at_kill = 0
+    try:
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.2)
+            try:
+                store = store or store_for_home()
+                space = store.find_space("sentence-transformers/all-MiniLM-L6-v2")
+                v = store.integrity(space) if space else None
+            except sa.exc.SQLAlchemyError:
+                continue  # the server or the tables are not there yet
+            if v is not None and 0 < v.embedded < v.chunks:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+                embedded_at_kill = v.embedded
+                break
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert proc.returncode == -signal.SIGKILL, (
+        "the run finished before it could be killed mid-embedding"
+    )
+    assert store is not None
+    space = store.find_space("sentence-transformers/all-MiniLM-L6-v2")
+    partial = store.integrity(space)
+    assert partial.missing > 0 and partial.embedded >= embedded_at_kill
+
+    rerun = subprocess.run(
+        [refinery, "ingest", "--corpus", str(SAMPLE_CORPUS)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert rerun.returncode == 0, rerun.stdout[-2000:] + rerun.stderr[-2000:]
+    final = store.integrity(space)
+    assert final.missing == final.orphans == final.stale == 0
+    assert final.embedded == final.chunks == partial.chunks
+    with store.engine.connect() as conn:
+        dupes = conn.execute(
+            sa.text(f"SELECT count(*) - count(DISTINCT chunk_id) FROM {space.table_name}")
+        ).scalar_one()
+    assert dupes == 0
+    store.engine.dispose()
+    shutil.rmtree(fresh_home / "dagster" / "storage", ignore_errors=True)

@@ -1,0 +1,82 @@
+"""The `refinery` command line in a subprocess, as a user runs it."""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import psycopg
+import pytest
+
+pytestmark = pytest.mark.integration
+
+REFINERY = str(Path(sys.executable).parent / "refinery")
+
+
+def refinery(
+    *args: str, home: Path | None = None, check: bool = True, timeout: float = 300
+) -> subprocess.CompletedProcess[str]:
+    env = dict(os.environ)
+    if home is not None:
+        env["REFINERY_HOME"] = str(home)
+    proc = subprocess.run(
+        [REFINERY, *args], env=env, capture_output=True, text=True, timeout=timeout
+    )
+    if check:
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
+def test_env_gives_working_variables_for_psql_and_mlflow(tmp_path):
+    home = tmp_path / "home"
+    out = refinery("env", home=home).stdout
+    env = {}
+    for line in out.splitlines():
+        if line.startswith("export "):
+            key, _, value = line[len("export ") :].partition("=")
+            env[key] = shlex.split(value)[0]
+    assert env["DAGSTER_HOME"] == str(home / "dagster")
+    assert env["MLFLOW_TRACKING_URI"] == f"sqlite:///{home / 'mlflow' / 'mlflow.db'}"
+    try:
+        # The embedded server keeps running after `refinery env` exits, for psql and friends.
+        with psycopg.connect(env["DATABASE_URL"]) as conn:
+            assert conn.execute("SELECT 1").fetchone() == (1,)
+        assert refinery("db", "status", home=home).stdout.strip() == "running"
+    finally:
+        assert refinery("db", "stop", home=home).stdout.strip() == "stopped"
+    assert refinery("db", "status", home=home).stdout.strip() == "stopped"
+
+
+def test_query_before_ingest_says_what_to_do(tmp_path):
+    proc = refinery("query", "varroa", home=tmp_path / "home", check=False)
+    assert proc.returncode == 1
+    assert "run `refinery ingest` first" in proc.stderr
+
+
+def test_bad_arguments_are_refused_clearly(tmp_path):
+    proc = refinery(
+        "ingest", "--corpus", str(tmp_path / "missing"), home=tmp_path / "home", check=False
+    )
+    assert proc.returncode == 2 and "is not a folder" in proc.stderr
+    proc = refinery("query", "varroa", "-k", "0", home=tmp_path / "home", check=False)
+    assert proc.returncode == 2 and "0 is not in the range 1<=x<=100" in proc.stderr
+
+
+def test_ingest_then_query_json(tmp_path, small_corpus):
+    home = tmp_path / "home"
+    out = refinery("ingest", "--corpus", str(small_corpus), home=home).stdout
+    assert "succeeded" in out and "hnsw_index_exists passed" in out
+    hits = json.loads(
+        refinery(
+            "query", "When does a virgin queen fly out to mate?", "-k", "3", "--json", home=home
+        ).stdout
+    )
+    assert len(hits) == 3
+    assert hits[0]["source"] == "queen-mating-flight.txt"
+    assert {"chunk_id", "source", "position", "score", "text", "title"} <= set(hits[0])
+    text = refinery("query", "smoker", "--format", "pdf", "-k", "2", home=home).stdout
+    assert text.count(".pdf") == 2

@@ -1,0 +1,217 @@
+"""The ingestion steps against the real embedded Postgres + pgvector and the real MiniLM model."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import sqlalchemy as sa
+
+from refinery import schema
+from serving.chunking import ChunkingConfig
+from serving.ingestion import (
+    EmptyCorpusError,
+    make_chunker,
+    sync_chunks,
+    sync_documents,
+    sync_embeddings,
+)
+from serving.retrieval import Filters, Retriever
+
+pytestmark = pytest.mark.integration
+
+
+SMALL_CHUNKS = ChunkingConfig(max_tokens=120, overlap_tokens=16)
+
+
+def ingest(store, corpus, embedder, config=SMALL_CHUNKS):
+    docs = sync_documents(store, corpus)
+    chunks = sync_chunks(store, make_chunker(config, embedder))
+    vectors = sync_embeddings(store, embedder, batch_size=16)
+    return docs, chunks, vectors
+
+
+def embedded_ids(store, embedder) -> dict[str, str]:
+    space = store.find_space(embedder.name)
+    with store.engine.connect() as conn:
+        rows = conn.execute(sa.select(space.table.c.chunk_id, space.table.c.created_at))
+        return {r.chunk_id: str(r.created_at) for r in rows}
+
+
+def test_first_run_indexes_everything_and_rerun_does_nothing(store, small_corpus, embedder):
+    docs, chunks, vectors = ingest(store, small_corpus, embedder)
+    assert (docs.documents, docs.new, docs.rejected) == (6, 6, 0)
+    assert chunks.chunks_total == vectors.embedded == vectors.total > 20
+    integrity = store.integrity(store.find_space(embedder.name))
+    assert integrity.missing == integrity.orphans == integrity.nan == integrity.stale == 0
+    assert integrity.index_exists
+
+    before = embedded_ids(store, embedder)
+    docs2, chunks2, vectors2 = ingest(store, small_corpus, embedder)
+    assert (docs2.unchanged, docs2.new, docs2.changed, docs2.removed) == (6, 0, 0, 0)
+    assert chunks2.documents_chunked == 0 and vectors2.embedded == 0
+    assert embedded_ids(store, embedder) == before  # nothing rewritten
+    assert docs2.corpus_hash == docs.corpus_hash
+
+
+def test_editing_one_document_reembeds_only_its_changed_chunks(store, small_corpus, embedder):
+    ingest(store, small_corpus, embedder)
+    before = embedded_ids(store, embedder)
+    target = small_corpus / "queen-mating-flight.txt"
+    target.write_text(
+        target.read_text() + "\n\nA late note: queens mate with twelve to twenty drones.\n"
+    )
+    docs, chunks, vectors = ingest(store, small_corpus, embedder)
+    assert (docs.changed, docs.unchanged) == (1, 5)
+    assert chunks.documents_chunked == 1
+    after = embedded_ids(store, embedder)
+    new_ids = set(after) - set(before)
+    assert 1 <= len(new_ids) <= 2 and vectors.embedded == len(new_ids)
+    # Every other vector is the very same row as before.
+    assert all(after[k] == v for k, v in before.items() if k in after)
+    c = schema.chunks
+    with store.engine.connect() as conn:
+        sources = set(
+            conn.execute(sa.select(c.c.source).where(c.c.chunk_id.in_(new_ids))).scalars()
+        )
+    assert sources == {"queen-mating-flight.txt"}
+
+
+def test_touching_a_file_without_changing_its_text_reembeds_nothing(store, small_corpus, embedder):
+    ingest(store, small_corpus, embedder)
+    target = small_corpus / "varroa-mite-monitoring-and-treatment.md"
+    target.write_text(target.read_text().replace("\n", "\r\n") + "\n\n\n")  # new bytes, same text
+    docs, chunks, vectors = ingest(store, small_corpus, embedder)
+    assert docs.changed == 0 and docs.unchanged == 6
+    assert chunks.documents_chunked == 0 and vectors.embedded == 0
+
+
+def test_removed_document_takes_its_chunks_and_vectors_along(store, small_corpus, embedder):
+    ingest(store, small_corpus, embedder)
+    (small_corpus / "siting-an-apiary.pdf").unlink()
+    docs, chunks, _ = ingest(store, small_corpus, embedder)
+    assert docs.removed == 1 and docs.documents == 5
+    integrity = store.integrity(store.find_space(embedder.name))
+    assert integrity.orphans == 0 and integrity.missing == 0
+    c = schema.chunks
+    with store.engine.connect() as conn:
+        n = conn.execute(
+            sa.select(sa.func.count()).where(c.c.source == "siting-an-apiary.pdf")
+        ).scalar_one()
+    assert n == 0 and chunks.chunks_total == integrity.embedded
+
+
+def test_an_emptied_corpus_does_not_wipe_the_index_unless_allowed(store, small_corpus, embedder):
+    ingest(store, small_corpus, embedder)
+    for f in small_corpus.iterdir():
+        f.unlink()
+    with pytest.raises(EmptyCorpusError, match="refusing to delete the 6 indexed documents"):
+        sync_documents(store, small_corpus)
+    assert store.count_documents() == 6
+    assert sync_documents(store, small_corpus, allow_empty=True).removed == 6
+
+
+def test_changing_the_chunk_size_rechunks_and_reembeds(store, small_corpus, embedder):
+    ingest(store, small_corpus, embedder)
+    n_small = store.count_chunks()
+    _docs, chunks, vectors = ingest(
+        store, small_corpus, embedder, ChunkingConfig(max_tokens=240, overlap_tokens=16)
+    )
+    assert chunks.documents_chunked == 6 and store.count_chunks() < n_small
+    assert vectors.embedded > 0
+    assert store.integrity(store.find_space(embedder.name)).missing == 0
+
+
+def test_switching_embedding_model_gets_its_own_space(store, small_corpus, embedder, tmp_path):
+    """A second real model with another dimension: MiniLM with a 64-d projection on top."""
+    from sentence_transformers import SentenceTransformer, models
+
+    from serving.embedding import Embedder
+
+    base = SentenceTransformer(embedder.ref.location, device="cpu")
+    dense = models.Dense(in_features=384, out_features=64)
+    small = SentenceTransformer(modules=[*base, dense], device="cpu")
+    small.save(str(tmp_path / "minilm-64"))
+    ingest(store, small_corpus, embedder)
+    other = Embedder(str(tmp_path / "minilm-64"))
+    _, _, vectors = ingest(store, small_corpus, other)
+    assert other.dim == 64 and vectors.dim == 64 and vectors.embedded == vectors.total
+    spaces = {store.find_space(embedder.name).dim, store.find_space(other.name).dim}
+    assert spaces == {384, 64}
+    hits = Retriever(store, other).search("varroa mites", k=3)
+    assert len(hits) == 3
+
+
+def test_corpus_with_subfolders_and_a_second_corpus(store, small_corpus, embedder, tmp_path):
+    second = tmp_path / "second"
+    (second / "notes").mkdir(parents=True)
+    (second / "notes" / "a.md").write_text(
+        "# Smoker fuel\n\nPine needles and burlap make cool smoke."
+    )
+    ingest(store, small_corpus, embedder)
+    docs = sync_documents(store, second)
+    assert docs.documents == 1 and docs.removed == 0  # the first corpus is untouched
+    assert store.count_documents() == 7
+    sync_chunks(store, make_chunker(ChunkingConfig(max_tokens=120, overlap_tokens=16), embedder))
+    sync_embeddings(store, embedder)
+    hits = Retriever(store, embedder).search("what burns in a smoker", k=1)
+    assert hits[0].source == "notes/a.md"
+
+
+def test_retrieval_finds_the_answering_document(store, small_corpus, embedder):
+    ingest(store, small_corpus, embedder)
+    retriever = Retriever(store, embedder)
+    hits = retriever.search("How often should I check for varroa mites with an alcohol wash?", k=5)
+    assert hits[0].source == "varroa-mite-monitoring-and-treatment.md"
+    assert all(-1 <= h.score <= 1 for h in hits)
+    assert [h.score for h in hits] == sorted((h.score for h in hits), reverse=True)
+    only_pdf = retriever.search("varroa mites", k=4, filters=Filters(formats=("pdf",)))
+    assert len(only_pdf) == 4 and {h.source.rsplit(".", 1)[1] for h in only_pdf} == {"pdf"}
+    pages = retriever.search(
+        "apiary site", k=3, filters=Filters(sources=("siting-*",), meta={"pages": [2]})
+    )
+    assert pages and all(h.source == "siting-an-apiary.pdf" and 2 in h.meta["pages"] for h in pages)
+
+
+def test_selective_filters_still_return_k_rows(store):
+    """Iterative index scans: with a 1%-selective filter the HNSW index still yields k rows.
+
+    Without ``hnsw.iterative_scan`` this query returns 0-3 rows (measured): the index hands
+    over its ef_search nearest candidates and the filter throws almost all of them away.
+    """
+    import datetime
+
+    from serving.chunking import Chunk
+    from serving.documents import ParsedDocument
+    from serving.retrieval import explain_search, search_vector
+    from serving.vectorstore import DocumentToChunk
+
+    rng = np.random.default_rng(0)
+    space = store.ensure_space("synthetic", 32)
+    n_docs, per_doc = 100, 200
+    for d in range(n_docs):
+        source = f"doc{d:03d}.txt"
+        doc = ParsedDocument(
+            source, "t", "text", "x", str(d), str(d), 1, datetime.datetime.now(datetime.UTC)
+        )
+        doc_id = store.upsert_document("/synthetic", doc)
+        chunks = [
+            Chunk(f"{d:03d}-{i:04d}", doc_id, source, i, "c", f"h{d}-{i}", 1, 0, 1, {})
+            for i in range(per_doc)
+        ]
+        store.replace_chunks(
+            DocumentToChunk(doc_id, source, "t", "text", "x", doc.content_hash, {}), chunks, "fp"
+        )
+        vectors = rng.normal(size=(per_doc, 32)).astype(np.float32)
+        vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+        store.upsert_embeddings(
+            space, [c.chunk_id for c in chunks], [c.content_hash for c in chunks], vectors
+        )
+    with store.engine.begin() as conn:
+        conn.execute(sa.text("ANALYZE"))
+    query = rng.normal(size=32).astype(np.float32)
+    only = Filters(sources=("doc042.txt",))
+    assert space.index_name in explain_search(store.engine, space, query, 10, only, ef_search=20)
+    approx = search_vector(store.engine, space, query, k=10, filters=only, ef_search=20)
+    exact = search_vector(store.engine, space, query, k=10, filters=only, exact=True)
+    assert len(approx) == 10 and all(h.source == "doc042.txt" for h in approx)
+    assert len({h.chunk_id for h in approx} & {h.chunk_id for h in exact}) >= 8
