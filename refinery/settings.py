@@ -13,14 +13,16 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_CORPUS_DIR = REPO_ROOT / "data" / "corpus"
 
-# Telemetry that cannot reach the network only slows things down here.
-TELEMETRY_OFF = {
+# Telemetry that cannot reach the network only slows things down; model hubs are not reachable
+# (models load from pip packages or local folders); per-tensor loading bars drown the logs.
+OFFLINE_ENV = {
     "MLFLOW_DISABLE_TELEMETRY": "true",
     "BENTOML_DO_NOT_TRACK": "true",
     "DAGSTER_DISABLE_TELEMETRY": "true",
     "DO_NOT_TRACK": "1",
     "HF_HUB_OFFLINE": "1",
     "HF_HUB_DISABLE_TELEMETRY": "1",
+    "HF_HUB_DISABLE_PROGRESS_BARS": "1",
     "TOKENIZERS_PARALLELISM": "false",
 }
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import psutil
 
-from refinery.settings import TELEMETRY_OFF, Settings
+from refinery.settings import OFFLINE_ENV, Settings
 
 log = logging.getLogger(__name__)
 
@@ -144,7 +144,7 @@ def prepare_dagster_home(settings: Settings) -> Path:
 
 def environment(settings: Settings, db_url: str | None) -> dict[str, str]:
     """Variables under which the standard CLIs (mlflow, dagster, psql) see Refinery's stores."""
-    env = dict(TELEMETRY_OFF)
+    env = dict(OFFLINE_ENV)
     env["REFINERY_HOME"] = str(settings.home)
     env["DAGSTER_HOME"] = str(settings.dagster_home)
     env["MLFLOW_TRACKING_URI"] = settings.mlflow_tracking_uri
@@ -160,7 +160,7 @@ def environment(settings: Settings, db_url: str | None) -> dict[str, str]:
 
 def apply_process_environment(settings: Settings) -> None:
     """For command-line entry points only: telemetry off and DAGSTER_HOME for this process."""
-    for key, value in TELEMETRY_OFF.items():
+    for key, value in OFFLINE_ENV.items():
         os.environ.setdefault(key, value)
     os.environ["DAGSTER_HOME"] = str(prepare_dagster_home(settings))
     os.environ.setdefault("MLFLOW_TRACKING_URI", prepare_mlflow(settings))

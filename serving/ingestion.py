@@ -33,6 +33,9 @@ log = logging.getLogger(__name__)
 
 Progress = Callable[[str], None]
 
+# Missing chunks are fetched this many batches at a time and sorted by length (less padding).
+WINDOW_BATCHES = 16
+
 
 def _metrics(obj: Any) -> dict[str, float]:
     return {
@@ -241,27 +244,30 @@ def sync_embeddings(
     todo = store.count_missing(space)
     with tqdm(total=todo, desc="embeddings", unit="chunk", disable=None) as bar:
         while True:
-            batch = store.missing_embeddings(space, batch_size)
-            if not batch:
+            window = store.missing_embeddings(space, batch_size * WINDOW_BATCHES)
+            if not window:
                 break
-            ids, texts, hashes = (list(x) for x in zip(*batch, strict=True))
-            t_enc = time.perf_counter()
-            vectors = embedder.encode(texts, batch_size=batch_size)  # (n, dim)
-            result.encode_seconds += time.perf_counter() - t_enc
-            if vectors.shape[1] != space.dim:
-                raise ValueError(
-                    f"model {space.model} now returns {vectors.shape[1]}-d vectors, but its space "
-                    f"{space.space_id} holds {space.dim}-d ones"
+            # Similar lengths in one batch waste less padding: sort a window of missing chunks
+            # by length, then encode and commit it batch by batch.
+            window.sort(key=lambda row: len(row[1]))
+            for start in range(0, len(window), batch_size):
+                ids, texts, hashes = (
+                    list(x) for x in zip(*window[start : start + batch_size], strict=True)
                 )
-            written = store.upsert_embeddings(space, ids, hashes, vectors)
-            result.embedded += written
-            result.batches += 1
-            bar.update(len(batch))
-            if progress and result.batches % log_every == 0:
-                progress(f"embeddings: {result.embedded}/{todo}")
-            if written == 0:
-                # Every chunk in the batch vanished (a concurrent re-chunk): fetch again.
-                continue
+                t_enc = time.perf_counter()
+                vectors = embedder.encode(texts, batch_size=batch_size)  # (n, dim)
+                result.encode_seconds += time.perf_counter() - t_enc
+                if vectors.shape[1] != space.dim:
+                    raise ValueError(
+                        f"model {space.model} now returns {vectors.shape[1]}-d vectors, but its space "
+                        f"{space.space_id} holds {space.dim}-d ones"
+                    )
+                # Chunks deleted meanwhile by a concurrent re-chunk are skipped, not written.
+                result.embedded += store.upsert_embeddings(space, ids, hashes, vectors)
+                result.batches += 1
+                bar.update(len(ids))
+                if progress and result.batches % log_every == 0:
+                    progress(f"embeddings: {result.embedded}/{todo}")
     result.total = store.count_chunks()
     result.seconds = time.perf_counter() - t0
     result.chunks_per_second = result.embedded / result.seconds if result.embedded else 0.0

@@ -100,14 +100,16 @@ def search_vector(
     *,
     ef_search: int = DEFAULT_EF_SEARCH,
     exact: bool = False,
+    iterative: bool = True,
 ) -> list[Hit]:
     """The k chunks nearest to ``vector`` (shape (dim,)) by cosine distance.
 
-    ``exact=True`` scans every row instead of the HNSW index (the ground truth for recall).
+    ``exact=True`` scans every row instead of the HNSW index (the ground truth for recall);
+    ``iterative=False`` turns pgvector's iterative scan off for filtered queries (a baseline).
     """
     stmt = _search_statement(space, vector, k, filters, ef_search)
     with engine.begin() as conn:
-        _plan_settings(conn, exact, ef_search, bool(filters))
+        _plan_settings(conn, exact, ef_search, bool(filters) and iterative)
         rows = conn.execute(stmt).all()
     return [
         Hit(
@@ -135,7 +137,7 @@ def explain_search(
 ) -> str:
     """Postgres's plan for ``search_vector`` with the same settings (to see the index used)."""
     stmt = _search_statement(space, vector, k, filters, ef_search)
-    compiled = stmt.compile(engine)
+    compiled = stmt.compile(engine, compile_kwargs={"render_postcompile": True})
     with engine.begin() as conn:
         _plan_settings(conn, False, ef_search, bool(filters))
         params = {

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from refinery.settings import REPO_ROOT, TELEMETRY_OFF
+from refinery.settings import OFFLINE_ENV, REPO_ROOT
 
 SAMPLE_CORPUS = REPO_ROOT / "data" / "corpus"
 
@@ -25,7 +25,7 @@ def pytest_configure(config: pytest.Config) -> None:
     os.environ.pop("REFINERY_MLFLOW_TRACKING_URI", None)
     os.environ.pop("REFINERY_CORPUS_DIR", None)
     os.environ["DAGSTER_HOME"] = str(_SESSION_HOME / "dagster")
-    for key, value in TELEMETRY_OFF.items():
+    for key, value in OFFLINE_ENV.items():
         os.environ.setdefault(key, value)
 
 
