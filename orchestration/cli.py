@@ -223,7 +223,7 @@ def ui(dagster_port: int, mlflow_port: int) -> None:
     # Each UI in its own process group: stopping the group stops its children (code servers,
     # workers) too, which a plain terminate of the parent would leave behind.
     procs = {
-        name: subprocess.Popen(cmd, env=env, start_new_session=True)
+        name: subprocess.Popen(cmd, env=env, start_new_session=True, preexec_fn=_default_signals)
         for name, cmd in commands.items()
     }
     click.echo(
@@ -234,7 +234,9 @@ def ui(dagster_port: int, mlflow_port: int) -> None:
     def _stop(*_: Any) -> None:
         raise KeyboardInterrupt
 
+    # Explicit handlers: a process started in the background inherits SIGINT ignored.
     signal.signal(signal.SIGTERM, _stop)
+    signal.signal(signal.SIGINT, _stop)
     try:
         while all(p.poll() is None for p in procs.values()):
             time.sleep(0.5)
@@ -247,11 +249,20 @@ def ui(dagster_port: int, mlflow_port: int) -> None:
         _stop_groups(list(procs.values()))
 
 
-def _stop_groups(procs: list[subprocess.Popen[bytes]], timeout: float = 15.0) -> None:
+def _default_signals() -> None:
+    """In the child, before exec: Ctrl-C and SIGTERM do their default thing, even when this
+    command was started in the background (which leaves SIGINT ignored, and dagster dev then
+    ignores both)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+def _stop_groups(procs: list[subprocess.Popen[bytes]], timeout: float = 20.0) -> None:
+    """SIGINT (what Ctrl-C sends: dagster dev shuts its children down on it), then SIGKILL."""
     for p in procs:
         if p.poll() is None:
             with contextlib.suppress(ProcessLookupError):
-                os.killpg(p.pid, signal.SIGTERM)
+                os.killpg(p.pid, signal.SIGINT)
     deadline = time.monotonic() + timeout
     for p in procs:
         try:
