@@ -131,6 +131,29 @@ class MLflowResource(dg.ConfigurableResource):
                 run.log_params(params)
             yield run
 
+    @property
+    def ui_base(self) -> str:
+        return self._resolved()[1]
+
+    def existing_run(self, run_id: str) -> TrackedRun:
+        """A handle on a run made earlier (the training run that later steps add to)."""
+        from refinery.tracking import client_for
+
+        uri, ui_url, _, _ = self._resolved()
+        client = client_for(uri)
+        return TrackedRun(client, run_id, client.get_run(run_id).info.experiment_id, ui_url)
+
+
+def upstream_metadata(context: dg.AssetExecutionContext, asset: str) -> dict[str, Any]:
+    """Metadata values of an upstream asset's latest materialization (paths, ids, hashes)."""
+    event = context.instance.get_latest_materialization_event(dg.AssetKey(asset))
+    if event is None or event.asset_materialization is None:
+        raise dg.Failure(
+            description=f"{asset} has never been materialized: materialize it first",
+            allow_retries=False,
+        )
+    return {key: value.value for key, value in event.asset_materialization.metadata.items()}
+
 
 def mlflow_metadata(run: TrackedRun) -> dict[str, Any]:
     """Dagster metadata that links a materialization to its MLflow run."""

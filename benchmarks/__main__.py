@@ -7,7 +7,7 @@ import sys
 
 from refinery.settings import OFFLINE_ENV
 
-ALL = ["ingestion", "retrieval"]
+ALL = ["ingestion", "retrieval", "training"]
 
 
 def main(argv: list[str]) -> int:

@@ -125,6 +125,14 @@ def ingest(corpus: Path | None, batch_size: int | None) -> None:
 
 
 @main.command()
+def train() -> None:
+    """Materialize base model → … → candidate model (registered, alias "challenger")."""
+    _settings()
+    if not _execute("train", {}):
+        sys.exit(1)
+
+
+@main.command()
 @click.option("--corpus", type=click.Path(path_type=Path), default=None, help="Corpus folder.")
 def run(corpus: Path | None) -> None:
     """Run the whole lineage graph through Dagster (what `make run` does)."""

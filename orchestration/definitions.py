@@ -4,13 +4,21 @@ from __future__ import annotations
 
 import dagster as dg
 
-from assets import ingestion
+from assets import ingestion, training
 from assets.resources import EmbeddingModelResource, MLflowResource, PostgresResource
 
 INGESTION_ASSETS = [
     ingestion.source_documents,
     ingestion.document_chunks,
     ingestion.chunk_embeddings,
+]
+TRAINING_ASSETS = [
+    training.base_model,
+    training.sft_dataset,
+    training.lora_adapter,
+    training.merged_model,
+    training.quantized_models,
+    training.candidate_model,
 ]
 ASSET_CHECKS = [ingestion.no_rejected_files, ingestion.chunk_embeddings_integrity]
 
@@ -20,6 +28,12 @@ ingest_job = dg.define_asset_job(
     selection=dg.AssetSelection.groups(ingestion.GROUP),
     description="Documents → chunks → embeddings for the configured corpus.",
 )
+# `refinery train`: base model → … → candidate model (registered, alias "challenger").
+train_job = dg.define_asset_job(
+    "train",
+    selection=dg.AssetSelection.groups(training.GROUP),
+    description="Base model → SFT data → LoRA → merged → quantized → registered challenger.",
+)
 # `make run` / `refinery run`: the whole lineage graph.
 refinery_job = dg.define_asset_job(
     "refinery",
@@ -28,9 +42,9 @@ refinery_job = dg.define_asset_job(
 )
 
 defs = dg.Definitions(
-    assets=INGESTION_ASSETS,
+    assets=[*INGESTION_ASSETS, *TRAINING_ASSETS],
     asset_checks=ASSET_CHECKS,
-    jobs=[ingest_job, refinery_job],
+    jobs=[ingest_job, train_job, refinery_job],
     resources={
         "postgres": PostgresResource(),
         "mlflow": MLflowResource(),

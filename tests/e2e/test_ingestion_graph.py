@@ -13,10 +13,10 @@ from pathlib import Path
 import dagster as dg
 import pytest
 import sqlalchemy as sa
-from mlflow.tracking import MlflowClient
 
 from refinery.settings import Settings
 from refinery.stores import database_url
+from refinery.tracking import client_for
 from serving.documents import RejectReason
 from serving.embedding import Embedder
 from serving.retrieval import Retriever
@@ -70,7 +70,7 @@ def test_sample_corpus_through_dagster_with_mlflow_lineage(fresh_home):
     )
 
     # Every materialization links to its MLflow run, and every run links back to Dagster.
-    client = MlflowClient(Settings.from_env().mlflow_tracking_uri)
+    client = client_for(Settings.from_env().mlflow_tracking_uri)
     corpus_hash = meta["source_documents"]["corpus_hash"].value
     for asset, m in meta.items():
         run = client.get_run(m["mlflow_run_id"].value)

@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import pytest
-from mlflow.tracking import MlflowClient
 
-from refinery.tracking import tracked_run
+from refinery.tracking import client_for, tracked_run
 
 pytestmark = pytest.mark.integration
 
@@ -21,7 +20,7 @@ def test_run_records_tags_params_metrics_and_artifacts(mlflow_uri, tmp_path):
         run.log_params({"chunk_size": 200, "long": "x" * 10000})
         run.log_metrics({"chunks": 12, "nan_is_dropped": float("nan")})
         run.log_dict({"a": 1}, "report.json")
-    client = MlflowClient(mlflow_uri)
+    client = client_for(mlflow_uri)
     got = client.get_run(run.run_id)
     assert got.info.status == "FINISHED"
     assert got.data.tags["dagster.run_id"] == "abc"
@@ -35,4 +34,4 @@ def test_run_records_tags_params_metrics_and_artifacts(mlflow_uri, tmp_path):
 def test_failed_work_ends_the_run_failed(mlflow_uri):
     with pytest.raises(RuntimeError), tracked_run(mlflow_uri, "exp", run_name="boom") as run:
         raise RuntimeError("boom")
-    assert MlflowClient(mlflow_uri).get_run(run.run_id).info.status == "FAILED"
+    assert client_for(mlflow_uri).get_run(run.run_id).info.status == "FAILED"

@@ -1,0 +1,277 @@
+"""Text generation from a causal LM folder: batched, left-padded generate over chat prompts.
+
+Self-contained on purpose (torch, transformers, numpy, optionally onnxruntime; nothing from
+Refinery), because MLflow ships this file inside every registered model (``code_paths``) so a
+model loads wherever MLflow runs.
+
+Variants (how the weights are held in memory):
+  none        the folder's weights as saved (fp32 safetensors)
+  torch-int8  torch dynamic int8 (see ``torch_int8``), applied at load (nothing pickled on disk)
+  bnb-nf4     a folder saved by bitsandbytes in 4-bit NF4 (its config says so)
+  bnb-int8    a folder saved by bitsandbytes in 8-bit
+  onnx-int8   model.onnx (int8 weight blocks, int4 embeddings) run by onnxruntime; no KV cache
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+VARIANTS = ("none", "torch-int8", "bnb-nf4", "bnb-int8", "onnx-int8")
+ONNX_FILE = "model.onnx"
+
+Message = dict[str, str]
+
+
+@dataclass(frozen=True)
+class Completion:
+    text: str
+    prompt_tokens: int
+    completion_tokens: int
+    finish_reason: str  # "stop" (end of turn) or "length" (max_new_tokens reached)
+    seconds: float
+
+
+def as_messages(prompt: str | list[Message]) -> list[Message]:
+    if isinstance(prompt, str):
+        return [{"role": "user", "content": prompt}]
+    return prompt
+
+
+class _ChatLM:
+    """What both backends share: the tokenizer, the chat template, stop tokens, decoding."""
+
+    variant: str
+
+    def __init__(self, model_dir: str | Path):
+        from transformers import AutoTokenizer
+
+        self.model_dir = Path(model_dir)
+        self.tokenizer = AutoTokenizer.from_pretrained(self.model_dir, padding_side="left")
+        if self.tokenizer.pad_token is None:
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+        self.eos_ids = self._stop_ids()
+
+    def _stop_ids(self) -> list[int]:
+        ids = {self.tokenizer.eos_token_id}
+        for tok in ("<|im_end|>", "<|eot_id|>", "<end_of_turn>"):
+            tid = self.tokenizer.convert_tokens_to_ids(tok)
+            if isinstance(tid, int) and tid != self.tokenizer.unk_token_id:
+                ids.add(tid)
+        return sorted(i for i in ids if i is not None)
+
+    def chat_text(self, prompt: str | list[Message]) -> str:
+        return str(
+            self.tokenizer.apply_chat_template(
+                as_messages(prompt), tokenize=False, add_generation_prompt=True
+            )
+        )
+
+    def _completion(self, generated: list[int], prompt_tokens: int, seconds: float) -> Completion:
+        stop_at = next((j for j, t in enumerate(generated) if t in self.eos_ids), None)
+        kept = generated if stop_at is None else generated[:stop_at]
+        return Completion(
+            text=str(self.tokenizer.decode(kept, skip_special_tokens=True)).strip(),
+            prompt_tokens=prompt_tokens,
+            completion_tokens=len(kept),
+            finish_reason="stop" if stop_at is not None else "length",
+            seconds=seconds,
+        )
+
+
+class Generator(_ChatLM):
+    """A causal LM and its tokenizer, ready to answer batches of chat prompts."""
+
+    def __init__(
+        self,
+        model_dir: str | Path,
+        variant: str = "none",
+        device: str = "cpu",
+        threads: int | None = None,
+    ):
+        import torch
+        from transformers import AutoModelForCausalLM
+
+        if variant not in VARIANTS or variant == "onnx-int8":
+            raise ValueError(
+                f"variant must be one of {VARIANTS[:-1]} for Generator, got {variant!r}"
+            )
+        if threads:
+            torch.set_num_threads(threads)
+        super().__init__(model_dir)
+        self.variant = variant
+        kwargs: dict[str, Any] = {"use_safetensors": True}
+        if variant in ("bnb-nf4", "bnb-int8"):
+            kwargs["device_map"] = "cuda:0" if device.startswith("cuda") else "cpu"
+        else:
+            kwargs["dtype"] = torch.float32
+        model: Any = AutoModelForCausalLM.from_pretrained(self.model_dir, **kwargs)
+        if variant == "torch-int8":
+            model = torch_int8(model)
+        elif variant == "none" and device != "cpu":
+            model = model.to(device)
+        self.model = model.eval()
+        self.device = (
+            device if variant == "none" else "cpu" if variant == "torch-int8" else str(model.device)
+        )
+
+    def generate(
+        self,
+        prompts: list[str | list[Message]],
+        max_new_tokens: int = 64,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        seed: int | None = None,
+    ) -> list[Completion]:
+        """One padded batch. Greedy when temperature == 0."""
+        import torch
+
+        if not prompts:
+            return []
+        texts = [self.chat_text(p) for p in prompts]
+        enc = self.tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(
+            self.device
+        )
+        if seed is not None:
+            torch.manual_seed(seed)
+        sampling = temperature > 0
+        t0 = time.perf_counter()
+        with torch.inference_mode():
+            out = self.model.generate(
+                **enc,
+                max_new_tokens=max_new_tokens,
+                do_sample=sampling,
+                temperature=temperature if sampling else None,
+                top_p=top_p if sampling else None,
+                top_k=None,
+                eos_token_id=self.eos_ids,
+                pad_token_id=self.tokenizer.pad_token_id,
+            )
+        seconds = time.perf_counter() - t0
+        new = out[:, enc["input_ids"].shape[1] :]  # (batch, generated)
+        return [
+            self._completion(new[i].tolist(), int(enc["attention_mask"][i].sum()), seconds)
+            for i in range(len(prompts))
+        ]
+
+    def logits(self, input_ids: Any, attention_mask: Any) -> Any:
+        """(batch, seq, vocab) float32 logits on the CPU."""
+        import torch
+
+        with torch.inference_mode():
+            out = self.model(
+                input_ids=input_ids.to(self.device), attention_mask=attention_mask.to(self.device)
+            )
+        return out.logits.float().cpu()
+
+
+class OnnxGenerator(_ChatLM):
+    """An ONNX export (logits from input_ids and attention_mask) run by onnxruntime."""
+
+    variant = "onnx-int8"
+
+    def __init__(self, model_dir: str | Path, threads: int | None = None):
+        import onnxruntime as ort
+
+        super().__init__(model_dir)
+        options = ort.SessionOptions()
+        if threads:
+            options.intra_op_num_threads = threads
+        self.session = ort.InferenceSession(
+            str(self.model_dir / ONNX_FILE), options, providers=["CPUExecutionProvider"]
+        )
+
+    def logits(self, input_ids: Any, attention_mask: Any) -> Any:
+        import numpy as np
+        import torch
+
+        (logits,) = self.session.run(
+            None,
+            {
+                "input_ids": input_ids.numpy().astype(np.int64),
+                "attention_mask": attention_mask.numpy().astype(np.int64),
+            },
+        )
+        return torch.from_numpy(logits).float()
+
+    def generate(
+        self,
+        prompts: list[str | list[Message]],
+        max_new_tokens: int = 64,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        seed: int | None = None,
+    ) -> list[Completion]:
+        import numpy as np
+
+        if not prompts:
+            return []
+        rng = np.random.default_rng(seed)
+        texts = [self.chat_text(p) for p in prompts]
+        enc = self.tokenizer(texts, return_tensors="np", padding=True, add_special_tokens=False)
+        ids, mask = enc["input_ids"].astype(np.int64), enc["attention_mask"].astype(np.int64)
+        n_prompt = ids.shape[1]
+        done = np.zeros(len(prompts), dtype=bool)
+        t0 = time.perf_counter()
+        for _ in range(max_new_tokens):
+            # No KV cache in this export: every step runs the whole sequence.
+            (logits,) = self.session.run(None, {"input_ids": ids, "attention_mask": mask})
+            last = logits[:, -1, :].astype(np.float64)  # (batch, vocab)
+            if temperature > 0:
+                probs = np.exp((last - last.max(axis=1, keepdims=True)) / temperature)
+                probs /= probs.sum(axis=1, keepdims=True)
+                nxt = np.array([rng.choice(len(p), p=_nucleus(p, top_p)) for p in probs])
+            else:
+                nxt = last.argmax(axis=1)
+            nxt = np.where(done, self.tokenizer.pad_token_id, nxt)
+            just_done = np.isin(nxt, self.eos_ids) & ~done
+            ids = np.concatenate([ids, nxt[:, None]], axis=1)
+            mask = np.concatenate([mask, (~done).astype(np.int64)[:, None]], axis=1)
+            done |= just_done
+            if done.all():
+                break
+        seconds = time.perf_counter() - t0
+        return [
+            self._completion(
+                ids[i, n_prompt:].tolist(), int(enc["attention_mask"][i].sum()), seconds
+            )
+            for i in range(len(prompts))
+        ]
+
+
+def _nucleus(probs: Any, top_p: float) -> Any:
+    """Keep the smallest set of tokens whose probability reaches top_p; renormalize."""
+    import numpy as np
+
+    if top_p >= 1.0:
+        return probs
+    order = np.argsort(-probs)
+    keep = order[: int(np.searchsorted(np.cumsum(probs[order]), top_p)) + 1]
+    out = np.zeros_like(probs)
+    out[keep] = probs[keep]
+    return out / out.sum()
+
+
+def torch_int8(model: Any) -> Any:
+    """torch dynamic int8 with per-channel weight scales on every Linear but the MLP's
+    down_proj, whose inputs carry the outliers that int8 activations clip: on SmolLM2-135M
+    held-out perplexity is +34% this way, +277% with down_proj quantized too (measured)."""
+    import torch
+    from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
+
+    spec = {
+        name: per_channel_dynamic_qconfig
+        for name, module in model.named_modules()
+        if isinstance(module, torch.nn.Linear) and not name.endswith("down_proj")
+    }
+    return quantize_dynamic(model, spec, dtype=torch.qint8)
+
+
+def load_generator(
+    model_dir: str | Path, variant: str = "none", device: str = "cpu", threads: int | None = None
+) -> Generator | OnnxGenerator:
+    if variant == "onnx-int8":
+        return OnnxGenerator(model_dir, threads=threads)
+    return Generator(model_dir, variant=variant, device=device, threads=threads)

@@ -1,0 +1,146 @@
+"""Register models in the MLflow registry in a form MLflow loads back, with their lineage.
+
+A registered version is an MLflow "model from code" (``serving/pyfunc_model.py``) whose
+artifact is a model folder of safetensors (or an ONNX file): nothing pickled. Aliases, never
+stages. Registering the same lineage twice returns the existing version.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from refinery.settings import REPO_ROOT
+
+PYFUNC_FILE = REPO_ROOT / "serving" / "pyfunc_model.py"
+GENERATION_FILE = REPO_ROOT / "serving" / "generation.py"
+TAG_LINEAGE_KEY = "refinery.lineage_key"
+TAG_VARIANT = "refinery.variant"
+CHALLENGER, CHAMPION = "challenger", "champion"
+
+
+@dataclass(frozen=True)
+class RegisteredVersion:
+    name: str
+    version: str
+    run_id: str
+    source: str
+    reused: bool
+
+    @property
+    def uri(self) -> str:
+        return f"models:/{self.name}/{self.version}"
+
+
+def pip_requirements() -> list[str]:
+    """What the model needs to load, pinned to what made it."""
+    from importlib.metadata import version
+
+    pkgs = ["mlflow", "torch", "transformers", "safetensors", "numpy", "accelerate"]
+    optional = ["bitsandbytes", "onnxruntime"]
+    out = []
+    for pkg in pkgs + optional:
+        try:
+            out.append(f"{pkg}=={version(pkg).split('+')[0]}")
+        except Exception:  # noqa: BLE001 - an optional package that is not installed
+            continue
+    return out
+
+
+def signature() -> Any:
+    from mlflow.models import ModelSignature
+    from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
+
+    return ModelSignature(
+        inputs=Schema([ColSpec("string")]),  # a list of prompts (or a one-column DataFrame)
+        outputs=Schema([ColSpec("string")]),
+        params=ParamSchema(
+            [
+                ParamSpec("max_new_tokens", "long", 64),
+                ParamSpec("temperature", "double", 0.0),
+                ParamSpec("batch_size", "long", 8),
+            ]
+        ),
+    )
+
+
+def find_version(client: Any, name: str, lineage_key: str) -> Any | None:
+    try:
+        versions = client.search_model_versions(
+            f"name = '{name}' and tags.`{TAG_LINEAGE_KEY}` = '{lineage_key}'"
+        )
+    except Exception:  # noqa: BLE001 - the registered model does not exist yet
+        return None
+    return max(versions, key=lambda v: int(v.version), default=None)
+
+
+def register(
+    tracking_uri: str,
+    *,
+    run_id: str,
+    name: str,
+    model_dir: Path,
+    variant: str,
+    lineage_key: str,
+    tags: Mapping[str, Any],
+    alias: str | None = CHALLENGER,
+    description: str = "",
+) -> RegisteredVersion:
+    """Log ``model_dir`` as a pyfunc model in run ``run_id`` and register it under ``name``.
+
+    Through an explicit client: the fluent ``log_model`` would set process-wide tracking and
+    registry URIs that outlive the call.
+    """
+    import mlflow.pyfunc
+
+    from refinery.tracking import client_for
+
+    _check_name(name)
+    client = client_for(tracking_uri)
+    existing = find_version(client, name, lineage_key)
+    if existing is not None:
+        if alias:
+            client.set_registered_model_alias(name, alias, existing.version)
+        return RegisteredVersion(
+            name, str(existing.version), existing.run_id, existing.source, reused=True
+        )
+    all_tags = {
+        **{k: str(v) for k, v in tags.items()},
+        TAG_LINEAGE_KEY: lineage_key,
+        TAG_VARIANT: variant,
+    }
+    artifact_path = f"model-{variant}"
+    with tempfile.TemporaryDirectory() as tmp:
+        local = Path(tmp) / artifact_path
+        mlflow.pyfunc.save_model(
+            str(local),
+            python_model=str(PYFUNC_FILE),
+            artifacts={"model": str(model_dir)},
+            code_paths=[str(GENERATION_FILE)],
+            model_config={"variant": variant},
+            signature=signature(),
+            pip_requirements=pip_requirements(),
+        )
+        client.log_artifacts(run_id, str(local), artifact_path)
+    if not client.search_registered_models(filter_string=f"name = '{name}'"):
+        client.create_registered_model(name, description=f"Refinery chat model ({variant}).")
+    mv = client.create_model_version(
+        name,
+        source=f"runs:/{run_id}/{artifact_path}",
+        run_id=run_id,
+        tags=all_tags,
+        description=description or None,
+    )
+    if alias:
+        client.set_registered_model_alias(name, alias, mv.version)
+    return RegisteredVersion(name, str(mv.version), run_id, mv.source or "", reused=False)
+
+
+def _check_name(name: str) -> None:
+    import re
+
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}", name):
+        raise ValueError(f"registered model name {name!r}: use letters, digits, '.', '_' or '-'")

@@ -1,0 +1,191 @@
+"""The instruction dataset: JSONL rows validated, formatted with the model's chat template,
+split with a fixed seed, and hashed.
+
+Each row is ``{"instruction": str, "response": str, ...}``; other fields (id, source) ride
+along for lineage. Bad rows are dropped and counted by reason, never fatal; a dataset with no
+usable row is.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from refinery.lineage import sha256_hex
+from refinery.settings import REPO_ROOT
+
+DEFAULT_SFT_PATH = REPO_ROOT / "data" / "sft" / "beekeeping_qa.jsonl"
+
+
+class DatasetError(ValueError):
+    """The dataset cannot be used at all; the message says what to fix."""
+
+
+@dataclass(frozen=True)
+class SFTConfig:
+    path: str = str(DEFAULT_SFT_PATH)
+    eval_fraction: float = 0.1
+    seed: int = 42
+    max_instruction_chars: int = 1000
+    max_response_chars: int = 2000
+    max_tokens: int = 256  # prompt + response, in the base model's tokens
+
+    def __post_init__(self) -> None:
+        if not 0 < self.eval_fraction < 0.5:
+            raise DatasetError(f"eval_fraction must be in (0, 0.5), got {self.eval_fraction}")
+        if self.max_tokens < 16:
+            raise DatasetError(f"max_tokens must be at least 16, got {self.max_tokens}")
+
+
+@dataclass
+class SFTDataset:
+    train: list[dict[str, Any]]
+    eval: list[dict[str, Any]]
+    content_hash: str
+    rows_read: int
+    dropped: Counter[str] = field(default_factory=Counter)
+
+    @property
+    def rows_kept(self) -> int:
+        return len(self.train) + len(self.eval)
+
+
+def _normalized(text: str) -> str:
+    return re.sub(r"\W+", " ", text.lower()).strip()
+
+
+def read_rows(
+    path: Path, max_instruction_chars: int = 1000, max_response_chars: int = 2000
+) -> tuple[list[dict[str, Any]], int, Counter[str]]:
+    """Parse and validate the JSONL file; return the good rows, rows read, drops by reason."""
+    if not path.exists():
+        raise DatasetError(f"SFT dataset {path} does not exist")
+    if path.suffix not in (".jsonl", ".json"):
+        raise DatasetError(f"SFT dataset {path} must be a JSON Lines file (.jsonl)")
+    dropped: Counter[str] = Counter()
+    rows: list[dict[str, Any]] = []
+    seen: set[str] = set()
+    n = 0
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as err:
+        raise DatasetError(f"SFT dataset {path} is not UTF-8 text: {err}") from err
+    for line in lines:
+        if not line.strip():
+            continue
+        n += 1
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            dropped["malformed_json"] += 1
+            continue
+        if not isinstance(row, dict):
+            dropped["not_an_object"] += 1
+            continue
+        instruction, response = row.get("instruction"), row.get("response")
+        if not isinstance(instruction, str) or not isinstance(response, str):
+            dropped["missing_field"] += 1
+            continue
+        instruction, response = instruction.strip(), response.strip()
+        if not instruction or not response:
+            dropped["empty_field"] += 1
+            continue
+        if len(instruction) > max_instruction_chars or len(response) > max_response_chars:
+            dropped["too_long"] += 1
+            continue
+        key = _normalized(instruction)
+        if key in seen:
+            dropped["duplicate"] += 1
+            continue
+        seen.add(key)
+        rows.append({**row, "instruction": instruction, "response": response})
+    if n == 0:
+        raise DatasetError(f"SFT dataset {path} is empty")
+    return rows, n, dropped
+
+
+def messages(instruction: str, response: str | None = None) -> list[dict[str, str]]:
+    msgs = [{"role": "user", "content": instruction}]
+    if response is not None:
+        msgs.append({"role": "assistant", "content": response})
+    return msgs
+
+
+def build_dataset(config: SFTConfig, tokenizer: Any) -> SFTDataset:
+    """Validate, drop rows too long for ``max_tokens`` once formatted, split, hash."""
+    path = Path(config.path)
+    rows, n, dropped = read_rows(path, config.max_instruction_chars, config.max_response_chars)
+    kept = []
+    for row in rows:
+        text = tokenizer.apply_chat_template(
+            messages(row["instruction"], row["response"]), tokenize=False
+        )
+        if len(tokenizer(text, add_special_tokens=False)["input_ids"]) > config.max_tokens:
+            dropped["too_many_tokens"] += 1
+            continue
+        kept.append(row)
+    if len(kept) < 4:
+        raise DatasetError(
+            f"SFT dataset {path}: only {len(kept)} usable rows of {n} (dropped: {dict(dropped)}); "
+            "need at least 4"
+        )
+    order = list(range(len(kept)))
+    random.Random(config.seed).shuffle(order)
+    n_eval = max(1, round(len(kept) * config.eval_fraction))
+    eval_idx = set(order[:n_eval])
+    train = [r for i, r in enumerate(kept) if i not in eval_idx]
+    evals = [r for i, r in enumerate(kept) if i in eval_idx]
+    canonical = json.dumps(
+        {"train": train, "eval": evals, "max_tokens": config.max_tokens},
+        sort_keys=True,
+        ensure_ascii=False,
+    )
+    return SFTDataset(train, evals, sha256_hex(canonical), n, dropped)
+
+
+def save_dataset(ds: SFTDataset, folder: Path) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, rows in (("train", ds.train), ("eval", ds.eval)):
+        with open(folder / f"{name}.jsonl", "w", encoding="utf-8") as fh:
+            for row in rows:
+                fh.write(json.dumps(row, ensure_ascii=False) + "\n")
+    (folder / "manifest.json").write_text(
+        json.dumps(
+            {"content_hash": ds.content_hash, "rows_read": ds.rows_read, "dropped": dict(ds.dropped),
+             "train": len(ds.train), "eval": len(ds.eval)},
+            indent=2,
+        )
+    )  # fmt: skip
+
+
+def load_split(folder: Path, split: str) -> list[dict[str, Any]]:
+    path = folder / f"{split}.jsonl"
+    if not path.exists():
+        raise DatasetError(f"{path} is missing: materialize sft_dataset first")
+    return [
+        json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()
+    ]
+
+
+def tokenize_for_sft(
+    rows: list[dict[str, Any]], tokenizer: Any, max_tokens: int
+) -> list[dict[str, list[int]]]:
+    """input_ids and labels; the prompt's tokens are masked (-100) so only the answer is learned."""
+    out = []
+    for row in rows:
+        prompt = tokenizer.apply_chat_template(
+            messages(row["instruction"]), tokenize=False, add_generation_prompt=True
+        )
+        full = tokenizer.apply_chat_template(
+            messages(row["instruction"], row["response"]), tokenize=False
+        )
+        prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        ids = tokenizer(full, add_special_tokens=False)["input_ids"][:max_tokens]
+        n_prompt = min(len(prompt_ids), len(ids))
+        out.append({"input_ids": ids, "labels": [-100] * n_prompt + ids[n_prompt:]})
+    return out
