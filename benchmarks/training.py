@@ -13,7 +13,7 @@ from pathlib import Path
 from benchmarks.common import WORK, fresh_home, median, write_table
 from refinery.settings import Settings
 
-STEPS = 20
+STEPS = 30
 BATCH = 4
 MEMORY_STEPS = 5
 
@@ -37,7 +37,9 @@ else:
     from training.lora import LoraTrainingConfig, train_lora
     config = LoraTrainingConfig(max_steps=steps, eval_every=10_000, save_every=10_000, quantization="nf4" if mode == "qlora" else "none")
     train_lora(base, data["train"], data["eval"][:4], config, Path(rows_file).parent / mode)
-print(json.dumps({"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+import psutil
+print(json.dumps({"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                  "rss_after_mb": psutil.Process().memory_info().rss / 2**20}))
 """
 
 
@@ -67,11 +69,14 @@ def bare_loop(base_dir: str, rows: list[dict], steps: int) -> float:
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=5e-4)
     collate = DataCollatorForSeq2Seq(tok, padding=True, label_pad_token_id=-100)
     examples = tokenize_for_sft(rows, tok, 256)
+    # Random batches, as the Trainer draws them (same batch size, same data).
+    order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(42)).tolist()
     tokens, t0 = 0, None
     for step in range(steps + 2):
         if step == 2:  # the first steps pay one-off costs in both loops
             tokens, t0 = 0, time.perf_counter()
-        batch = collate(examples[(step * BATCH) % len(examples) :][:BATCH])
+        picked = order[(step * BATCH) % len(order) :][:BATCH]
+        batch = collate([examples[i] for i in picked])
         loss = model(**batch).loss
         loss.backward()
         opt.step()
@@ -97,19 +102,16 @@ def main() -> None:
         base = resolve_base_model(None, Settings.from_env().models_dir)
         ds = build_dataset(SFTConfig(), AutoTokenizer.from_pretrained(base.path))
         # Throughput, interleaved twice: bare, Refinery, bare, Refinery.
-        bare, ours, ours_run = [], [], []
+        bare, ours = [], []
         for i in range(2):
             bare.append(bare_loop(base.path, ds.train, STEPS))
             config = LoraTrainingConfig(max_steps=STEPS + 2, eval_every=10_000, save_every=10_000)
             result = train_lora(base.path, ds.train, ds.eval, config, work / f"ours{i}")
-            # steady state: the median of the per-step rates the trainer logged (steps 3+)
-            rates = [
-                h["tokens_per_second"]
-                for h in result.history
-                if "tokens_per_second" in h and h["step"] > 2
-            ]
-            ours.append(median(rates))
-            ours_run.append(result.tokens_per_second)
+            # The same window as the bare loop (steps 3..N+2): tokens and time the trainer logged.
+            logged = [h for h in result.history if "loss" in h]
+            first, last = logged[1], logged[-1]
+            tokens = last["num_input_tokens_seen"] - first["num_input_tokens_seen"]
+            ours.append(tokens / (last["elapsed"] - first["elapsed"]))
         rows.append(
             [
                 "LoRA step throughput, bare peft + torch loop",
@@ -139,14 +141,12 @@ def main() -> None:
             )  # fmt: skip
             if proc.returncode != 0:
                 raise RuntimeError(f"{mode} failed: {proc.stderr[-2000:]}")
-            peak = json.loads(proc.stdout.strip().splitlines()[-1])["peak_rss_mb"]
-            rows.append(
-                [
-                    f"peak memory, {label}, {MEMORY_STEPS} steps",
-                    f"{peak / 1024:.2f} GiB",
-                    f"{time.perf_counter() - t0:.0f} s wall",
-                ]
-            )
+            mem = json.loads(proc.stdout.strip().splitlines()[-1])
+            rows.append([
+                f"memory, {label}, {MEMORY_STEPS} steps",
+                f"peak RSS {mem['peak_rss_mb'] / 1024:.2f} GiB",
+                f"{mem['rss_after_mb'] / 1024:.2f} GiB resident after training; {time.perf_counter() - t0:.0f} s wall",
+            ])  # fmt: skip
         # Quantization table, on a model merged from a short fine-tune.
         trained = train_lora(
             base.path,

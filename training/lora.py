@@ -261,6 +261,7 @@ def train_lora(
     )
     history: list[dict[str, float]] = []
     clock = {"t": time.perf_counter(), "tokens": 0}
+    started = time.perf_counter()
 
     class _Metrics(TrainerCallback):
         def on_log(
@@ -279,10 +280,12 @@ def train_lora(
                 row["tokens_per_second"] = (seen - clock["tokens"]) / (now - clock["t"])
                 clock["t"], clock["tokens"] = now, seen
             row["step"] = float(state.global_step)
+            row["elapsed"] = now - started
             history.append(row)
             if on_metrics:
                 on_metrics(
-                    {k: v for k, v in row.items() if k not in ("step", "epoch")}, state.global_step
+                    {k: v for k, v in row.items() if k not in ("step", "epoch", "elapsed")},
+                    state.global_step,
                 )
             if progress and ("eval_loss" in row or ("loss" in row and state.global_step % 10 == 0)):
                 progress(
