@@ -11,7 +11,7 @@ export DAGSTER_DISABLE_TELEMETRY=true
 export HF_HUB_OFFLINE=1
 export TOKENIZERS_PARALLELISM=false
 
-.PHONY: help install run test test-unit test-integration test-e2e bench lint format ui clean
+.PHONY: help install system-deps run test test-unit test-integration test-e2e bench lint format ui clean
 
 help:
 	@echo "make run     - set up, start the embedded stores, run the whole lineage graph through Dagster"
@@ -35,8 +35,12 @@ $(STAMP): pyproject.toml constraints.txt
 run: $(STAMP)
 	$(BIN)/refinery run
 
-test: $(STAMP)
+test: $(STAMP) system-deps
 	$(BIN)/pytest $(PYTEST_ARGS)
+
+# Chromium for the browser test (Debian package; the test drives it with Playwright).
+system-deps:
+	./scripts/system-deps.sh
 
 test-unit: $(STAMP)
 	$(BIN)/pytest tests/unit $(PYTEST_ARGS)
@@ -44,7 +48,7 @@ test-unit: $(STAMP)
 test-integration: $(STAMP)
 	$(BIN)/pytest tests/integration $(PYTEST_ARGS)
 
-test-e2e: $(STAMP)
+test-e2e: $(STAMP) system-deps
 	$(BIN)/pytest tests/e2e $(PYTEST_ARGS)
 
 bench: $(STAMP)

@@ -13,7 +13,7 @@ from typing import Any
 
 import dagster as dg
 import sqlalchemy as sa
-from pydantic import PrivateAttr
+from pydantic import Field, PrivateAttr
 
 from refinery.lineage import (
     TAG_CODE_VERSION,
@@ -161,6 +161,43 @@ def mlflow_metadata(run: TrackedRun) -> dict[str, Any]:
         "mlflow_run_id": run.run_id,
         "mlflow_run": dg.MetadataValue.url(run.url),
     }
+
+
+class PromotionPolicy(dg.ConfigurableResource):
+    """Promotion thresholds, in one place. ``tolerances`` overrides the default tolerance of
+    a metric rule (``evaluation.gate.DEFAULT_RULES``); ``rules`` restricts the gate to those
+    metrics. Waiving the human gate needs a reason, and is recorded with every decision."""
+
+    human_gate: str = "required"  # "required" or "waived"
+    waiver_reason: str = ""
+    min_ratings: int = 10
+    min_mean: float = 4.0
+    min_ci_low: float = 3.8
+    rules: list[str] = Field(default_factory=list)
+    tolerances: dict[str, float] = Field(default_factory=dict)
+
+    def policy(self) -> Any:
+        from dataclasses import replace
+
+        from evaluation.gate import DEFAULT_RULES, GatePolicy, HumanRule
+
+        if self.human_gate not in ("required", "waived"):
+            raise ValueError(f"human_gate must be 'required' or 'waived', got {self.human_gate!r}")
+        known = {r.metric for r in DEFAULT_RULES}
+        unknown = sorted((set(self.rules) | set(self.tolerances)) - known)
+        if unknown:
+            raise ValueError(f"unknown gate metrics {unknown}; known: {sorted(known)}")
+        rules = tuple(
+            replace(r, tolerance=self.tolerances.get(r.metric, r.tolerance))
+            for r in DEFAULT_RULES
+            if not self.rules or r.metric in self.rules
+        )
+        return GatePolicy(
+            rules=rules,
+            human=HumanRule(self.min_ratings, self.min_mean, self.min_ci_low),
+            human_gate=self.human_gate,
+            waiver_reason=self.waiver_reason,
+        )
 
 
 class EmbeddingModelResource(dg.ConfigurableResource):

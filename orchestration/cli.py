@@ -124,6 +124,130 @@ def ingest(corpus: Path | None, batch_size: int | None) -> None:
         sys.exit(1)
 
 
+DEMO_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
+
+
+def _load_config(path: Path | None) -> dict[str, Any]:
+    import yaml
+
+    if path is None:
+        return {}
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except (OSError, yaml.YAMLError) as err:
+        raise click.BadParameter(
+            f"cannot read run config {path}: {err}", param_hint="--config"
+        ) from err
+    if not isinstance(data, dict):
+        raise click.BadParameter(
+            f"{path} must hold a mapping (Dagster run config)", param_hint="--config"
+        )
+    return data
+
+
+def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in extra.items():
+        out[key] = (
+            _merge(out[key], value)
+            if isinstance(value, dict) and isinstance(out.get(key), dict)
+            else value
+        )
+    return out
+
+
+@main.command()
+@click.option(
+    "--config",
+    "config_file",
+    type=click.Path(path_type=Path, exists=True),
+    default=None,
+    help="Dagster run config (YAML).",
+)
+def evaluate(config_file: Path | None) -> None:
+    """Evaluate the challenger (and the champion), queue examples for review, run the gate."""
+    _settings()
+    if not _execute("evaluate", _load_config(config_file)):
+        sys.exit(1)
+
+
+@main.command()
+@click.option(
+    "--config",
+    "config_file",
+    type=click.Path(path_type=Path, exists=True),
+    default=None,
+    help="Dagster run config (YAML).",
+)
+def promote(config_file: Path | None) -> None:
+    """Aggregate human ratings, run the promotion gate, move the champion alias if it passes."""
+    _settings()
+    if not _execute("promote", _load_config(config_file)):
+        sys.exit(1)
+
+
+@main.command()
+@click.option("--model", default="refinery-chat", show_default=True, help="Registered model name.")
+def rollback(model: str) -> None:
+    """Move the champion alias back to the version it replaced."""
+    from evaluation.promotion import PromotionError
+    from evaluation.promotion import rollback as do_rollback
+
+    settings = _settings()
+    try:
+        was, now = do_rollback(settings.mlflow_tracking_uri, model)
+    except PromotionError as err:
+        raise click.ClickException(str(err)) from err
+    click.echo(f"{model}: champion moved back from version {was} to version {now}")
+
+
+@main.group()
+def review() -> None:
+    """Human review: reviewers and the review page."""
+
+
+@review.command("add-reviewer")
+@click.argument("reviewer_id")
+@click.option("--rotate", is_flag=True, help="Issue a new token to an existing reviewer.")
+def review_add(reviewer_id: str, rotate: bool) -> None:
+    """Create a reviewer and print their token (shown once, stored only as a hash)."""
+    import sqlalchemy as sa
+
+    from evaluation.review import ReviewError, add_reviewer
+    from serving.vectorstore import VectorStore
+
+    settings = _settings()
+    engine = sa.create_engine(database_url(settings))
+    try:
+        VectorStore(engine).create_schema()
+        token = add_reviewer(engine, reviewer_id, rotate=rotate)
+    except ReviewError as err:
+        raise click.ClickException(str(err)) from err
+    finally:
+        engine.dispose()
+    click.echo(token)
+
+
+@review.command("serve")
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", default=8300, show_default=True, envvar="REVIEW_PORT")
+def review_serve(host: str, port: int) -> None:
+    """Serve the blind review page until Ctrl-C."""
+    import sqlalchemy as sa
+    import uvicorn
+
+    from evaluation.review_app import create_app
+    from serving.vectorstore import VectorStore
+
+    settings = _settings()
+    engine = sa.create_engine(database_url(settings), pool_pre_ping=True)
+    VectorStore(engine).create_schema()
+    click.echo(f"review page: http://{host}:{port}/")
+    uvicorn.run(
+        create_app(engine, settings.mlflow_tracking_uri), host=host, port=port, log_level="warning"
+    )
+
+
 @main.command()
 def train() -> None:
     """Materialize base model → … → candidate model (registered, alias "challenger")."""
@@ -134,10 +258,14 @@ def train() -> None:
 
 @main.command()
 @click.option("--corpus", type=click.Path(path_type=Path), default=None, help="Corpus folder.")
-def run(corpus: Path | None) -> None:
+@click.option(
+    "--config", "config_file", type=click.Path(path_type=Path, exists=True), default=DEMO_CONFIG, show_default=True,
+    help="Dagster run config (YAML); the default waives the human gate for the demo, with its reason.",
+)  # fmt: skip
+def run(corpus: Path | None, config_file: Path) -> None:
     """Run the whole lineage graph through Dagster (what `make run` does)."""
     settings = _settings()
-    ok = _execute("refinery", _ingest_config(corpus))
+    ok = _execute("refinery", _merge(_load_config(config_file), _ingest_config(corpus)))
     click.echo("")
     click.echo("Where to look next:")
     click.echo('  refinery query "How long does a worker bee take to develop?"')

@@ -4,8 +4,14 @@ from __future__ import annotations
 
 import dagster as dg
 
-from assets import ingestion, training
-from assets.resources import EmbeddingModelResource, MLflowResource, PostgresResource
+from assets import evaluation, ingestion, training
+from assets.resources import (
+    EmbeddingModelResource,
+    MLflowResource,
+    PostgresResource,
+    PromotionPolicy,
+)
+from orchestration.automation import human_ratings_sensor, promote_job
 
 INGESTION_ASSETS = [
     ingestion.source_documents,
@@ -20,7 +26,16 @@ TRAINING_ASSETS = [
     training.quantized_models,
     training.candidate_model,
 ]
-ASSET_CHECKS = [ingestion.no_rejected_files, ingestion.chunk_embeddings_integrity]
+EVALUATION_ASSETS = [
+    evaluation.automatic_evaluation,
+    evaluation.human_evaluation,
+    evaluation.champion_model,
+]
+ASSET_CHECKS = [
+    ingestion.no_rejected_files,
+    ingestion.chunk_embeddings_integrity,
+    evaluation.promotion_gate,
+]
 
 # `refinery ingest`: documents → chunks → embeddings, with their checks.
 ingest_job = dg.define_asset_job(
@@ -34,6 +49,12 @@ train_job = dg.define_asset_job(
     selection=dg.AssetSelection.groups(training.GROUP),
     description="Base model → SFT data → LoRA → merged → quantized → registered challenger.",
 )
+# `refinery evaluate`: evaluate the challenger, queue it for review, gate, promote.
+evaluate_job = dg.define_asset_job(
+    "evaluate",
+    selection=dg.AssetSelection.groups(evaluation.GROUP),
+    description="Automatic and human evaluation, the promotion gate, the champion alias.",
+)
 # `make run` / `refinery run`: the whole lineage graph.
 refinery_job = dg.define_asset_job(
     "refinery",
@@ -42,13 +63,16 @@ refinery_job = dg.define_asset_job(
 )
 
 defs = dg.Definitions(
-    assets=[*INGESTION_ASSETS, *TRAINING_ASSETS],
+    assets=[*INGESTION_ASSETS, *TRAINING_ASSETS, *EVALUATION_ASSETS],
     asset_checks=ASSET_CHECKS,
-    jobs=[ingest_job, train_job, refinery_job],
+    jobs=[ingest_job, train_job, evaluate_job, promote_job, refinery_job],
+    sensors=[human_ratings_sensor],
     resources={
         "postgres": PostgresResource(),
         "mlflow": MLflowResource(),
         "embedding_model": EmbeddingModelResource(),
+        # The human gate is required by default; `make run` waives it explicitly (configs/demo.yaml).
+        "promotion_policy": PromotionPolicy(),
     },
     # One process per run: a 2-core machine gains nothing from a process per step, and every
     # step would pay the model and library imports again. At scale: the k8s executor.

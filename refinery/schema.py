@@ -104,6 +104,54 @@ embedding_spaces = sa.Table(
     ),
 )
 
+# Human evaluation: reviewers (token hashes, never tokens), a blind queue, their ratings.
+reviewers = sa.Table(
+    "reviewers",
+    metadata,
+    sa.Column("reviewer_id", sa.String(64), primary_key=True),
+    sa.Column("token_sha256", sa.String(64), nullable=False, unique=True),
+    sa.Column(
+        "created_at", sa.DateTime(timezone=True), nullable=False, server_default=sa.func.now()
+    ),
+)
+
+review_items = sa.Table(
+    "review_items",
+    metadata,
+    sa.Column("item_id", sa.String(32), primary_key=True),
+    sa.Column("trace_id", sa.Text, nullable=False, unique=True),
+    sa.Column("model", sa.Text, nullable=False),  # "name/version": never shown to reviewers
+    sa.Column("kind", sa.String(16), nullable=False),
+    sa.Column("question", sa.Text, nullable=False),
+    sa.Column("answer", sa.Text, nullable=False),
+    sa.Column("sources", JSONB, nullable=False, server_default=sa.text("'[]'::jsonb")),
+    sa.Column("order_key", sa.String(32), nullable=False, index=True),  # random: interleaves models
+    sa.Column(
+        "created_at", sa.DateTime(timezone=True), nullable=False, server_default=sa.func.now()
+    ),
+)
+
+ratings = sa.Table(
+    "ratings",
+    metadata,
+    sa.Column(
+        "item_id",
+        sa.String(32),
+        sa.ForeignKey("review_items.item_id", ondelete="CASCADE"),
+        primary_key=True,
+    ),
+    sa.Column(
+        "reviewer_id", sa.String(64), sa.ForeignKey("reviewers.reviewer_id"), primary_key=True
+    ),
+    sa.Column(
+        "rating", sa.SmallInteger, sa.CheckConstraint("rating BETWEEN 1 AND 5"), nullable=False
+    ),
+    sa.Column("comment", sa.Text, nullable=False, server_default=""),
+    sa.Column(
+        "created_at", sa.DateTime(timezone=True), nullable=False, server_default=sa.func.now()
+    ),
+)
+
 # HNSW build parameters; pgvector's defaults, which the retrieval benchmark measured against exact search.
 HNSW_M = 16
 HNSW_EF_CONSTRUCTION = 64

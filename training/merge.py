@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from training.sft_data import messages
+from serving.scoring import messages
 
 
 class MergeCheckError(RuntimeError):

@@ -6,20 +6,22 @@ For each variant: size on disk, weights in memory, generation tokens/s, held-out
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import io
 import json
+import logging
 import math
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 from serving.generation import ONNX_FILE, VARIANTS, load_generator
+from serving.scoring import answer_nll
 from training.merge import sample_batch
-from training.sft_data import tokenize_for_sft
 
 QUANTIZED = tuple(v for v in VARIANTS if v != "none")
 
@@ -200,37 +202,6 @@ def serialized_mb(generator: Any) -> float:
     return len(buf.getvalue()) / 2**20
 
 
-def answer_nll(
-    generator: Any, rows: list[dict[str, Any]], batch_size: int = 8
-) -> tuple[float, int]:
-    """Summed negative log-likelihood of the reference answers' tokens, and their count."""
-    import torch
-
-    tok = generator.tokenizer
-    examples = tokenize_for_sft(rows, tok, max_tokens=512)
-    total, count = 0.0, 0
-    for i in range(0, len(examples), batch_size):
-        chunk = examples[i : i + batch_size]
-        width = max(len(e["input_ids"]) for e in chunk)
-        pad = tok.pad_token_id
-        ids = torch.tensor([[pad] * (width - len(e["input_ids"])) + e["input_ids"] for e in chunk])
-        labels = torch.tensor([[-100] * (width - len(e["labels"])) + e["labels"] for e in chunk])
-        mask = (
-            torch.arange(width)[None, :]
-            >= torch.tensor([width - len(e["input_ids"]) for e in chunk])[:, None]
-        ).long()
-        logits = generator.logits(ids, mask)  # (batch, width, vocab)
-        loss = torch.nn.functional.cross_entropy(
-            logits[:, :-1].reshape(-1, logits.shape[-1]),
-            labels[:, 1:].reshape(-1),
-            ignore_index=-100,
-            reduction="sum",
-        )
-        total += float(loss)
-        count += int((labels[:, 1:] != -100).sum())
-    return total, count
-
-
 def agreement(reference: Any, other: Any) -> tuple[float, float]:
     """Mean cosine of the logit vectors and how often the top-1 token agrees. Shapes (n, vocab)."""
     import torch
@@ -271,6 +242,18 @@ def measure(
     return result
 
 
+@contextlib.contextmanager
+def _quiet_bitsandbytes() -> Iterator[None]:
+    """bitsandbytes logs a warning on every 8-bit matmul of float32 inputs on CPU."""
+    logger = logging.getLogger("bitsandbytes")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
 def quantize_and_measure(
     merged_dir: Path,
     out_root: Path,
@@ -299,8 +282,9 @@ def quantize_and_measure(
         folder = build_variant(variant, merged_dir, out_root)
         built = time.perf_counter() - t0
         say(f"measuring {variant}")
-        gen = load_generator(folder, variant, threads=config.threads)
-        m = measure(gen, eval_rows, config, ref["logits"])
+        with _quiet_bitsandbytes():
+            gen = load_generator(folder, variant, threads=config.threads)
+            m = measure(gen, eval_rows, config, ref["logits"])
         size = serialized_mb(gen) if variant == "torch-int8" else folder_mb(folder)
         reports.append(
             VariantReport(

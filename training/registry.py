@@ -14,12 +14,12 @@ from pathlib import Path
 from typing import Any
 
 from refinery.settings import REPO_ROOT
+from serving.models import CHALLENGER
 
 PYFUNC_FILE = REPO_ROOT / "serving" / "pyfunc_model.py"
 GENERATION_FILE = REPO_ROOT / "serving" / "generation.py"
 TAG_LINEAGE_KEY = "refinery.lineage_key"
 TAG_VARIANT = "refinery.variant"
-CHALLENGER, CHAMPION = "challenger", "champion"
 
 
 @dataclass(frozen=True)

@@ -18,6 +18,7 @@ from typing import Any
 
 from refinery.lineage import sha256_hex
 from refinery.settings import REPO_ROOT
+from serving.scoring import messages
 
 DEFAULT_SFT_PATH = REPO_ROOT / "data" / "sft" / "beekeeping_qa.jsonl"
 
@@ -109,13 +110,6 @@ def read_rows(
     return rows, n, dropped
 
 
-def messages(instruction: str, response: str | None = None) -> list[dict[str, str]]:
-    msgs = [{"role": "user", "content": instruction}]
-    if response is not None:
-        msgs.append({"role": "assistant", "content": response})
-    return msgs
-
-
 def build_dataset(config: SFTConfig, tokenizer: Any) -> SFTDataset:
     """Validate, drop rows too long for ``max_tokens`` once formatted, split, hash."""
     path = Path(config.path)
@@ -170,22 +164,3 @@ def load_split(folder: Path, split: str) -> list[dict[str, Any]]:
     return [
         json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()
     ]
-
-
-def tokenize_for_sft(
-    rows: list[dict[str, Any]], tokenizer: Any, max_tokens: int
-) -> list[dict[str, list[int]]]:
-    """input_ids and labels; the prompt's tokens are masked (-100) so only the answer is learned."""
-    out = []
-    for row in rows:
-        prompt = tokenizer.apply_chat_template(
-            messages(row["instruction"]), tokenize=False, add_generation_prompt=True
-        )
-        full = tokenizer.apply_chat_template(
-            messages(row["instruction"], row["response"]), tokenize=False
-        )
-        prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-        ids = tokenizer(full, add_special_tokens=False)["input_ids"][:max_tokens]
-        n_prompt = min(len(prompt_ids), len(ids))
-        out.append({"input_ids": ids, "labels": [-100] * n_prompt + ids[n_prompt:]})
-    return out

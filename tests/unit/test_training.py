@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from serving.scoring import tokenize_for_sft
 from tests.conftest import SAMPLE_CORPUS
 from tests.tiny_model import make_tiny_llama
 from training.base_model import BaseModelError, resolve_base_model
@@ -22,7 +23,7 @@ from training.lora import (
 )
 from training.merge import MergeCheckError, merge_adapter
 from training.quantize import QuantizationConfigError, QuantizeConfig, quantize_and_measure
-from training.sft_data import DatasetError, SFTConfig, build_dataset, read_rows, tokenize_for_sft
+from training.sft_data import DatasetError, SFTConfig, build_dataset, read_rows
 
 FAST = LoraTrainingConfig(
     r=4,

@@ -1,0 +1,162 @@
+"""Automatic evaluation of one chat model: held-out answers and RAG questions.
+
+Metrics (all in MLflow, per example and aggregated):
+- held-out SFT split: perplexity of the reference answers; exact match, token F1 and ROUGE-L of
+  the generated answers against them;
+- RAG questions: the same three against the reference answers; retrieval hit@k and MRR against
+  the documents that hold the answer; groundedness of each answer in the chunks it was given
+  (``serving.rag.support``); the answer's confidence;
+- latency per question (generation is batched: batch time / batch size) and tokens/s.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from evaluation.metrics import exact_match, hit_at_k, reciprocal_rank, rouge_l, token_f1
+from serving.rag import answer_batch
+from serving.scoring import answer_nll
+
+
+class EvaluationError(ValueError):
+    pass
+
+
+@dataclass
+class ExampleResult:
+    kind: str  # "heldout" or "rag"
+    example_id: str
+    question: str
+    reference: str
+    answer: str
+    scores: dict[str, float]
+    latency_s: float
+    completion_tokens: int
+    sources: list[dict[str, Any]] = field(default_factory=list)
+    gold_sources: list[str] = field(default_factory=list)
+    trace_id: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class ModelEvaluation:
+    label: str  # "refinery-chat/3"
+    metrics: dict[str, float]
+    examples: list[ExampleResult]
+
+
+def _batches(items: Sequence[Any], size: int) -> list[Sequence[Any]]:
+    return [items[i : i + size] for i in range(0, len(items), size)]
+
+
+def evaluate_model(
+    label: str,
+    generator: Any,
+    heldout_rows: list[dict[str, Any]],
+    rag_rows: list[dict[str, Any]],
+    retriever: Any,
+    *,
+    k: int = 3,
+    batch_size: int = 8,
+    max_new_tokens: int = 48,
+    progress: Callable[[str], None] | None = None,
+) -> ModelEvaluation:
+    if not heldout_rows and not rag_rows:
+        raise EvaluationError("both evaluation sets are empty: nothing to evaluate")
+    say = progress or (lambda _m: None)
+    examples: list[ExampleResult] = []
+    tokens, seconds = 0, 0.0
+    for batch in _batches(heldout_rows, batch_size):
+        t0 = time.perf_counter()
+        outs = generator.generate([r["instruction"] for r in batch], max_new_tokens=max_new_tokens)
+        dt = time.perf_counter() - t0
+        seconds += dt
+        for row, out in zip(batch, outs, strict=True):
+            tokens += out.completion_tokens
+            examples.append(
+                ExampleResult(
+                    "heldout",
+                    str(row.get("id", len(examples))),
+                    row["instruction"],
+                    row["response"],
+                    out.text,
+                    _answer_scores(out.text, row["response"]),
+                    dt / len(batch),
+                    out.completion_tokens,
+                )
+            )
+    say(f"{label}: {len(heldout_rows)} held-out answers")
+    for batch in _batches(rag_rows, batch_size):
+        t0 = time.perf_counter()
+        answers = answer_batch(
+            [r["question"] for r in batch], retriever, generator, k=k, max_new_tokens=max_new_tokens
+        )
+        dt = time.perf_counter() - t0
+        seconds += dt
+        for row, ans in zip(batch, answers, strict=True):
+            tokens += ans.completion_tokens
+            retrieved = [s.source for s in ans.sources]
+            scores = {
+                **_answer_scores(ans.answer, row["answer"]),
+                "hit_at_k": hit_at_k(retrieved, row["sources"], k),
+                "reciprocal_rank": reciprocal_rank(retrieved, row["sources"]),
+                "groundedness": ans.groundedness,
+                "confidence": ans.confidence,
+            }
+            examples.append(
+                ExampleResult(
+                    "rag",
+                    row["id"],
+                    row["question"],
+                    row["answer"],
+                    ans.answer,
+                    scores,
+                    dt / len(batch),
+                    ans.completion_tokens,
+                    [asdict(s) for s in ans.sources],
+                    list(row["sources"]),
+                )
+            )
+    say(f"{label}: {len(rag_rows)} RAG answers")
+    metrics = aggregate(examples)
+    if heldout_rows:
+        nll, n = answer_nll(generator, heldout_rows)
+        metrics["heldout_perplexity"] = math.exp(nll / max(1, n))
+    metrics["tokens_per_second"] = tokens / seconds if seconds else 0.0
+    return ModelEvaluation(label, metrics, examples)
+
+
+def _answer_scores(answer: str, reference: str) -> dict[str, float]:
+    return {
+        "exact_match": exact_match(answer, reference),
+        "token_f1": token_f1(answer, reference),
+        "rouge_l": rouge_l(answer, reference),
+    }
+
+
+def aggregate(examples: Sequence[ExampleResult]) -> dict[str, float]:
+    """Means per kind of example, named like the gate's rules (``rag_token_f1`` ...)."""
+    out: dict[str, float] = {"examples": float(len(examples))}
+    for kind in ("heldout", "rag"):
+        mine = [e for e in examples if e.kind == kind]
+        out[f"{kind}_examples"] = float(len(mine))
+        if not mine:
+            continue
+        for key in mine[0].scores:
+            value = statistics.fmean(e.scores[key] for e in mine)
+            name = f"retrieval_{key}" if key in ("hit_at_k",) else f"{kind}_{key}"
+            out[name] = value
+        if kind == "rag":
+            out["retrieval_mrr"] = out.pop("rag_reciprocal_rank")
+    latencies = sorted(e.latency_s for e in examples)
+    if latencies:
+        out["latency_p50_s"] = latencies[len(latencies) // 2]
+        out["latency_p95_s"] = latencies[min(len(latencies) - 1, int(0.95 * len(latencies)))]
+    return out

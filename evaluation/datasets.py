@@ -1,0 +1,59 @@
+"""Evaluation sets: the RAG question set shipped in the repo, validated like the SFT set."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+from refinery.settings import REPO_ROOT
+
+DEFAULT_RAG_QUESTIONS = REPO_ROOT / "data" / "eval" / "rag_questions.jsonl"
+
+
+class EvaluationDataError(ValueError):
+    pass
+
+
+def load_rag_questions(
+    path: Path = DEFAULT_RAG_QUESTIONS,
+) -> tuple[list[dict[str, Any]], Counter[str]]:
+    """Rows {id, question, answer, sources: [file, ...]}; bad rows dropped and counted."""
+    if not path.exists():
+        raise EvaluationDataError(f"RAG question set {path} does not exist")
+    rows: list[dict[str, Any]] = []
+    dropped: Counter[str] = Counter()
+    seen: set[str] = set()
+    for line in path.read_text(encoding="utf-8").splitlines():
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            dropped["malformed_json"] += 1
+            continue
+        if not isinstance(row, dict):
+            dropped["not_an_object"] += 1
+            continue
+        q, a, s = row.get("question"), row.get("answer"), row.get("sources")
+        if not (isinstance(q, str) and q.strip() and isinstance(a, str) and a.strip()):
+            dropped["missing_question_or_answer"] += 1
+            continue
+        if not (isinstance(s, list) and s and all(isinstance(x, str) for x in s)):
+            dropped["missing_sources"] += 1
+            continue
+        key = q.strip().lower()
+        if key in seen:
+            dropped["duplicate"] += 1
+            continue
+        seen.add(key)
+        rows.append(
+            {
+                "id": str(row.get("id") or f"rag-{len(rows)}"),
+                "question": q.strip(),
+                "answer": a.strip(),
+                "sources": s,
+            }
+        )
+    return rows, dropped

@@ -1,0 +1,56 @@
+"""Registered chat models: resolve an alias to a version and load it, with an explicit
+tracking URI (no process-wide MLflow state)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from refinery.tracking import client_for
+
+CHALLENGER, CHAMPION = "challenger", "champion"
+
+
+class ModelNotFoundError(LookupError):
+    pass
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    name: str
+    version: str
+    source: str
+    run_id: str
+    tags: dict[str, str]
+
+    @property
+    def label(self) -> str:
+        return f"{self.name}/{self.version}"
+
+
+def resolve(tracking_uri: str, name: str, alias_or_version: str) -> ModelRef:
+    """The model version an alias points to (or a version given by number)."""
+    from mlflow.exceptions import MlflowException
+
+    client = client_for(tracking_uri)
+    try:
+        if alias_or_version.isdigit():
+            mv = client.get_model_version(name, alias_or_version)
+        else:
+            mv = client.get_model_version_by_alias(name, alias_or_version)
+    except MlflowException as err:
+        raise ModelNotFoundError(f"no version {alias_or_version!r} of registered model {name!r}") from err
+    return ModelRef(name, str(mv.version), mv.source or "", mv.run_id or "", dict(mv.tags or {}))
+
+
+def load_python_model(tracking_uri: str, ref: ModelRef, dst: Path | None = None) -> Any:
+    """Download the version's artifacts and load its pyfunc; return the Python model object
+    (``RefineryChatModel``, whose ``generator`` answers prompts)."""
+    import mlflow.artifacts
+    import mlflow.pyfunc
+
+    local = mlflow.artifacts.download_artifacts(
+        artifact_uri=ref.source, tracking_uri=tracking_uri, dst_path=str(dst) if dst else None
+    )
+    return mlflow.pyfunc.load_model(local).unwrap_python_model()

@@ -1,0 +1,194 @@
+"""Metrics, the bootstrap interval, the promotion gate and the RAG prompt: pure functions."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from evaluation.datasets import DEFAULT_RAG_QUESTIONS, EvaluationDataError, load_rag_questions
+from evaluation.gate import GatePolicy, HumanRule, HumanSummary, MetricRule, compare_to_champion
+from evaluation.metrics import (
+    bootstrap_ci,
+    exact_match,
+    hit_at_k,
+    reciprocal_rank,
+    rouge_l,
+    token_f1,
+)
+from serving.rag import build_messages, retrieval_confidence, support
+from serving.retrieval import Hit
+
+
+def test_exact_match_and_token_f1():
+    assert exact_match("The capital is Paris.", "the capital is paris") == 1.0
+    assert exact_match("Paris", "Lyon") == 0.0
+    assert token_f1("21 days for a worker", "A worker takes 21 days") == pytest.approx(
+        2 * (3 / 4) * (3 / 4) / (3 / 4 + 3 / 4)
+    )
+    assert token_f1("", "") == 1.0 and token_f1("x", "") == 0.0
+
+
+def test_rouge_l_uses_the_longest_common_subsequence():
+    # LCS of "queen cells appear in spring" and "queen cells in late spring" is "queen cells in spring" (4)
+    assert rouge_l("queen cells appear in spring", "queen cells in late spring") == pytest.approx(
+        2 * 0.8 * 0.8 / 1.6
+    )
+    assert rouge_l("abc", "xyz") == 0.0
+    assert rouge_l("same words here", "same words here") == 1.0
+
+
+def test_retrieval_metrics():
+    retrieved = ["a.md", "b.md", "c.md"]
+    assert hit_at_k(retrieved, ["c.md"], 3) == 1.0 and hit_at_k(retrieved, ["c.md"], 2) == 0.0
+    assert reciprocal_rank(retrieved, ["b.md", "z.md"]) == 0.5
+    assert reciprocal_rank(retrieved, ["z.md"]) == 0.0
+
+
+def test_groundedness_is_the_share_of_supported_content_words():
+    context = ["A worker bee develops in 21 days from egg to adult."]
+    assert support("A worker develops in 21 days.", context) == 1.0
+    assert support("Drones live on the moon.", context) == 0.0
+    assert support("Worker bees fly to the moon.", context) == pytest.approx(
+        1 / 4
+    )  # worker, bees, fly, moon
+    assert support("Yes.", []) == 0.0 and support("", context) == 1.0
+
+
+def test_bootstrap_interval():
+    values = [4, 5, 4, 3, 5, 4, 4, 5, 3, 4] * 3
+    mean, low, high = bootstrap_ci(values, seed=1)
+    assert mean == pytest.approx(4.1) and low < mean < high
+    assert bootstrap_ci(values, seed=1) == (mean, low, high)  # seeded: reproducible
+    narrow = bootstrap_ci(values * 10, seed=1)
+    assert narrow[2] - narrow[1] < high - low  # more ratings, tighter interval
+    assert all(math.isnan(x) for x in bootstrap_ci([]))
+    assert bootstrap_ci([5, 5, 5]) == (5.0, 5.0, 5.0)
+
+
+GOOD = {
+    "examples": 10,
+    "rag_token_f1": 0.40,
+    "rag_rouge_l": 0.38,
+    "rag_groundedness": 0.8,
+    "retrieval_hit_at_k": 0.9,
+    "heldout_token_f1": 0.3,
+    "heldout_perplexity": 20.0,
+}
+HAPPY_HUMANS = HumanSummary(count=12, mean=4.4, ci_low=4.1, ci_high=4.7)
+
+
+def test_gate_promotes_a_challenger_that_is_not_worse():
+    decision = compare_to_champion(dict(GOOD, rag_token_f1=0.39), GOOD, HAPPY_HUMANS, GatePolicy())
+    assert decision.passed and not decision.human_waived
+    assert "all rules passed" in decision.reasons
+
+
+def test_gate_refuses_a_worse_challenger_and_says_why():
+    worse = dict(GOOD, rag_token_f1=0.30, heldout_perplexity=22.0)
+    decision = compare_to_champion(worse, GOOD, HAPPY_HUMANS, GatePolicy())
+    assert not decision.passed
+    assert any(
+        r.startswith("rag_token_f1: 0.3 is lower than the champion's 0.4") for r in decision.reasons
+    )
+    assert any(r.startswith("heldout_perplexity: 22 is higher") for r in decision.reasons)
+    failed = {c["metric"] for c in decision.checks if not c["ok"]}
+    assert failed == {"rag_token_f1", "heldout_perplexity"}
+
+
+def test_relative_tolerance_for_perplexity():
+    rule = MetricRule("heldout_perplexity", higher_is_better=False, tolerance=0.05, relative=True)
+    assert rule.ok(20.9, 20.0) and not rule.ok(21.1, 20.0)
+
+
+@pytest.mark.parametrize(
+    ("human", "message"),
+    [
+        (None, "no ratings yet"),
+        (HumanSummary(5, 4.6, 4.2, 4.9), "5 ratings < 10"),
+        (HumanSummary(20, 3.9, 3.6, 4.1), "mean 3.90 < 4.0"),
+        (HumanSummary(20, 4.1, 3.7, 4.4), "CI lower bound 3.70 < 3.8"),
+    ],
+)
+def test_human_gate(human, message):
+    decision = compare_to_champion(GOOD, GOOD, human, GatePolicy())
+    assert not decision.passed
+    assert any(message in r for r in decision.reasons)
+
+
+def test_waiver_is_explicit_and_needs_a_reason():
+    waived = compare_to_champion(
+        GOOD, None, None, GatePolicy(human_gate="waived", waiver_reason="demo")
+    )
+    assert waived.passed and waived.human_waived
+    assert "human gate WAIVED: demo" in waived.reasons
+    assert "no champion yet" in waived.reasons[0]
+    no_reason = compare_to_champion(GOOD, None, None, GatePolicy(human_gate="waived"))
+    assert not no_reason.passed and any("needs a reason" in r for r in no_reason.reasons)
+
+
+def test_empty_or_broken_evaluations_never_promote():
+    policy = GatePolicy(human_gate="waived", waiver_reason="test")
+    assert not compare_to_champion(None, GOOD, HAPPY_HUMANS, policy).passed
+    assert not compare_to_champion({"examples": 0}, GOOD, HAPPY_HUMANS, policy).passed
+    missing = compare_to_champion(
+        {"examples": 3, "rag_token_f1": float("nan")}, None, HAPPY_HUMANS, policy
+    )
+    assert not missing.passed and any("missing" in r for r in missing.reasons)
+    custom = GatePolicy(
+        rules=(MetricRule("heldout_perplexity", higher_is_better=False),),
+        human=HumanRule(min_ratings=1),
+        human_gate="waived",
+        waiver_reason="x",
+    )
+    assert compare_to_champion(
+        {"examples": 1, "heldout_perplexity": 10.0}, {"heldout_perplexity": 11.0}, None, custom
+    ).passed
+
+
+def hit(i: int, score: float, text: str) -> Hit:
+    return Hit(f"c{i}", f"d{i}", f"doc{i}.md", f"Doc {i}", 0, text, score, {})
+
+
+def test_rag_prompt_numbers_chunks_and_bounds_context():
+    hits = [hit(1, 0.7, "Queens develop in 16 days."), hit(2, 0.5, "x" * 5000)]
+    msgs = build_messages("How long for a queen?", hits, max_context_chars=100)
+    assert msgs[0]["role"] == "system" and "only the numbered documents" in msgs[0]["content"]
+    user = msgs[1]["content"]
+    assert "[1] (Doc 1) Queens develop in 16 days." in user and user.endswith(
+        "Question: How long for a queen?"
+    )
+    assert len(user) < 300
+    assert "(no documents found)" in build_messages("q", [])[1]["content"]
+
+
+def test_retrieval_confidence_scale():
+    assert retrieval_confidence([]) == 0.0
+    assert retrieval_confidence([hit(1, 0.2, "")]) == 0.0
+    assert retrieval_confidence([hit(1, 0.45, "")]) == pytest.approx(0.5)
+    assert retrieval_confidence([hit(1, 0.95, "")]) == 1.0
+
+
+def test_rag_question_set_ships_valid_and_bad_rows_are_counted(tmp_path):
+    rows, dropped = load_rag_questions(DEFAULT_RAG_QUESTIONS)
+    assert len(rows) == 60 and not dropped
+    bad = tmp_path / "q.jsonl"
+    bad.write_text(
+        "\n".join(
+            [
+                json.dumps({"question": "q?", "answer": "a", "sources": ["x.md"]}),
+                "{oops",
+                json.dumps({"question": "q?", "answer": "a", "sources": ["x.md"]}),
+                json.dumps({"question": "z?", "answer": "a", "sources": []}),
+            ]
+        )
+    )
+    rows, dropped = load_rag_questions(bad)
+    assert len(rows) == 1 and dict(dropped) == {
+        "malformed_json": 1,
+        "duplicate": 1,
+        "missing_sources": 1,
+    }
+    with pytest.raises(EvaluationDataError, match="does not exist"):
+        load_rag_questions(tmp_path / "none.jsonl")
