@@ -8,6 +8,7 @@ the store for the duration of the call and flushes before returning.
 from __future__ import annotations
 
 import contextlib
+import random
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -24,9 +25,16 @@ def exporting_to(tracking_uri: str) -> Iterator[None]:
 
     previous = mlflow.get_tracking_uri()
     mlflow.set_tracking_uri(tracking_uri)
+    # Trace ids come from OpenTelemetry's generator, which draws on Python's global `random`.
+    # Training seeds it (the Trainer calls random.seed(42)), which would make every run in the
+    # same process reuse the same trace ids: draw them from fresh entropy, then put the
+    # seeded state back so that nothing else loses its reproducibility.
+    state = random.getstate()
+    random.seed()
     try:
         yield
     finally:
+        random.setstate(state)
         mlflow.flush_trace_async_logging()
         mlflow.set_tracking_uri(previous)
 

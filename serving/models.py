@@ -40,7 +40,9 @@ def resolve(tracking_uri: str, name: str, alias_or_version: str) -> ModelRef:
         else:
             mv = client.get_model_version_by_alias(name, alias_or_version)
     except MlflowException as err:
-        raise ModelNotFoundError(f"no version {alias_or_version!r} of registered model {name!r}") from err
+        raise ModelNotFoundError(
+            f"no version {alias_or_version!r} of registered model {name!r}"
+        ) from err
     return ModelRef(name, str(mv.version), mv.source or "", mv.run_id or "", dict(mv.tags or {}))
 
 

@@ -161,3 +161,15 @@ def test_sensor_starts_promotion_after_enough_new_ratings(store, mlflow_uri, que
     with dg.build_sensor_context(cursor=second.cursor, resources=resources) as ctx:
         third = human_ratings_sensor(ctx)  # nothing new since: no flood of runs
     assert not third.run_requests
+
+
+def test_trace_ids_stay_unique_when_training_seeded_random(store, mlflow_uri, tmp_path):
+    """The Trainer seeds Python's `random`; trace ids must not repeat because of it."""
+    import random
+
+    random.seed(42)
+    first = make_queue(store.engine, mlflow_uri, tmp_path, labels=("m/1",), per_model=2)
+    random.seed(42)
+    second = make_queue(store.engine, mlflow_uri, tmp_path / "again", labels=("m/2",), per_model=2)
+    ids = [e.trace_id for e in first["m/1"] + second["m/2"]]
+    assert len(set(ids)) == 4
