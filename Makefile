@@ -11,10 +11,11 @@ export DAGSTER_DISABLE_TELEMETRY=true
 export HF_HUB_OFFLINE=1
 export TOKENIZERS_PARALLELISM=false
 
-.PHONY: help install system-deps run test test-unit test-integration test-e2e bench lint format ui clean
+.PHONY: help install system-deps run serve test test-unit test-integration test-e2e bench lint format ui clean
 
 help:
 	@echo "make run     - set up, start the embedded stores, run the whole lineage graph through Dagster"
+	@echo "make serve   - serve the champion's Bento on 127.0.0.1:$$PORT (default 3000); Ctrl-C stops it"
 	@echo "make test    - the whole test suite (what .ci/run runs)"
 	@echo "make bench   - benchmarks; result tables land in benchmarks/results/"
 	@echo "make lint    - ruff, mypy and import-linter contracts"
@@ -34,6 +35,10 @@ $(STAMP): pyproject.toml constraints.txt
 
 run: $(STAMP)
 	$(BIN)/refinery run
+
+PORT ?= 3000
+serve: $(STAMP)
+	$(BIN)/refinery serve --port $(PORT)
 
 test: $(STAMP) system-deps
 	$(BIN)/pytest $(PYTEST_ARGS)

@@ -94,6 +94,11 @@ class MLflowResource(dg.ConfigurableResource):
     def resolved_tracking_uri(self) -> str:
         return self._resolved()[0]
 
+    @property
+    def store_settings(self) -> Settings:
+        """The settings of the home this resource's local stores live in."""
+        return self._resolved()[3]
+
     def lineage_tags(self, context: dg.AssetExecutionContext) -> dict[str, str]:
         """Tags that say exactly which Dagster run, asset and code made an MLflow object."""
         _, _, dagster_ui, _ = self._resolved()

@@ -7,7 +7,7 @@ import sys
 
 from refinery.settings import OFFLINE_ENV
 
-ALL = ["ingestion", "retrieval", "training"]
+ALL = ["ingestion", "retrieval", "training", "serving"]
 
 
 def main(argv: list[str]) -> int:

@@ -334,6 +334,57 @@ def query(
 
 
 @main.command()
+@click.option(
+    "--config", "config_file", type=click.Path(path_type=Path, exists=True), default=None,
+    help="Dagster run config (YAML), e.g. ops.bento.config.alias.",
+)  # fmt: skip
+def bento(config_file: Path | None) -> None:
+    """Build a Bento of the model version the champion alias points to (pinned)."""
+    _settings()
+    if not _execute("bento", _load_config(config_file)):
+        sys.exit(1)
+
+
+@main.command()
+@click.argument("bento_tag", required=False)
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", default=3000, show_default=True, envvar="PORT")
+def serve(bento_tag: str | None, host: str, port: int) -> None:
+    """Serve a Bento (default: the newest one built in this home) until Ctrl-C."""
+    from serving.bento import list_bentos
+
+    settings = _settings()
+    if bento_tag is None:
+        bentos = list_bentos(settings)
+        if not bentos:
+            raise click.ClickException(
+                f"no Bento in {settings.bentoml_home}: run `make run` or `refinery bento` first"
+            )
+        bento_tag = str(bentos[0]["tag"])
+    url = database_url(settings)  # held open while serving: the RAG endpoint reads it
+    env = {**os.environ, **environment(settings, url)}
+    cmd = [
+        str(Path(sys.executable).parent / "bentoml"), "serve", bento_tag,
+        "--host", host, "--port", str(port),
+    ]  # fmt: skip
+    click.echo(f"serving {bento_tag} on http://{host}:{port} (OpenAI API under /v1, RAG at /rag)")
+    proc = subprocess.Popen(cmd, env=env, start_new_session=True, preexec_fn=_default_signals)
+
+    def _stop(*_: Any) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, _stop)
+    signal.signal(signal.SIGINT, _stop)
+    try:
+        code = proc.wait()
+    except KeyboardInterrupt:
+        code = 0
+    finally:
+        _stop_groups([proc])
+    sys.exit(code)
+
+
+@main.command()
 @click.option("--dagster-port", default=3100, show_default=True, envvar="DAGSTER_PORT")
 @click.option("--mlflow-port", default=5000, show_default=True, envvar="MLFLOW_PORT")
 def ui(dagster_port: int, mlflow_port: int) -> None:
@@ -401,12 +452,12 @@ def _stop_groups(procs: list[subprocess.Popen[bytes]], timeout: float = 20.0) ->
                 os.killpg(p.pid, signal.SIGINT)
     deadline = time.monotonic() + timeout
     for p in procs:
-        try:
+        with contextlib.suppress(subprocess.TimeoutExpired):
             p.wait(timeout=max(0.1, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(p.pid, signal.SIGKILL)
-            p.wait()
+        # Whatever is left of the group (a worker can outlive its parent) is killed.
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(p.pid, signal.SIGKILL)
+        p.wait()
 
 
 if __name__ == "__main__":

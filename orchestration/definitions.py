@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dagster as dg
 
-from assets import evaluation, ingestion, training
+from assets import evaluation, ingestion, serving, training
 from assets.resources import (
     EmbeddingModelResource,
     MLflowResource,
@@ -31,6 +31,7 @@ EVALUATION_ASSETS = [
     evaluation.human_evaluation,
     evaluation.champion_model,
 ]
+SERVING_ASSETS = [serving.bento]
 ASSET_CHECKS = [
     ingestion.no_rejected_files,
     ingestion.chunk_embeddings_integrity,
@@ -55,6 +56,12 @@ evaluate_job = dg.define_asset_job(
     selection=dg.AssetSelection.groups(evaluation.GROUP),
     description="Automatic and human evaluation, the promotion gate, the champion alias.",
 )
+# `refinery bento`: package the champion as a Bento.
+bento_job = dg.define_asset_job(
+    "bento",
+    selection=dg.AssetSelection.groups(serving.GROUP),
+    description="A Bento of the model version the champion alias points to.",
+)
 # `make run` / `refinery run`: the whole lineage graph.
 refinery_job = dg.define_asset_job(
     "refinery",
@@ -63,9 +70,9 @@ refinery_job = dg.define_asset_job(
 )
 
 defs = dg.Definitions(
-    assets=[*INGESTION_ASSETS, *TRAINING_ASSETS, *EVALUATION_ASSETS],
+    assets=[*INGESTION_ASSETS, *TRAINING_ASSETS, *EVALUATION_ASSETS, *SERVING_ASSETS],
     asset_checks=ASSET_CHECKS,
-    jobs=[ingest_job, train_job, evaluate_job, promote_job, refinery_job],
+    jobs=[ingest_job, train_job, evaluate_job, promote_job, bento_job, refinery_job],
     sensors=[human_ratings_sensor],
     resources={
         "postgres": PostgresResource(),

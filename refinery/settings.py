@@ -87,5 +87,9 @@ class Settings:
         return self.home / "dagster"
 
     @property
+    def bentoml_home(self) -> Path:
+        return self.home / "bentoml"
+
+    @property
     def models_dir(self) -> Path:
         return self.home / "models"

@@ -149,6 +149,7 @@ def environment(settings: Settings, db_url: str | None) -> dict[str, str]:
     env["DAGSTER_HOME"] = str(settings.dagster_home)
     env["MLFLOW_TRACKING_URI"] = settings.mlflow_tracking_uri
     env["MLFLOW_REGISTRY_URI"] = settings.mlflow_tracking_uri
+    env["BENTOML_HOME"] = str(settings.bentoml_home)
     if db_url:
         env["REFINERY_DATABASE_URL"] = db_url
         # libpq (psql) takes the same URL without SQLAlchemy's driver suffix.

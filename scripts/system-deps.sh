@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # System packages the tests need, from Debian: Chromium for the browser test of the review
-# page. Idempotent: does nothing when they are already there.
+# page, and redis-server for the serving cache tests (the tests start and stop it themselves). Idempotent: does nothing when they are already there.
 set -euo pipefail
 missing=()
 command -v chromium >/dev/null 2>&1 || missing+=(chromium)
+command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
 if [ ${#missing[@]} -eq 0 ]; then
   exit 0
 fi

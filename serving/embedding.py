@@ -59,8 +59,20 @@ def resolve_embedding_model(name_or_path: str | None) -> EmbeddingModelRef:
 class Embedder:
     """A loaded embedding model. Vectors are L2-normalized float32, shape (n, dim)."""
 
-    def __init__(self, model: str | None = None, *, device: str = "cpu", batch_size: int = 32):
-        self.ref = resolve_embedding_model(model)
+    def __init__(
+        self,
+        model: str | None = None,
+        *,
+        location: str | Path | None = None,
+        device: str = "cpu",
+        batch_size: int = 32,
+    ):
+        """``location``: load from this folder but keep ``model`` as the name (a packaged copy of
+        a model, as in a Bento, still searches the vectors that model made)."""
+        if location is not None:
+            self.ref = EmbeddingModelRef(resolve_embedding_model(model).name, str(location))
+        else:
+            self.ref = resolve_embedding_model(model)
         self.device = device
         self.batch_size = batch_size
 

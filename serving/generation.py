@@ -15,6 +15,7 @@ Variants (how the weights are held in memory):
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,6 +33,15 @@ class Completion:
     completion_tokens: int
     finish_reason: str  # "stop" (end of turn) or "length" (max_new_tokens reached)
     seconds: float
+
+
+def per_row(max_new_tokens: int | Sequence[int], n: int) -> list[int]:
+    """One token limit per prompt: a batch generates up to the largest and cuts each row to its
+    own (greedy rows are unaffected by their neighbours' limits)."""
+    limits = [max_new_tokens] * n if isinstance(max_new_tokens, int) else list(max_new_tokens)
+    if len(limits) != n or any(m < 1 for m in limits):
+        raise ValueError(f"need {n} token limits >= 1, got {limits}")
+    return limits
 
 
 def as_messages(prompt: str | list[Message]) -> list[Message]:
@@ -120,7 +130,7 @@ class Generator(_ChatLM):
     def generate(
         self,
         prompts: list[str | list[Message]],
-        max_new_tokens: int = 64,
+        max_new_tokens: int | Sequence[int] = 64,
         temperature: float = 0.0,
         top_p: float = 1.0,
         seed: int | None = None,
@@ -130,6 +140,7 @@ class Generator(_ChatLM):
 
         if not prompts:
             return []
+        limits = per_row(max_new_tokens, len(prompts))
         texts = [self.chat_text(p) for p in prompts]
         enc = self.tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(
             self.device
@@ -141,7 +152,7 @@ class Generator(_ChatLM):
         with torch.inference_mode():
             out = self.model.generate(
                 **enc,
-                max_new_tokens=max_new_tokens,
+                max_new_tokens=max(limits),
                 do_sample=sampling,
                 temperature=temperature if sampling else None,
                 top_p=top_p if sampling else None,
@@ -152,9 +163,54 @@ class Generator(_ChatLM):
         seconds = time.perf_counter() - t0
         new = out[:, enc["input_ids"].shape[1] :]  # (batch, generated)
         return [
-            self._completion(new[i].tolist(), int(enc["attention_mask"][i].sum()), seconds)
+            self._completion(
+                new[i, : limits[i]].tolist(), int(enc["attention_mask"][i].sum()), seconds
+            )
             for i in range(len(prompts))
         ]
+
+    def stream(
+        self,
+        prompt: str | list[Message],
+        max_new_tokens: int = 64,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+    ) -> Iterator[str]:
+        """Text pieces as they are generated (generate runs in a thread; the streamer hands
+        decoded text over as soon as it forms whole words)."""
+        import threading
+
+        import torch
+        from transformers import TextIteratorStreamer
+
+        enc = self.tokenizer(
+            [self.chat_text(prompt)], return_tensors="pt", add_special_tokens=False
+        ).to(self.device)
+        streamer = TextIteratorStreamer(
+            self.tokenizer, skip_prompt=True, skip_special_tokens=True, timeout=120
+        )
+        sampling = temperature > 0
+
+        def run() -> None:
+            with torch.inference_mode():
+                self.model.generate(
+                    **enc,
+                    streamer=streamer,
+                    max_new_tokens=max_new_tokens,
+                    do_sample=sampling,
+                    temperature=temperature if sampling else None,
+                    top_p=top_p if sampling else None,
+                    top_k=None,
+                    eos_token_id=self.eos_ids,
+                    pad_token_id=self.tokenizer.pad_token_id,
+                )
+
+        worker = threading.Thread(target=run, daemon=True)
+        worker.start()
+        for piece in streamer:
+            if piece:
+                yield piece
+        worker.join()
 
     def logits(self, input_ids: Any, attention_mask: Any) -> Any:
         """(batch, seq, vocab) float32 logits on the CPU."""
@@ -196,10 +252,22 @@ class OnnxGenerator(_ChatLM):
         )
         return torch.from_numpy(logits).float()
 
+    def stream(
+        self,
+        prompt: str | list[Message],
+        max_new_tokens: int = 64,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+    ) -> Iterator[str]:
+        """No incremental decoding here: the whole answer arrives as one piece."""
+        (completion,) = self.generate([prompt], max_new_tokens, temperature, top_p)
+        if completion.text:
+            yield completion.text
+
     def generate(
         self,
         prompts: list[str | list[Message]],
-        max_new_tokens: int = 64,
+        max_new_tokens: int | Sequence[int] = 64,
         temperature: float = 0.0,
         top_p: float = 1.0,
         seed: int | None = None,
@@ -208,6 +276,7 @@ class OnnxGenerator(_ChatLM):
 
         if not prompts:
             return []
+        limits = per_row(max_new_tokens, len(prompts))
         rng = np.random.default_rng(seed)
         texts = [self.chat_text(p) for p in prompts]
         enc = self.tokenizer(texts, return_tensors="np", padding=True, add_special_tokens=False)
@@ -215,7 +284,7 @@ class OnnxGenerator(_ChatLM):
         n_prompt = ids.shape[1]
         done = np.zeros(len(prompts), dtype=bool)
         t0 = time.perf_counter()
-        for _ in range(max_new_tokens):
+        for _ in range(max(limits)):
             # No KV cache in this export: every step runs the whole sequence.
             (logits,) = self.session.run(None, {"input_ids": ids, "attention_mask": mask})
             last = logits[:, -1, :].astype(np.float64)  # (batch, vocab)
@@ -235,7 +304,9 @@ class OnnxGenerator(_ChatLM):
         seconds = time.perf_counter() - t0
         return [
             self._completion(
-                ids[i, n_prompt:].tolist(), int(enc["attention_mask"][i].sum()), seconds
+                ids[i, n_prompt : n_prompt + limits[i]].tolist(),
+                int(enc["attention_mask"][i].sum()),
+                seconds,
             )
             for i in range(len(prompts))
         ]

@@ -154,20 +154,25 @@ def answer_batch(
     hit_lists = [retriever.search(q, k=k, filters=filters) for q in questions]
     prompts = [build_messages(q, hits) for q, hits in zip(questions, hit_lists, strict=True)]
     completions = generator.generate(prompts, max_new_tokens=max_new_tokens)
-    out = []
-    for q, hits, c in zip(questions, hit_lists, completions, strict=True):
-        grounded = support(c.text, [h.text for h in hits])
-        r_conf = retrieval_confidence(hits)
-        out.append(
-            RagAnswer(
-                question=q,
-                answer=c.text,
-                sources=to_sources(hits),
-                confidence=round((r_conf + grounded) / 2, 4),
-                retrieval_confidence=round(r_conf, 4),
-                groundedness=round(grounded, 4),
-                prompt_tokens=c.prompt_tokens,
-                completion_tokens=c.completion_tokens,
-            )
-        )
-    return out
+    return [
+        make_answer(q, hits, c.text, c.prompt_tokens, c.completion_tokens)
+        for q, hits, c in zip(questions, hit_lists, completions, strict=True)
+    ]
+
+
+def make_answer(
+    question: str, hits: Sequence[Hit], text: str, prompt_tokens: int, completion_tokens: int
+) -> RagAnswer:
+    """The answer with its sources and confidence (see the module docstring)."""
+    grounded = support(text, [h.text for h in hits])
+    r_conf = retrieval_confidence(hits)
+    return RagAnswer(
+        question=question,
+        answer=text,
+        sources=to_sources(hits),
+        confidence=round((r_conf + grounded) / 2, 4),
+        retrieval_confidence=round(r_conf, 4),
+        groundedness=round(grounded, 4),
+        prompt_tokens=prompt_tokens,
+        completion_tokens=completion_tokens,
+    )

@@ -139,6 +139,39 @@ def register(
     return RegisteredVersion(name, str(mv.version), run_id, mv.source or "", reused=False)
 
 
+def register_folder(
+    tracking_uri: str,
+    name: str,
+    model_dir: Path,
+    *,
+    alias: str,
+    artifact_root: Path | None,
+    experiment: str = "refinery-imports",
+    tags: Mapping[str, Any] | None = None,
+) -> RegisteredVersion:
+    """Register a model folder as it is, in a run of its own (for serving tests, benchmarks,
+    or a model trained elsewhere); the version gets ``alias``. ``artifact_root``: where a local
+    store keeps artifacts (``Settings.mlflow_artifacts_dir``); None for a server's default."""
+    from refinery.tracking import client_for, ensure_experiment
+
+    client = client_for(tracking_uri)
+    experiment_id = ensure_experiment(client, experiment, artifact_root)
+    run = client.create_run(experiment_id, tags={"refinery.imported_from": str(model_dir)})
+    try:
+        return register(
+            tracking_uri,
+            run_id=run.info.run_id,
+            name=name,
+            model_dir=model_dir,
+            variant="none",
+            lineage_key=f"import:{model_dir}",
+            tags=tags or {},
+            alias=alias,
+        )
+    finally:
+        client.set_terminated(run.info.run_id)
+
+
 def _check_name(name: str) -> None:
     import re
 

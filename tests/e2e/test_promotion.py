@@ -166,3 +166,21 @@ def test_refuse_worse_promote_better_after_human_review_and_roll_back(fresh_home
         ]
         == f"refinery-chat/{v1}"
     )
+
+    # 5. The Bento follows the champion: built through Dagster, pinned to v1, and a rebuild
+    # with nothing changed reuses it.
+    def bento() -> dict:
+        result = run("bento", {})
+        assert result.success
+        (event,) = result.get_asset_materialization_events()
+        metadata = event.event_specific_data.materialization.metadata
+        return {k: v.value for k, v in metadata.items()}
+
+    built = bento()
+    assert built["model_version"] == f"refinery-chat/{v1}" and built["reused"] is False
+    from serving.bento import list_bentos
+
+    (info,) = [b for b in list_bentos(Settings.from_env()) if b["tag"] == built["bento"]]
+    assert info["labels"]["refinery.model_version"] == v1
+    again = bento()
+    assert again["bento"] == built["bento"] and again["reused"] is True

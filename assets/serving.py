@@ -1,0 +1,60 @@
+"""Serving: the Bento that packages the champion, pinned by registry version."""
+
+import dagster as dg
+from pydantic import Field
+
+from assets.evaluation import champion_model
+from assets.resources import EmbeddingModelResource, MLflowResource
+from serving.bento import BentoBuildError, build_bento
+from serving.models import CHAMPION, ModelNotFoundError
+
+GROUP = "serving"
+
+
+class BentoConfig(dg.Config):
+    registered_model: str = "refinery-chat"
+    alias: str = Field(default=CHAMPION, description="Alias (or version number) to package.")
+
+
+@dg.asset(
+    group_name=GROUP,
+    deps=[champion_model],
+    kinds={"bentoml"},
+    description="A Bento of the model version the champion alias points to (pinned by version "
+    "and recorded in its labels), with the embedding model; `make serve` serves it.",
+)
+def bento(
+    context: dg.AssetExecutionContext,
+    config: BentoConfig,
+    mlflow: MLflowResource,
+    embedding_model: EmbeddingModelResource,
+) -> dg.MaterializeResult:
+    try:
+        built = build_bento(
+            mlflow.store_settings,
+            mlflow.resolved_tracking_uri,
+            config.registered_model,
+            config.alias,
+            embedding_model=embedding_model.model or None,
+        )
+    except (ModelNotFoundError, BentoBuildError) as err:
+        raise dg.Failure(description=str(err), allow_retries=False) from err
+    pins = built.pins
+    context.log.info(
+        f"Bento {built.tag} serves {pins.model_label}" + (" (reused)" if built.reused else "")
+    )
+    return dg.MaterializeResult(
+        metadata={
+            "bento": built.tag,
+            "bento_path": dg.MetadataValue.path(built.path),
+            "model_version": pins.model_label,
+            "variant": pins.variant,
+            "embedding_model": pins.embedding_model,
+            "reused": built.reused,
+            "mlflow_model_version": dg.MetadataValue.url(
+                f"{mlflow.ui_base}/#/models/{pins.registered_model}/versions/{pins.model_version}"
+            ),
+            "serve": dg.MetadataValue.md(f"`make serve` (or `refinery serve {built.tag}`)"),
+        },
+        data_version=dg.DataVersion(built.tag),
+    )

@@ -1,0 +1,249 @@
+"""Build a Bento of the champion: the registry version an alias points to, pinned.
+
+1. Resolve the alias to a version (``serving.models.resolve``) and download that version.
+2. Stage a build context: the service's sources, ``deploy/bentofile.yaml`` and
+   ``serving/pins.json`` (which model versions and BentoML model tags the service loads).
+3. In a child process with ``BENTOML_HOME`` set (BentoML fixes its store once per process),
+   copy the chat and embedding models into the BentoML model store and build the Bento.
+
+A Bento already built for the same version, embedding model and sources is reused.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from refinery.settings import OFFLINE_ENV, REPO_ROOT, Settings
+from serving.embedding import resolve_embedding_model
+from serving.models import CHAMPION, resolve
+
+BENTOFILE = REPO_ROOT / "deploy" / "bentofile.yaml"
+SERVICE_NAME = "refinery"  # the @bentoml.service name, and so the Bento's name
+PINS_FILE = Path(__file__).resolve().parent / "pins.json"
+STAGED = {
+    "serving": "*.py",
+    "refinery": "*.py",
+    "data/guard": "*.jsonl",
+}
+
+
+class BentoBuildError(RuntimeError):
+    pass
+
+
+@dataclass(frozen=True)
+class Pins:
+    """What a Bento serves. Read by ``serving.service`` when it is imported."""
+
+    registered_model: str
+    model_version: str
+    run_id: str
+    variant: str
+    chat_model_tag: str
+    embedding_model: str  # the name the vectors were made under
+    embedding_model_tag: str
+    refinery_home: str  # default home of the stores (REFINERY_HOME overrides)
+
+    @property
+    def model_label(self) -> str:
+        return f"{self.registered_model}/{self.model_version}"
+
+    def labels(self) -> dict[str, str]:
+        return {
+            "refinery.registered_model": self.registered_model,
+            "refinery.model_version": self.model_version,
+            "refinery.run_id": self.run_id,
+            "refinery.variant": self.variant,
+            "refinery.embedding_model": self.embedding_model,
+        }
+
+    @classmethod
+    def load(cls, path: Path = PINS_FILE) -> Pins | None:
+        if not path.exists():
+            return None
+        return cls(**json.loads(path.read_text()))
+
+
+@dataclass(frozen=True)
+class BuiltBento:
+    tag: str
+    path: str
+    pins: Pins
+    reused: bool
+
+
+def bento_tag_part(text: str) -> str:
+    """BentoML names: lower-case letters, digits, '-', '_' and '.'."""
+    return re.sub(r"[^a-z0-9._-]+", "-", text.lower()).strip("-.") or "model"
+
+
+def read_mlflow_model(folder: Path) -> tuple[Path, str]:
+    """The weights folder and variant of a downloaded Refinery pyfunc model (from its MLmodel
+    file: plain YAML, nothing to unpickle)."""
+    import yaml
+
+    mlmodel = folder / "MLmodel"
+    if not mlmodel.exists():
+        raise BentoBuildError(f"{folder} is not an MLflow model folder (no MLmodel file)")
+    flavor = (yaml.safe_load(mlmodel.read_text()) or {}).get("flavors", {}).get("python_function")
+    if not flavor or "model" not in (flavor.get("artifacts") or {}):
+        raise BentoBuildError(f"{mlmodel} is not a Refinery chat model (no 'model' artifact)")
+    weights = folder / flavor["artifacts"]["model"]["path"]
+    variant = str((flavor.get("model_config") or {}).get("variant", "none"))
+    return weights, variant
+
+
+def sources_hash() -> str:
+    digest = hashlib.sha256(BENTOFILE.read_bytes())
+    for folder, pattern in sorted(STAGED.items()):
+        for path in sorted((REPO_ROOT / folder).glob(pattern)):
+            if path.name != PINS_FILE.name:
+                digest.update(path.relative_to(REPO_ROOT).as_posix().encode())
+                digest.update(path.read_bytes())
+    return digest.hexdigest()[:12]
+
+
+def _stage(ctx: Path, pins: Pins) -> None:
+    for folder, pattern in STAGED.items():
+        (ctx / folder).mkdir(parents=True, exist_ok=True)
+        for path in (REPO_ROOT / folder).glob(pattern):
+            if path.name != PINS_FILE.name:
+                shutil.copy2(path, ctx / folder / path.name)
+    shutil.copy2(BENTOFILE, ctx / "bentofile.yaml")
+    (ctx / "serving" / PINS_FILE.name).write_text(json.dumps(asdict(pins), indent=2))
+
+
+def _child_env(settings: Settings) -> dict[str, str]:
+    env = {**os.environ, **OFFLINE_ENV}
+    env["BENTOML_HOME"] = str(settings.bentoml_home)
+    env["REFINERY_HOME"] = str(settings.home)
+    return env
+
+
+def find_bento(settings: Settings, labels: dict[str, str]) -> dict[str, Any] | None:
+    """The newest Bento in this home's store whose labels include ``labels``."""
+    for info in list_bentos(settings):
+        if all(info["labels"].get(k) == v for k, v in labels.items()):
+            return info
+    return None
+
+
+def list_bentos(settings: Settings) -> list[dict[str, Any]]:
+    """Refinery Bentos in this home's store, newest first (read from their bento.yaml)."""
+    import yaml
+
+    root = settings.bentoml_home / "bentos" / SERVICE_NAME
+    found = []
+    for manifest in root.glob("*/bento.yaml") if root.exists() else []:
+        info = yaml.safe_load(manifest.read_text()) or {}
+        found.append(
+            {
+                "tag": f"{info.get('name')}:{info.get('version')}",
+                "path": str(manifest.parent),
+                "labels": {str(k): str(v) for k, v in (info.get("labels") or {}).items()},
+                "created": str(info.get("creation_time", "")),
+            }
+        )
+    return sorted(found, key=lambda b: b["created"], reverse=True)
+
+
+def build_bento(
+    settings: Settings,
+    tracking_uri: str,
+    registered_model: str,
+    alias: str = CHAMPION,
+    embedding_model: str | None = None,
+) -> BuiltBento:
+    ref = resolve(tracking_uri, registered_model, alias)
+    emb = resolve_embedding_model(embedding_model)
+    emb_version = hashlib.sha256(f"{emb.name}|{emb.location}".encode()).hexdigest()[:12]
+    code = sources_hash()
+    variant = ref.tags.get("refinery.variant", "none")
+    pins = Pins(
+        registered_model=ref.name,
+        model_version=ref.version,
+        run_id=ref.run_id,
+        variant=variant,
+        chat_model_tag=f"{bento_tag_part(ref.name)}:v{ref.version}-{ref.run_id[:8] or 'x'}",
+        embedding_model=emb.name,
+        embedding_model_tag=f"{bento_tag_part(Path(emb.name).name)}:{emb_version}",
+        refinery_home=str(settings.home),
+    )
+    labels = {**pins.labels(), "refinery.sources": code}
+    existing = find_bento(settings, labels)
+    if existing is not None:
+        return BuiltBento(existing["tag"], existing["path"], pins, reused=True)
+    if not Path(emb.location).exists():
+        raise BentoBuildError(
+            f"embedding model {emb.name!r} is not a local folder ({emb.location}): a Bento "
+            "packages its models, so give a path"
+        )
+    import mlflow.artifacts
+
+    with tempfile.TemporaryDirectory(prefix="refinery-bento-") as tmp:
+        model_dir = Path(
+            mlflow.artifacts.download_artifacts(
+                artifact_uri=ref.source, tracking_uri=tracking_uri, dst_path=str(Path(tmp) / "dl")
+            )
+        )
+        read_mlflow_model(model_dir)  # fail here, not in the service, if it is not ours
+        ctx = Path(tmp) / "ctx"
+        _stage(ctx, pins)
+        job = {
+            "ctx": str(ctx),
+            "chat_dir": str(model_dir),
+            "embedding_dir": emb.location,
+            "labels": labels,
+        }
+        proc = subprocess.run(
+            [sys.executable, "-m", "serving.bento", json.dumps(job)],
+            cwd=ctx,
+            env=_child_env(settings),
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+    if proc.returncode != 0:
+        raise BentoBuildError(f"bentoml build failed:\n{proc.stderr[-4000:]}")
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    return BuiltBento(out["tag"], out["path"], pins, reused=False)
+
+
+def _package(job: dict[str, Any]) -> dict[str, str]:
+    """In the child process: import both models into the store, then build the Bento."""
+    import bentoml
+    from bentoml.exceptions import NotFound
+
+    ctx = Path(job["ctx"])
+    pins = Pins.load(ctx / "serving" / PINS_FILE.name)
+    assert pins is not None
+    for tag, src, meta in (
+        (pins.chat_model_tag, job["chat_dir"], pins.labels()),
+        (pins.embedding_model_tag, job["embedding_dir"], {"name": pins.embedding_model}),
+    ):
+        try:
+            bentoml.models.get(tag)
+        except NotFound:
+            with bentoml.models.create(tag, labels=meta) as model:
+                shutil.copytree(src, model.path, dirs_exist_ok=True)
+    sys.path.insert(0, str(ctx))  # the staged copy (with pins.json), not the checkout
+    for name in [m for m in sys.modules if m == "serving" or m.startswith("serving.")]:
+        del sys.modules[name]
+    bento = bentoml.bentos.build_bentofile(
+        str(ctx / "bentofile.yaml"), build_ctx=str(ctx), labels=job["labels"]
+    )
+    return {"tag": str(bento.tag), "path": str(bento.path)}
+
+
+if __name__ == "__main__":  # the child process of build_bento
+    print(json.dumps(_package(json.loads(sys.argv[1]))))

@@ -1,0 +1,228 @@
+"""The request and response shapes of the OpenAI-compatible API, with the service's limits.
+
+Close enough to OpenAI's that the official ``openai`` client works unchanged: unknown fields
+are accepted and ignored (clients send ``user``, ``n``, ``logprobs`` …), ``n`` other than 1 and
+tools are refused with a 400 that says so. Errors use OpenAI's body:
+``{"error": {"message", "type", "param", "code"}}``.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Bounds on what one request may ask for (overridable through ``REFINERY_*`` variables)."""
+
+    max_body_bytes: int = 1_000_000
+    max_prompt_chars: int = 8_000
+    max_messages: int = 64
+    max_tokens: int = 512
+    max_embedding_inputs: int = 256
+    max_inflight: int = 64  # requests in progress per gateway worker before 503
+
+    @classmethod
+    def from_env(cls, env: dict[str, str]) -> Limits:
+        def get(name: str, default: int) -> int:
+            return int(env.get(f"REFINERY_{name.upper()}", default))
+
+        return cls(**{f: get(f, getattr(cls, f)) for f in cls.__dataclass_fields__})
+
+
+class ApiError(Exception):
+    """An error the client caused (4xx) or should retry (503); becomes OpenAI's error body."""
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        type: str = "invalid_request_error",
+        param: str | None = None,
+        code: str | None = None,
+        headers: dict[str, str] | None = None,
+    ):
+        super().__init__(message)
+        self.status, self.message, self.type = status, message, type
+        self.param, self.code, self.headers = param, code, headers or {}
+
+    def body(self) -> dict[str, Any]:
+        return {
+            "error": {
+                "message": self.message,
+                "type": self.type,
+                "param": self.param,
+                "code": self.code,
+            }
+        }
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    role: Literal["system", "user", "assistant", "developer"]
+    # OpenAI also allows a list of content parts; only text parts are taken.
+    content: str | list[dict[str, Any]]
+
+    def text(self) -> str:
+        if isinstance(self.content, str):
+            return self.content
+        parts = []
+        for part in self.content:
+            if part.get("type") != "text" or not isinstance(part.get("text"), str):
+                raise ApiError(
+                    400,
+                    "only text content parts are supported",
+                    param="messages",
+                    code="unsupported_content",
+                )
+            parts.append(part["text"])
+        return "\n".join(parts)
+
+
+class ChatCompletionRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    messages: list[ChatMessage] = Field(min_length=1)
+    model: str | None = None
+    max_tokens: int | None = Field(default=None, ge=1)
+    max_completion_tokens: int | None = Field(default=None, ge=1)
+    temperature: float = Field(default=0.0, ge=0.0, le=2.0)
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
+    n: int = Field(default=1, ge=1)
+    stream: bool = False
+    stream_options: dict[str, Any] | None = None
+    tools: list[Any] | None = None
+
+    @field_validator("temperature", "top_p", mode="before")
+    @classmethod
+    def _null_is_default(cls, value: Any, info: Any) -> Any:
+        return {"temperature": 0.0, "top_p": 1.0}[info.field_name] if value is None else value
+
+    def token_limit(self, limits: Limits, default: int = 128) -> int:
+        wanted = self.max_completion_tokens or self.max_tokens or min(default, limits.max_tokens)
+        if wanted > limits.max_tokens:
+            raise ApiError(
+                400,
+                f"max_tokens is {wanted}; this service allows at most {limits.max_tokens}",
+                param="max_tokens",
+                code="max_tokens_too_large",
+            )
+        return wanted
+
+    def plain_messages(self, limits: Limits) -> list[dict[str, str]]:
+        if self.n != 1:
+            raise ApiError(400, "only n=1 is supported", param="n", code="unsupported_n")
+        if self.tools:
+            raise ApiError(400, "tools are not supported", param="tools", code="unsupported")
+        if len(self.messages) > limits.max_messages:
+            raise ApiError(
+                400,
+                f"{len(self.messages)} messages; at most {limits.max_messages} are allowed",
+                param="messages",
+                code="too_many_messages",
+            )
+        out = [
+            {"role": "system" if m.role == "developer" else m.role, "content": m.text()}
+            for m in self.messages
+        ]
+        size = sum(len(m["content"]) for m in out)
+        if size > limits.max_prompt_chars:
+            raise ApiError(
+                400,
+                f"the prompt has {size} characters; at most {limits.max_prompt_chars} are allowed",
+                param="messages",
+                code="prompt_too_long",
+            )
+        if not any(m["content"].strip() for m in out):
+            raise ApiError(400, "every message is empty", param="messages", code="empty_prompt")
+        return out
+
+
+class EmbeddingRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    input: str | list[str] = Field(description="a text or a list of texts")
+    model: str | None = None
+    encoding_format: Literal["float", "base64"] = "float"
+    dimensions: int | None = Field(default=None, ge=1)
+
+    @field_validator("encoding_format", mode="before")
+    @classmethod
+    def _null_is_float(cls, value: Any) -> Any:
+        return "float" if value is None else value
+
+    def texts(self, limits: Limits) -> list[str]:
+        texts = [self.input] if isinstance(self.input, str) else list(self.input)
+        if not texts:
+            raise ApiError(400, "input is an empty list", param="input", code="empty_input")
+        if len(texts) > limits.max_embedding_inputs:
+            raise ApiError(
+                400,
+                f"{len(texts)} inputs; at most {limits.max_embedding_inputs} per request",
+                param="input",
+                code="too_many_inputs",
+            )
+        for i, text in enumerate(texts):
+            if len(text) > limits.max_prompt_chars:
+                raise ApiError(
+                    400,
+                    f"input[{i}] has {len(text)} characters; at most {limits.max_prompt_chars}",
+                    param="input",
+                    code="input_too_long",
+                )
+        return texts
+
+
+def chat_response(model: str, text: str, finish: str, prompt_tokens: int, completion_tokens: int):
+    return {
+        "id": f"chatcmpl-{uuid.uuid4().hex}",
+        "object": "chat.completion",
+        "created": int(time.time()),
+        "model": model,
+        "choices": [
+            {
+                "index": 0,
+                "message": {"role": "assistant", "content": text},
+                "finish_reason": finish,
+            }
+        ],
+        "usage": {
+            "prompt_tokens": prompt_tokens,
+            "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens,
+        },
+    }
+
+
+def chat_chunk(
+    chunk_id: str,
+    model: str,
+    delta: dict[str, str],
+    finish: str | None = None,
+    usage: dict[str, int] | None = None,
+) -> dict[str, Any]:
+    out: dict[str, Any] = {
+        "id": chunk_id,
+        "object": "chat.completion.chunk",
+        "created": int(time.time()),
+        "model": model,
+        "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
+    }
+    if usage is not None:
+        out["usage"] = usage
+    return out
+
+
+def embedding_response(model: str, vectors: list[list[float]], prompt_tokens: int):
+    return {
+        "object": "list",
+        "model": model,
+        "data": [
+            {"object": "embedding", "index": i, "embedding": vec} for i, vec in enumerate(vectors)
+        ],
+        "usage": {"prompt_tokens": prompt_tokens, "total_tokens": prompt_tokens},
+    }
