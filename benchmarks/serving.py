@@ -10,7 +10,6 @@ served from the cache until the cache section, which repeats one request.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
 import subprocess
 import sys
@@ -20,6 +19,7 @@ from pathlib import Path
 import httpx
 
 from benchmarks.common import fresh_home, percentile, write_table
+from refinery.processes import stop_tree
 from refinery.settings import OFFLINE_ENV
 
 CLIENTS = 32
@@ -54,20 +54,8 @@ def _serve(tag: str, env: dict[str, str]) -> tuple[subprocess.Popen, str]:
         except httpx.HTTPError:
             pass
         time.sleep(1)
-    _stop(proc)
+    stop_tree(proc)
     raise TimeoutError("bentoml serve did not become ready")
-
-
-def _stop(proc: subprocess.Popen) -> None:
-    import signal
-
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGINT)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            proc.wait(timeout=30)
-    with contextlib.suppress(ProcessLookupError):  # workers left behind by their parent
-        os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
 
 
 async def _load(url: str, path: str, bodies: list[dict]) -> dict[str, float]:
@@ -105,7 +93,7 @@ def _embed_bodies(tag: str) -> list[dict]:
     return [
         {
             "input": f"Request {i} ({tag}): how warm do bees keep their brood?",
-            "encoding_format": "float",
+            "encoding_format": "base64",  # what the openai client sends
         }
         for i in range(EMBED_REQUESTS)
     ]
@@ -201,7 +189,7 @@ def main() -> None:
                     )
                     print("cache", results["cache"], flush=True)
             finally:
-                _stop(proc)
+                stop_tree(proc)
         inproc = _in_process(Path(base.path))
         from serving.embedding import Embedder
 

@@ -3,7 +3,6 @@ so they show in the Dagster UI like runs launched from it."""
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import shlex
@@ -270,6 +269,9 @@ def run(corpus: Path | None, config_file: Path) -> None:
     click.echo("Where to look next:")
     click.echo('  refinery query "How long does a worker bee take to develop?"')
     click.echo(
+        "  make serve → the champion's Bento on http://127.0.0.1:3000 (OpenAI API under /v1)"
+    )
+    click.echo(
         f"  make ui    → Dagster {settings.dagster_ui_url}   MLflow {settings.mlflow_ui_url}"
     )
     click.echo(
@@ -445,19 +447,12 @@ def _default_signals() -> None:
 
 
 def _stop_groups(procs: list[subprocess.Popen[bytes]], timeout: float = 20.0) -> None:
-    """SIGINT (what Ctrl-C sends: dagster dev shuts its children down on it), then SIGKILL."""
+    """SIGINT (what Ctrl-C sends: dagster dev shuts its children down on it), then SIGKILL to
+    whatever is left of each one's process tree."""
+    from refinery.processes import stop_tree
+
     for p in procs:
-        if p.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(p.pid, signal.SIGINT)
-    deadline = time.monotonic() + timeout
-    for p in procs:
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            p.wait(timeout=max(0.1, deadline - time.monotonic()))
-        # Whatever is left of the group (a worker can outlive its parent) is killed.
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(p.pid, signal.SIGKILL)
-        p.wait()
+        stop_tree(p, timeout)
 
 
 if __name__ == "__main__":

@@ -26,6 +26,7 @@ from collections.abc import AsyncGenerator, AsyncIterator
 from pathlib import Path
 from typing import Annotated, Any
 
+import aiohttp  # BentoML's client for calls between services
 import bentoml
 import numpy as np
 from fastapi import FastAPI, Request
@@ -137,7 +138,7 @@ class Embeddings:
         share = (time.perf_counter() - t0) / max(1, len(texts))
         tokens = [sum(e.attention_mask) for e in self.tokenizer.encode_batch(texts)]  # no padding
         return [
-            {"embedding": v.tolist(), "tokens": n, "compute_s": share}
+            {"embedding": _b64(v), "tokens": n, "compute_s": share}
             for v, n in zip(vectors, tokens, strict=True)
         ]
 
@@ -201,6 +202,16 @@ class ChatModel:
     ) -> AsyncGenerator[str, None]:
         async for piece in _aiter(self.generator.stream(messages, max_tokens, temperature, top_p)):
             yield piece
+
+
+def _b64(vector: np.ndarray) -> str:
+    """A vector as OpenAI's base64 encoding: little-endian float32 bytes. Compact between the
+    services and in the cache, and what the openai client asks for by default."""
+    return base64.b64encode(np.asarray(vector, dtype="<f4").tobytes()).decode()
+
+
+def _unb64(text: str) -> np.ndarray:
+    return np.frombuffer(base64.b64decode(text), dtype="<f4")  # (dim,)
 
 
 async def _aiter(pieces: Any) -> AsyncIterator[str]:
@@ -297,12 +308,19 @@ class Refinery:
     async def _cached(self, endpoint: str, key: str | None) -> Any:
         if key is None:
             return None
-        outcome, value = await asyncio.to_thread(self.cache.get, key)
+        if self.cache.backend == "memory":  # a dict lookup: no thread hop
+            outcome, value = self.cache.get(key)
+        else:
+            outcome, value = await asyncio.to_thread(self.cache.get, key)
         CACHE.labels(endpoint=endpoint, result=outcome).inc()
         return value
 
     async def _remember(self, key: str | None, value: Any) -> None:
-        if key is not None:
+        if key is None:
+            return
+        if self.cache.backend == "memory":
+            self.cache.set(key, value)
+        else:
             await asyncio.to_thread(self.cache.set, key, value)
 
     async def _screen(self, endpoint: str, texts: list[str]) -> None:
@@ -367,14 +385,15 @@ class Refinery:
         self._check_model(body.model)
         messages = body.plain_messages(self.limits)
         max_tokens = body.token_limit(self.limits)
-        await self._screen("chat", [m["content"] for m in messages if m["role"] == "user"])
         item = {
             "messages": messages,
             "max_tokens": max_tokens,
             "temperature": body.temperature,
             "top_p": body.top_p,
         }
+        user_turns = [m["content"] for m in messages if m["role"] == "user"]
         if body.stream:
+            await self._screen("chat", user_turns)
             return StreamingResponse(
                 self._stream(item, body.stream_options or {}),
                 media_type="text/event-stream",
@@ -382,10 +401,11 @@ class Refinery:
             )
         key = cache_key("chat", self.pins.model_label, item) if body.temperature == 0 else None
         hit = await self._cached("chat", key)
-        if hit is not None:
+        if hit is not None:  # cached answers passed the guard when they were made
             return JSONResponse(
                 chat_response(self.model_id, **hit), headers=self._headers("hit", 0.0)
             )
+        await self._screen("chat", user_turns)
         (out,) = await _call(self.chat.to_async.generate, [item])
         result = {
             "text": out["text"],
@@ -417,7 +437,7 @@ class Refinery:
             async for piece in stream:
                 pieces.append(piece)
                 yield sse(chat_chunk(chunk_id, self.model_id, {"content": piece}))
-        except (ApiError, bentoml.exceptions.BentoMLException) as err:
+        except (ApiError, bentoml.exceptions.BentoMLException, aiohttp.ClientError) as err:
             # Headers are gone once a stream has started: report the error in-band, as an
             # SSE event with OpenAI's error body, and end the stream.
             error = (
@@ -463,19 +483,18 @@ class Refinery:
             state = "miss"
         else:
             state = "hit"
-        vectors = hit["vectors"]
-        if body.dimensions is not None and body.dimensions != len(vectors[0]):
+        vectors = hit["vectors"]  # base64 float32: what the openai client asks for by default
+        dim = len(base64.b64decode(vectors[0])) // 4
+        if body.dimensions is not None and body.dimensions != dim:
             raise ApiError(
                 400,
-                f"this model makes {len(vectors[0])}-dimensional vectors; "
+                f"this model makes {dim}-dimensional vectors; "
                 f"dimensions={body.dimensions} is not supported",
                 param="dimensions",
             )
         data: list[Any] = vectors
-        if body.encoding_format == "base64":  # what the openai client asks for by default
-            data = [
-                base64.b64encode(np.asarray(v, dtype="<f4").tobytes()).decode() for v in vectors
-            ]
+        if body.encoding_format == "float":
+            data = [_unb64(v).tolist() for v in vectors]
         return JSONResponse(
             embedding_response(self.pins.embedding_model, data, hit["tokens"]),
             headers=self._headers(state, cost),
@@ -510,7 +529,13 @@ class Refinery:
         question = question.strip()
         if not question:
             raise ApiError(400, "the question is empty", param="question")
-        await self._screen("rag", [question])
+        if max_tokens > self.limits.max_tokens:
+            raise ApiError(
+                400,
+                f"max_tokens is {max_tokens}; this service allows at most {self.limits.max_tokens}",
+                param="max_tokens",
+                code="max_tokens_too_large",
+            )
         f = filters or RagFilters()
         request = {
             "question": question,
@@ -520,16 +545,17 @@ class Refinery:
         }
         key = cache_key("rag", self.pins.model_label, request)
         hit = await self._cached("rag", key)
-        if hit is not None:
+        if hit is not None:  # cached answers passed the guard when they were made
             ctx.response.headers.update(self._headers("hit", 0.0))
             return hit
+        await self._screen("rag", [question])
         engine, space = await asyncio.to_thread(self._retrieval_state)
         (row,) = await _call(self.embedder.to_async.encode, [question])
         hits = await asyncio.to_thread(
             search_vector,
             engine,
             space,
-            np.asarray(row["embedding"], dtype=np.float32),
+            _unb64(row["embedding"]),
             k,
             Filters(tuple(f.sources), tuple(f.formats), tuple(f.doc_ids)),
         )
@@ -589,22 +615,42 @@ class Refinery:
         return self._retrieval
 
 
+CONNECTION_RETRIES = 2
+
+
 async def _call(method: Any, *args: Any) -> Any:
-    """Call a dependency; its overload (503) becomes ours, with Retry-After."""
-    try:
-        return await method(*args)
-    except bentoml.exceptions.BentoMLException as err:
-        status = int(getattr(err, "error_code", 500))
-        if status == 503:
-            REJECTED.labels(reason="model_overloaded").inc()
-            raise ApiError(
-                503,
-                "the model is busy; retry shortly",
-                type="server_error",
-                code="overloaded",
-                headers={"Retry-After": RETRY_AFTER_S},
-            ) from err
-        raise
+    """Call a dependency; its overload (503) becomes ours, with Retry-After.
+
+    A dropped connection is retried: the pool reuses keep-alive connections that the model
+    service may have just closed as idle (a race, seen under bursts after a pause), and every
+    model call is free of side effects.
+    """
+    for attempt in range(CONNECTION_RETRIES + 1):
+        try:
+            return await method(*args)
+        except aiohttp.ClientError as err:
+            if attempt == CONNECTION_RETRIES:
+                REJECTED.labels(reason="model_unreachable").inc()
+                raise ApiError(
+                    503,
+                    f"the model service did not answer ({type(err).__name__}); retry shortly",
+                    type="server_error",
+                    code="model_unavailable",
+                    headers={"Retry-After": RETRY_AFTER_S},
+                ) from err
+        except bentoml.exceptions.BentoMLException as err:
+            status = int(getattr(err, "error_code", 500))
+            if status == 503:
+                REJECTED.labels(reason="model_overloaded").inc()
+                raise ApiError(
+                    503,
+                    "the model is busy; retry shortly",
+                    type="server_error",
+                    code="overloaded",
+                    headers={"Retry-After": RETRY_AFTER_S},
+                ) from err
+            raise
+    raise AssertionError("unreachable")
 
 
 class GatewayMiddleware:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -23,6 +22,7 @@ import httpx
 import numpy as np
 import pytest
 
+from refinery.processes import stop_tree
 from refinery.settings import OFFLINE_ENV
 from tests.conftest import SAMPLE_CORPUS
 
@@ -49,20 +49,6 @@ def wait_for(check, timeout: float, what: str) -> None:
             pass
         time.sleep(0.5)
     raise TimeoutError(f"{what} did not come up in {timeout:.0f} s")
-
-
-def stop_group(proc: subprocess.Popen) -> None:
-    """SIGINT to the server's process group, then SIGKILL to whatever of it is left (a worker
-    holding a keep-alive connection can outlive its parent)."""
-    import contextlib
-
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGINT)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            proc.wait(timeout=20)
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
 
 
 @dataclass
@@ -179,7 +165,7 @@ def served(settings, server_url, embedder, tmp_path_factory) -> Iterator[Served]
         )
         yield Served(url, redis, proc, log)
     finally:
-        stop_group(proc)
+        stop_tree(proc)
         redis.stop()
 
 

@@ -278,3 +278,26 @@ def test_read_mlflow_model_refuses_folders_that_are_not_ours(tmp_path):
         "    model_config:\n      variant: onnx-int8\n"
     )
     assert read_mlflow_model(tmp_path) == (tmp_path / "artifacts/m", "onnx-int8")
+
+
+def test_dependency_calls_retry_dropped_connections_then_answer_503():
+    import aiohttp
+
+    from serving.service import CONNECTION_RETRIES, _call
+
+    calls = []
+
+    async def flaky(x):
+        calls.append(x)
+        if len(calls) <= CONNECTION_RETRIES:
+            raise aiohttp.ServerDisconnectedError()
+        return x * 2
+
+    assert asyncio.run(_call(flaky, 21)) == 42 and len(calls) == CONNECTION_RETRIES + 1
+
+    async def dead(x):
+        raise aiohttp.ClientOSError("Can not write request body")
+
+    with pytest.raises(ApiError) as err:
+        asyncio.run(_call(dead, 1))
+    assert err.value.status == 503 and err.value.headers["Retry-After"] == "1"
