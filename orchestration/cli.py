@@ -343,7 +343,7 @@ def query(
 def bento(config_file: Path | None) -> None:
     """Build a Bento of the model version the champion alias points to (pinned)."""
     _settings()
-    if not _execute("bento", _load_config(config_file)):
+    if not _execute("package", _load_config(config_file)):
         sys.exit(1)
 
 

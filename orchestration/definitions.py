@@ -56,9 +56,9 @@ evaluate_job = dg.define_asset_job(
     selection=dg.AssetSelection.groups(evaluation.GROUP),
     description="Automatic and human evaluation, the promotion gate, the champion alias.",
 )
-# `refinery bento`: package the champion as a Bento.
+# `refinery bento`: package the champion as a Bento. (A job may not share the asset's name.)
 bento_job = dg.define_asset_job(
-    "bento",
+    "package",
     selection=dg.AssetSelection.groups(serving.GROUP),
     description="A Bento of the model version the champion alias points to.",
 )

@@ -52,14 +52,16 @@ log = logging.getLogger("refinery.service")
 PINS = Pins.load()
 _ENV = dict(os.environ)
 BATCHING = _ENV.get("REFINERY_BATCHING", "on") != "off"
-# Chosen from benchmarks/serving.py on 2 CPU cores: embeddings gain up to batch 32; padded
-# generation of short answers gains up to 16; the latency budgets keep the dispatcher from
-# shedding load (503) at 32 concurrent clients while still bounding the queue.
+# From measurements on 2 CPU cores: MiniLM reaches its in-process limit at batch 32
+# (ENVIRONMENT.md); padded batches of 16 generate 5.8x as many answers per second as one at a
+# time (benchmarks/results/serving.md). Latency budgets: at 32 concurrent clients, 5 s let
+# the embedding dispatcher take every request, while 0.5 s made it shed 22 of 640 (503).
 EMBED_MAX_BATCH = int(_ENV.get("REFINERY_EMBED_MAX_BATCH", 32))
 EMBED_MAX_LATENCY_MS = int(_ENV.get("REFINERY_EMBED_MAX_LATENCY_MS", 5_000))
 CHAT_MAX_BATCH = int(_ENV.get("REFINERY_CHAT_MAX_BATCH", 16))
 CHAT_MAX_LATENCY_MS = int(_ENV.get("REFINERY_CHAT_MAX_LATENCY_MS", 60_000))
 RETRY_AFTER_S = "1"
+RAG_DEFAULT_TOKENS = 96  # (capped at REFINERY_MAX_TOKENS)
 
 
 def _pins() -> Pins:
@@ -507,13 +509,14 @@ class Refinery:
         question: Annotated[str, Field(min_length=1, max_length=4000)],
         k: Annotated[int, Field(ge=1, le=20)] = 3,
         filters: RagFilters | None = None,
-        max_tokens: Annotated[int, Field(ge=1, le=512)] = 96,
+        max_tokens: Annotated[int | None, Field(ge=1, le=4096)] = None,
         ctx: bentoml.Context = None,  # type: ignore[assignment]
     ) -> dict[str, Any]:
         """Answer a question from the corpus: the answer, its sources (document, chunk,
         score) and a confidence in [0, 1] (see serving/rag.py for how it is computed)."""
         try:
-            return await self._rag(question, k, filters, max_tokens, ctx)
+            limit = max_tokens or min(RAG_DEFAULT_TOKENS, self.limits.max_tokens)
+            return await self._rag(question, k, filters, limit, ctx)
         except ApiError as err:
             ctx.response.status_code = err.status
             for name, value in err.headers.items():

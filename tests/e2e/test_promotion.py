@@ -170,7 +170,7 @@ def test_refuse_worse_promote_better_after_human_review_and_roll_back(fresh_home
     # 5. The Bento follows the champion: built through Dagster, pinned to v1, and a rebuild
     # with nothing changed reuses it.
     def bento() -> dict:
-        result = run("bento", {})
+        result = run("package", {})
         assert result.success
         (event,) = result.get_asset_materialization_events()
         metadata = event.event_specific_data.materialization.metadata

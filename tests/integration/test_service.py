@@ -313,6 +313,9 @@ def test_malformed_and_oversized_bodies(served):
     assert resp.status_code == 400 and resp.json()["error"]["code"] == "invalid_json"
     big = served.post("/v1/embeddings", {"input": "x" * 300_000})
     assert big.status_code == 413 and big.json()["error"]["code"] == "body_too_large"
+    too_long = served.post("/rag", {"question": "What is propolis?", "max_tokens": MAX_TOKENS + 1})
+    assert too_long.status_code == 400
+    assert too_long.json()["error"]["code"] == "max_tokens_too_large"
     rag = served.post("/rag", {"question": "", "k": 0})
     assert rag.status_code == 400 and "error" in str(rag.json())
     blocked = served.post(

@@ -71,6 +71,8 @@ def test_definitions_load_with_the_ingestion_graph():
         "hnsw_index_exists",
     } <= checks
     assert defs.resolve_job_def("ingest") and defs.resolve_job_def("refinery")
+    # What a code server does on load (job and asset names must not clash, for one).
+    dg.Definitions.validate_loadable(defs)
 
 
 def test_importing_definitions_has_no_side_effects(tmp_path, monkeypatch):
