@@ -16,6 +16,8 @@ from pathlib import Path
 import psutil
 import pytest
 
+from refinery.processes import stop_tree
+
 pytestmark = pytest.mark.integration
 
 
@@ -73,8 +75,7 @@ def test_ui_serves_both_and_stops_cleanly():
         _gone, alive = psutil.wait_procs(family, timeout=30)
         assert not alive, [p.cmdline()[:3] for p in alive]
     finally:
-        if proc.poll() is None:
-            proc.kill()
+        stop_tree(proc, timeout=5)  # on a failure above: the UIs and all their children too
         for p in family:
             if p.is_running():
                 p.kill()
