@@ -147,19 +147,9 @@ class Generator(_ChatLM):
         )
         if seed is not None:
             torch.manual_seed(seed)
-        sampling = temperature > 0
         t0 = time.perf_counter()
         with torch.inference_mode():
-            out = self.model.generate(
-                **enc,
-                max_new_tokens=max(limits),
-                do_sample=sampling,
-                temperature=temperature if sampling else None,
-                top_p=top_p if sampling else None,
-                top_k=None,
-                eos_token_id=self.eos_ids,
-                pad_token_id=self.tokenizer.pad_token_id,
-            )
+            out = self.model.generate(**enc, **self._decoding(max(limits), temperature, top_p))
         seconds = time.perf_counter() - t0
         new = out[:, enc["input_ids"].shape[1] :]  # (batch, generated)
         return [
@@ -189,20 +179,11 @@ class Generator(_ChatLM):
         streamer = TextIteratorStreamer(
             self.tokenizer, skip_prompt=True, skip_special_tokens=True, timeout=120
         )
-        sampling = temperature > 0
 
         def run() -> None:
             with torch.inference_mode():
                 self.model.generate(
-                    **enc,
-                    streamer=streamer,
-                    max_new_tokens=max_new_tokens,
-                    do_sample=sampling,
-                    temperature=temperature if sampling else None,
-                    top_p=top_p if sampling else None,
-                    top_k=None,
-                    eos_token_id=self.eos_ids,
-                    pad_token_id=self.tokenizer.pad_token_id,
+                    **enc, streamer=streamer, **self._decoding(max_new_tokens, temperature, top_p)
                 )
 
         worker = threading.Thread(target=run, daemon=True)
@@ -211,6 +192,19 @@ class Generator(_ChatLM):
             if piece:
                 yield piece
         worker.join()
+
+    def _decoding(self, max_new_tokens: int, temperature: float, top_p: float) -> dict[str, Any]:
+        """``generate`` settings: greedy when temperature == 0, nucleus sampling otherwise."""
+        sampling = temperature > 0
+        return {
+            "max_new_tokens": max_new_tokens,
+            "do_sample": sampling,
+            "temperature": temperature if sampling else None,
+            "top_p": top_p if sampling else None,
+            "top_k": None,
+            "eos_token_id": self.eos_ids,
+            "pad_token_id": self.tokenizer.pad_token_id,
+        }
 
     def logits(self, input_ids: Any, attention_mask: Any) -> Any:
         """(batch, seq, vocab) float32 logits on the CPU."""
