@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import json
 from collections import Counter
 from pathlib import Path
 from typing import Any
 
+from refinery.jsonl import json_objects
 from refinery.settings import REPO_ROOT
 
 DEFAULT_RAG_QUESTIONS = REPO_ROOT / "data" / "eval" / "rag_questions.jsonl"
@@ -25,17 +25,7 @@ def load_rag_questions(
     rows: list[dict[str, Any]] = []
     dropped: Counter[str] = Counter()
     seen: set[str] = set()
-    for line in path.read_text(encoding="utf-8").splitlines():
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            dropped["malformed_json"] += 1
-            continue
-        if not isinstance(row, dict):
-            dropped["not_an_object"] += 1
-            continue
+    for row in json_objects(path.read_text(encoding="utf-8").splitlines(), dropped):
         q, a, s = row.get("question"), row.get("answer"), row.get("sources")
         if not (isinstance(q, str) and q.strip() and isinstance(a, str) and a.strip()):
             dropped["missing_question_or_answer"] += 1

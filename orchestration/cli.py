@@ -126,6 +126,18 @@ def ingest(corpus: Path | None, batch_size: int | None) -> None:
 DEMO_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
 
 
+def config_option(default: Path | None = None, note: str = "") -> Any:
+    """The ``--config FILE`` option (a Dagster run config in YAML) of the commands that run jobs."""
+    return click.option(
+        "--config",
+        "config_file",
+        type=click.Path(path_type=Path, exists=True),
+        default=default,
+        show_default=default is not None,
+        help="Dagster run config (YAML)" + (f"; {note}" if note else "."),
+    )
+
+
 def _load_config(path: Path | None) -> dict[str, Any]:
     import yaml
 
@@ -156,13 +168,7 @@ def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
 
 
 @main.command()
-@click.option(
-    "--config",
-    "config_file",
-    type=click.Path(path_type=Path, exists=True),
-    default=None,
-    help="Dagster run config (YAML).",
-)
+@config_option()
 def evaluate(config_file: Path | None) -> None:
     """Evaluate the challenger (and the champion), queue examples for review, run the gate."""
     _settings()
@@ -171,13 +177,7 @@ def evaluate(config_file: Path | None) -> None:
 
 
 @main.command()
-@click.option(
-    "--config",
-    "config_file",
-    type=click.Path(path_type=Path, exists=True),
-    default=None,
-    help="Dagster run config (YAML).",
-)
+@config_option()
 def promote(config_file: Path | None) -> None:
     """Aggregate human ratings, run the promotion gate, move the champion alias if it passes."""
     _settings()
@@ -257,10 +257,7 @@ def train() -> None:
 
 @main.command()
 @click.option("--corpus", type=click.Path(path_type=Path), default=None, help="Corpus folder.")
-@click.option(
-    "--config", "config_file", type=click.Path(path_type=Path, exists=True), default=DEMO_CONFIG, show_default=True,
-    help="Dagster run config (YAML); the default waives the human gate for the demo, with its reason.",
-)  # fmt: skip
+@config_option(DEMO_CONFIG, "the default waives the human gate for the demo, with its reason.")
 def run(corpus: Path | None, config_file: Path) -> None:
     """Run the whole lineage graph through Dagster (what `make run` does)."""
     settings = _settings()
@@ -336,10 +333,7 @@ def query(
 
 
 @main.command()
-@click.option(
-    "--config", "config_file", type=click.Path(path_type=Path, exists=True), default=None,
-    help="Dagster run config (YAML), e.g. ops.bento.config.alias.",
-)  # fmt: skip
+@config_option(note="e.g. ops.bento.config.alias.")
 def bento(config_file: Path | None) -> None:
     """Build a Bento of the model version the champion alias points to (pinned)."""
     _settings()

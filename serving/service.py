@@ -307,23 +307,21 @@ class Refinery:
         REQUEST_COST.labels(endpoint=endpoint).observe(cost)
         return cost
 
+    async def _cache_io(self, method: Any, *args: Any) -> Any:
+        if self.cache.backend == "memory":  # a dict lookup: no thread hop
+            return method(*args)
+        return await asyncio.to_thread(method, *args)  # Redis: network I/O off the loop
+
     async def _cached(self, endpoint: str, key: str | None) -> Any:
         if key is None:
             return None
-        if self.cache.backend == "memory":  # a dict lookup: no thread hop
-            outcome, value = self.cache.get(key)
-        else:
-            outcome, value = await asyncio.to_thread(self.cache.get, key)
+        outcome, value = await self._cache_io(self.cache.get, key)
         CACHE.labels(endpoint=endpoint, result=outcome).inc()
         return value
 
     async def _remember(self, key: str | None, value: Any) -> None:
-        if key is None:
-            return
-        if self.cache.backend == "memory":
-            self.cache.set(key, value)
-        else:
-            await asyncio.to_thread(self.cache.set, key, value)
+        if key is not None:
+            await self._cache_io(self.cache.set, key, value)
 
     async def _screen(self, endpoint: str, texts: list[str]) -> None:
         if self.guard_mode == "off" or not texts:

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from refinery.jsonl import json_objects
 from refinery.lineage import sha256_hex
 from refinery.settings import REPO_ROOT
 from serving.scoring import messages
@@ -71,23 +72,12 @@ def read_rows(
     dropped: Counter[str] = Counter()
     rows: list[dict[str, Any]] = []
     seen: set[str] = set()
-    n = 0
     try:
         lines = path.read_text(encoding="utf-8").splitlines()
     except UnicodeDecodeError as err:
         raise DatasetError(f"SFT dataset {path} is not UTF-8 text: {err}") from err
-    for line in lines:
-        if not line.strip():
-            continue
-        n += 1
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            dropped["malformed_json"] += 1
-            continue
-        if not isinstance(row, dict):
-            dropped["not_an_object"] += 1
-            continue
+    n = sum(1 for line in lines if line.strip())
+    for row in json_objects(lines, dropped):
         instruction, response = row.get("instruction"), row.get("response")
         if not isinstance(instruction, str) or not isinstance(response, str):
             dropped["missing_field"] += 1
