@@ -30,6 +30,11 @@ class SourceDocumentsConfig(dg.Config):
     allow_empty: bool = Field(
         default=False, description="Allow a corpus with no readable file to empty the index."
     )
+    paths: list[str] = Field(
+        default_factory=list,
+        description="Only these files (relative to the corpus folder; gone ones are removed). "
+        "Empty: the whole folder. The corpus sensor fills it with what changed.",
+    )
 
     def corpus_path(self) -> Path:
         return (
@@ -73,13 +78,18 @@ def source_documents(
     mlflow: MLflowResource,
 ) -> dg.MaterializeResult:
     corpus = config.corpus_path()
-    params = {"corpus_dir": str(corpus), "max_file_mb": config.max_file_mb}
+    params = {
+        "corpus_dir": str(corpus),
+        "max_file_mb": config.max_file_mb,
+        "paths": len(config.paths) if config.paths else "all",
+    }
     with mlflow.asset_run(context, EXPERIMENT, params=params) as run:
         result = sync_documents(
             postgres.store(),
             corpus,
             max_file_bytes=int(config.max_file_mb * 1024 * 1024),
             allow_empty=config.allow_empty,
+            only=config.paths or None,
             progress=context.log.info,
         )
         run.log_metrics(result.metrics())

@@ -20,6 +20,8 @@ class BentoConfig(dg.Config):
     group_name=GROUP,
     deps=[champion_model],
     kinds={"bentoml"},
+    # Follows the champion: rebuilt (or reused) after each promotion run, by the automation sensor.
+    automation_condition=dg.AutomationCondition.eager(),
     description="A Bento of the model version the champion alias points to (pinned by version "
     "and recorded in its labels), with the embedding model; `make serve` serves it.",
 )

@@ -10,7 +10,7 @@ import dagster as dg
 from pydantic import Field
 
 from assets.resources import MLflowResource, PostgresResource, mlflow_metadata, upstream_metadata
-from refinery.lineage import TAG_CORPUS_HASH
+from refinery.lineage import TAG_CORPUS_HASH, sha256_hex
 from refinery.settings import Settings
 from refinery.tracking import TrackedRun
 from training import pipeline
@@ -26,6 +26,7 @@ from training.sft_data import (
     load_split,
     save_dataset,
 )
+from training.user_data import approved_examples
 
 GROUP = "training"
 EXPERIMENT = "refinery-training"
@@ -88,6 +89,10 @@ class SFTDatasetConfig(dg.Config):
     max_tokens: int = Field(
         default=256, description="Rows longer than this once formatted are dropped."
     )
+    include_approved_user_data: bool = Field(
+        default=True,
+        description="Add user examples a reviewer approved (never pending or rejected ones).",
+    )
 
 
 @dg.asset(
@@ -98,11 +103,16 @@ class SFTDatasetConfig(dg.Config):
     "model's template, split train/eval with a fixed seed, content-hashed.",
 )
 def sft_dataset(
-    context: dg.AssetExecutionContext, config: SFTDatasetConfig, mlflow: MLflowResource
+    context: dg.AssetExecutionContext,
+    config: SFTDatasetConfig,
+    mlflow: MLflowResource,
+    postgres: PostgresResource,
 ) -> dg.MaterializeResult:
     from transformers import AutoTokenizer
 
     base = upstream_metadata(context, "base_model")
+    # User data enters only once approved by a reviewer (training/user_data.py).
+    user_rows = approved_examples(postgres.engine) if config.include_approved_user_data else []
     sft = SFTConfig(
         path=config.path or str(DEFAULT_SFT_PATH),
         eval_fraction=config.eval_fraction,
@@ -110,7 +120,7 @@ def sft_dataset(
         max_tokens=config.max_tokens,
     )
     try:
-        ds = build_dataset(sft, AutoTokenizer.from_pretrained(base["path"]))
+        ds = build_dataset(sft, AutoTokenizer.from_pretrained(base["path"]), extra=user_rows)
     except DatasetError as err:
         raise _fail(err) from err
     folder = Settings.from_env().home / "datasets" / "sft" / ds.content_hash[:16]
@@ -128,7 +138,23 @@ def sft_dataset(
                 **{f"dropped_{k}": v for k, v in ds.dropped.items()},
             }
         )
-        run.set_tags({"refinery.sft_dataset_hash": ds.content_hash})
+        used = [r for r in (*ds.train, *ds.eval) if r.get("example_id")]
+        run.set_tags(
+            {
+                "refinery.sft_dataset_hash": ds.content_hash,
+                "refinery.user_examples": str(len(used)),
+                "refinery.user_examples_hash": sha256_hex(
+                    ",".join(sorted(r["example_id"] for r in used))
+                )[:16],
+            }
+        )
+        run.log_dict(
+            [
+                {k: r[k] for k in ("example_id", "source", "reviewed_by")}
+                for r in sorted(used, key=lambda r: r["example_id"])
+            ],
+            "user_examples.json",
+        )
     return dg.MaterializeResult(
         metadata={
             "path": str(folder),
@@ -138,6 +164,8 @@ def sft_dataset(
             "train_rows": len(ds.train),
             "eval_rows": len(ds.eval),
             "dropped": dg.MetadataValue.json(dict(ds.dropped)),
+            "user_examples": len(used),
+            "user_example_sources": dg.MetadataValue.json(sorted(r["source"] for r in used)),
             **mlflow_metadata(run),
         },
         data_version=dg.DataVersion(ds.content_hash[:32]),

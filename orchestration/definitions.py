@@ -4,14 +4,24 @@ from __future__ import annotations
 
 import dagster as dg
 
-from assets import evaluation, ingestion, serving, training
+from assets import evaluation, ingestion, monitoring, serving, training
 from assets.resources import (
     EmbeddingModelResource,
     MLflowResource,
     PostgresResource,
     PromotionPolicy,
 )
-from orchestration.automation import human_ratings_sensor, promote_job
+from orchestration.automation import (
+    MODELS_POOL,
+    corpus_sensor,
+    daily_drift_schedule,
+    human_ratings_sensor,
+    monitor_job,
+    promote_job,
+    retrain_job,
+    retraining_sensor,
+    weekly_retraining_schedule,
+)
 
 INGESTION_ASSETS = [
     ingestion.source_documents,
@@ -32,6 +42,7 @@ EVALUATION_ASSETS = [
     evaluation.champion_model,
 ]
 SERVING_ASSETS = [serving.bento]
+MONITORING_ASSETS = [monitoring.traffic_log, monitoring.drift_report, monitoring.cost_report]
 ASSET_CHECKS = [
     ingestion.no_rejected_files,
     ingestion.chunk_embeddings_integrity,
@@ -48,12 +59,14 @@ ingest_job = dg.define_asset_job(
 train_job = dg.define_asset_job(
     "train",
     selection=dg.AssetSelection.groups(training.GROUP),
+    tags=MODELS_POOL,
     description="Base model → SFT data → LoRA → merged → quantized → registered challenger.",
 )
 # `refinery evaluate`: evaluate the challenger, queue it for review, gate, promote.
 evaluate_job = dg.define_asset_job(
     "evaluate",
     selection=dg.AssetSelection.groups(evaluation.GROUP),
+    tags=MODELS_POOL,
     description="Automatic and human evaluation, the promotion gate, the champion alias.",
 )
 # `refinery bento`: package the champion as a Bento. (A job may not share the asset's name.)
@@ -62,18 +75,44 @@ bento_job = dg.define_asset_job(
     selection=dg.AssetSelection.groups(serving.GROUP),
     description="A Bento of the model version the champion alias points to.",
 )
-# `make run` / `refinery run`: the whole lineage graph.
+# `make run` / `refinery run`: the whole lineage graph (monitoring runs on its own schedule:
+# a fresh install has no traffic to report on).
 refinery_job = dg.define_asset_job(
     "refinery",
-    selection=dg.AssetSelection.all(),
+    selection=dg.AssetSelection.all() - dg.AssetSelection.groups(monitoring.GROUP),
     description="The whole lineage graph, from corpus files to the served model.",
 )
 
+# Declarative automation: assets that simply follow their inputs (the Bento follows the
+# champion; the cost report refreshes hourly) are kept up to date by this one sensor.
+automation_sensor = dg.AutomationConditionSensorDefinition(
+    "refinery_automation",
+    target=dg.AssetSelection.all(),
+    default_status=dg.DefaultSensorStatus.RUNNING,
+    minimum_interval_seconds=60,
+)
+
 defs = dg.Definitions(
-    assets=[*INGESTION_ASSETS, *TRAINING_ASSETS, *EVALUATION_ASSETS, *SERVING_ASSETS],
+    assets=[
+        *INGESTION_ASSETS,
+        *TRAINING_ASSETS,
+        *EVALUATION_ASSETS,
+        *SERVING_ASSETS,
+        *MONITORING_ASSETS,
+    ],
     asset_checks=ASSET_CHECKS,
-    jobs=[ingest_job, train_job, evaluate_job, promote_job, bento_job, refinery_job],
-    sensors=[human_ratings_sensor],
+    jobs=[
+        ingest_job,
+        train_job,
+        evaluate_job,
+        promote_job,
+        bento_job,
+        refinery_job,
+        monitor_job,
+        retrain_job,
+    ],
+    sensors=[human_ratings_sensor, corpus_sensor, retraining_sensor, automation_sensor],
+    schedules=[daily_drift_schedule, weekly_retraining_schedule],
     resources={
         "postgres": PostgresResource(),
         "mlflow": MLflowResource(),

@@ -2,6 +2,9 @@
 
 documents ─< chunks ─< emb_<space>   (one embedding table per embedding space: model + dimension)
 rejected_files                       (the ledger of corpus files that could not be ingested)
+reviewers, review_items, ratings     (human evaluation)
+traffic_log                          (what the service saw; monitoring reads it)
+training_examples                    (user data awaiting approval before it may train a model)
 """
 
 from __future__ import annotations
@@ -149,6 +152,53 @@ ratings = sa.Table(
     sa.Column("comment", sa.Text, nullable=False, server_default=""),
     sa.Column(
         "created_at", sa.DateTime(timezone=True), nullable=False, server_default=sa.func.now()
+    ),
+)
+
+# What the service saw: one row per sampled request (serving/traffic.py writes it off the
+# request path). Prompt and answer are NULL when the privacy setting keeps only their hashes.
+traffic_log = sa.Table(
+    "traffic_log",
+    metadata,
+    sa.Column("request_id", sa.String(32), primary_key=True),  # idempotent re-inserts
+    sa.Column("ts", sa.DateTime(timezone=True), nullable=False, index=True),
+    sa.Column("endpoint", sa.String(16), nullable=False),
+    sa.Column("model", sa.Text, nullable=False),  # "name/version (variant)" that answered
+    sa.Column("status", sa.SmallInteger, nullable=False),
+    sa.Column("prompt", sa.Text),
+    sa.Column("answer", sa.Text),
+    sa.Column("prompt_sha256", sa.String(64), nullable=False),
+    sa.Column("answer_sha256", sa.String(64)),
+    sa.Column("prompt_chars", sa.Integer, nullable=False),
+    sa.Column("answer_chars", sa.Integer, nullable=False),
+    sa.Column("retrieval_scores", JSONB, nullable=False, server_default=sa.text("'[]'::jsonb")),
+    sa.Column("top_score", sa.Float),
+    sa.Column("latency_ms", sa.Float, nullable=False),
+    sa.Column("prompt_tokens", sa.Integer, nullable=False),
+    sa.Column("completion_tokens", sa.Integer, nullable=False),
+    sa.Column("cost_usd", sa.Float, nullable=False),
+    sa.Column("cache_hit", sa.Boolean, nullable=False),
+    sa.Column("guard", sa.String(16), nullable=False),  # passed | blocked | off | cached
+)
+
+# Training examples from users (feedback, logged conversations). They enter a training set only
+# once a reviewer approved them (the poisoning guard); `source` says where each came from.
+training_examples = sa.Table(
+    "training_examples",
+    metadata,
+    sa.Column("example_id", sa.String(32), primary_key=True),  # hash of prompt + answer
+    sa.Column("prompt", sa.Text, nullable=False),
+    sa.Column("answer", sa.Text, nullable=False),
+    sa.Column("source", sa.Text, nullable=False),  # e.g. "traffic:<request_id>", "feedback:<file>"
+    sa.Column("submitted_by", sa.Text, nullable=False),
+    sa.Column("status", sa.String(16), nullable=False, server_default="pending", index=True),
+    sa.Column("reviewed_by", sa.Text),
+    sa.Column("reviewed_at", sa.DateTime(timezone=True)),
+    sa.Column(
+        "created_at", sa.DateTime(timezone=True), nullable=False, server_default=sa.func.now()
+    ),
+    sa.CheckConstraint(
+        "status IN ('pending', 'approved', 'rejected')", name="training_examples_status"
     ),
 )
 

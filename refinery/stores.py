@@ -24,8 +24,19 @@ run_coordinator:
   module: dagster._core.run_coordinator
   class: QueuedRunCoordinator
   config:
-    # Automation must not flood a 2-core machine: at most this many runs at once.
+    # Automation must not flood a 2-core machine: at most this many runs at once, and one
+    # model run (training, evaluation: tagged refinery/pool=models) at a time.
     max_concurrent_runs: 2
+    tag_concurrency_limits:
+      - key: refinery/pool
+        value: models
+        limit: 1
+scheduler:
+  module: dagster._core.scheduler
+  class: DagsterDaemonScheduler
+  config:
+    # A schedule that was off (or a daemon that was down) starts one run, not one per missed tick.
+    max_catchup_runs: 1
 """
 
 
@@ -137,7 +148,11 @@ def prepare_dagster_home(settings: Settings) -> Path:
     home = settings.dagster_home
     home.mkdir(parents=True, exist_ok=True)
     config = home / "dagster.yaml"
-    if not config.exists():
+    # Ours (first line) and out of date: rewrite it; a dagster.yaml someone wrote is left alone.
+    if not config.exists() or (
+        config.read_text().startswith(DAGSTER_YAML.splitlines()[0])
+        and config.read_text() != DAGSTER_YAML
+    ):
         config.write_text(DAGSTER_YAML)
     return home
 

@@ -153,7 +153,7 @@ def scan_corpus(root: Path) -> Iterator[CorpusFile | Rejection]:
         for name in sorted(filenames):
             if name.startswith("."):
                 continue
-            yield _corpus_file(here / name, root)
+            yield corpus_file(here / name, root)
     while walk_errors:
         walk_error = walk_errors.pop()
         yield _rejection_for_oserror(_relative(Path(walk_error.filename or root), root), walk_error)
@@ -184,7 +184,7 @@ def _rejection_for_oserror(source: str, err: OSError) -> Rejection:
     return Rejection(source, RejectReason.UNREADABLE, f"cannot read: {err}")
 
 
-def _corpus_file(path: Path, root: Path) -> CorpusFile | Rejection:
+def corpus_file(path: Path, root: Path) -> CorpusFile | Rejection:
     source = _relative(path, root)
     try:
         st = path.stat()  # follows links: a loop or dangling link fails here

@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +23,7 @@ from serving.documents import (
     CorpusFile,
     DocumentRejected,
     Rejection,
+    corpus_file,
     parse_bytes,
     read_bytes,
     scan_corpus,
@@ -74,6 +76,7 @@ def sync_documents(
     *,
     max_file_bytes: int = DEFAULT_MAX_FILE_BYTES,
     allow_empty: bool = False,
+    only: Sequence[str] | None = None,
     progress: Progress | None = None,
 ) -> DocumentSyncResult:
     """Bring the documents table in line with the corpus folder.
@@ -81,12 +84,24 @@ def sync_documents(
     New and changed files are parsed and upserted; files whose bytes did not change are not
     parsed again; documents whose file is gone (or now unreadable) are deleted with their
     chunks and embeddings; every file that cannot be read is recorded in the ledger.
+
+    ``only``: paths relative to the folder (what ``corpus_changes`` found); just those are
+    looked at, so reacting to one new file does not read the whole corpus.
     """
     t0 = time.perf_counter()
     corpus_dir = Path(corpus_dir)
     corpus = str(corpus_dir.resolve())
-    files = list(scan_corpus(corpus_dir))
     existing = store.document_states(corpus)
+    if only is None:
+        files = list(scan_corpus(corpus_dir))
+    else:
+        if not corpus_dir.is_dir():
+            raise NotADirectoryError(f"corpus folder {corpus_dir} does not exist")
+        files = [
+            corpus_file(corpus_dir / source, corpus_dir)
+            for source in sorted(set(only))
+            if (corpus_dir / source).exists() or (corpus_dir / source).is_symlink()
+        ]
     result = DocumentSyncResult(corpus=corpus, corpus_hash="")
     good: set[str] = set()
     for item in tqdm(files, desc="documents", unit="file", disable=None):
@@ -99,16 +114,17 @@ def sync_documents(
             result.rejections.append(rejection)
         else:
             good.add(item.source)
-    gone = [state.doc_id for source, state in existing.items() if source not in good]
-    if not good and existing and not allow_empty:
+    looked_at = existing.keys() if only is None else set(only) & existing.keys()
+    gone = [existing[source].doc_id for source in looked_at if source not in good]
+    if only is None and not good and existing and not allow_empty:
         raise EmptyCorpusError(
             f"no readable document in {corpus_dir} ({len(result.rejections)} rejected); refusing to "
             f"delete the {len(existing)} indexed documents. Check the folder, or set allow_empty."
         )
     result.removed = store.delete_documents(gone)
-    store.record_rejections(corpus, result.rejections)
+    store.record_rejections(corpus, result.rejections, scope=None if only is None else list(only))
     result.rejected = len(result.rejections)
-    result.documents = len(good)
+    result.documents = len(good) if only is None else len(existing) + result.new - result.removed
     result.corpus_hash = store.corpus_hash()
     result.seconds = time.perf_counter() - t0
     for rej in result.rejections:
@@ -136,6 +152,8 @@ def _sync_one(
         state = existing.get(file.source)
         file_hash = sha256_hex(data)
         if state is not None and state.file_hash == file_hash:
+            if not _same_time(state.modified_at, file.modified_at):  # touched, not edited
+                store.touch_document(state.doc_id, file_hash, file.modified_at)
             result.unchanged += 1
             return None
         doc = parse_bytes(file, data)
@@ -151,6 +169,64 @@ def _sync_one(
         else:
             result.changed += 1
     return None
+
+
+def _same_time(a: datetime | None, b: datetime | None) -> bool:
+    """Modification times equal to the millisecond (a float mtime does not round-trip exactly)."""
+    return a is not None and b is not None and abs((a - b).total_seconds()) < 1e-3
+
+
+@dataclass(frozen=True)
+class CorpusChanges:
+    """What changed in a corpus folder since the last ingestion, from file metadata only."""
+
+    corpus: str
+    changed: list[str]  # new or modified files, and new unreadable ones
+    removed: list[str]  # indexed documents (or ledger entries) whose file is gone
+    files: int
+
+    @property
+    def paths(self) -> list[str]:
+        return sorted({*self.changed, *self.removed})
+
+    def fingerprint(self) -> str:
+        return sha256_hex("\x00".join(self.paths) + "\x00" + self.stamp)[:24]
+
+    stamp: str = ""  # newest modification time among the changed files
+
+
+def corpus_changes(store: VectorStore, corpus_dir: Path) -> CorpusChanges:
+    """Compare the folder's file names, sizes and modification times with the documents table
+    and the rejected-files ledger. Reads no file: stat calls and two queries."""
+    corpus_dir = Path(corpus_dir)
+    corpus = str(corpus_dir.resolve())
+    existing = store.document_states(corpus)
+    ledger = {r["path"]: r for r in store.rejections(corpus)}
+    changed: list[str] = []
+    seen: set[str] = set()
+    newest = 0.0
+    for item in scan_corpus(corpus_dir):
+        seen.add(item.source)
+        if isinstance(item, Rejection):
+            if item.source not in ledger:
+                changed.append(item.source)
+            continue
+        state = existing.get(item.source)
+        rejected = ledger.get(item.source)
+        if state is not None:
+            moved = not _same_time(state.modified_at, item.modified_at)
+        elif rejected is not None:  # still the file that was rejected?
+            moved = (
+                rejected["size_bytes"] != item.size_bytes
+                or item.modified_at > rejected["last_seen"]
+            )
+        else:
+            moved = True
+        if moved:
+            changed.append(item.source)
+            newest = max(newest, item.modified_at.timestamp())
+    removed = sorted((existing.keys() | ledger.keys()) - seen)
+    return CorpusChanges(corpus, sorted(changed), removed, len(seen), stamp=f"{newest:.6f}")
 
 
 @dataclass

@@ -46,6 +46,7 @@ from serving.openai_schema import (
     chat_response,
     embedding_response,
 )
+from serving.traffic import TrafficLog, TrafficSettings
 
 log = logging.getLogger("refinery.service")
 
@@ -61,6 +62,11 @@ EMBED_MAX_LATENCY_MS = int(_ENV.get("REFINERY_EMBED_MAX_LATENCY_MS", 5_000))
 CHAT_MAX_BATCH = int(_ENV.get("REFINERY_CHAT_MAX_BATCH", 16))
 CHAT_MAX_LATENCY_MS = int(_ENV.get("REFINERY_CHAT_MAX_LATENCY_MS", 60_000))
 RETRY_AFTER_S = "1"
+# Follow a registry alias (e.g. "champion"): load the version it points to when it moves
+# (serving/follow.py). Empty: serve the pinned version only.
+FOLLOW_ALIAS = _ENV.get("REFINERY_FOLLOW_ALIAS", "")
+FOLLOW_INTERVAL_S = float(_ENV.get("REFINERY_FOLLOW_INTERVAL_S", 30))
+LABEL_REFRESH_S = 2.0  # how often the entry service asks which model version answers
 RAG_DEFAULT_TOKENS = 96  # (capped at REFINERY_MAX_TOKENS)
 
 
@@ -107,6 +113,11 @@ GUARD_BLOCKS = bentoml.metrics.Counter(
     name="refinery_guard_blocks_total",
     documentation="Requests blocked by the prompt-injection guard, by reason.",
     labelnames=["endpoint", "reason"],
+)
+TRAFFIC_DROPPED = bentoml.metrics.Counter(
+    name="refinery_traffic_log_dropped_total",
+    documentation="Traffic log rows dropped (queue full, database unavailable); requests are unaffected",
+    labelnames=["reason"],
 )
 REJECTED = bentoml.metrics.Counter(
     name="refinery_rejected_requests_total",
@@ -159,13 +170,47 @@ class ChatModel:
     def __init__(self) -> None:
         import torch
 
+        _torch_threads()
+        self.cuda = torch.cuda.is_available()
+        self.generator = self._load(Path(self.model.path))
+        pins = _pins()
+        self.label = pins.model_label
+        self.follower = None
+        if FOLLOW_ALIAS:
+            from refinery.settings import Settings
+            from serving.follow import AliasFollower
+
+            env = dict(os.environ)
+            env.setdefault("REFINERY_HOME", pins.refinery_home)
+            settings = Settings.from_env(env)
+            self.follower = AliasFollower(
+                tracking_uri=settings.mlflow_tracking_uri,
+                name=pins.registered_model,
+                alias=FOLLOW_ALIAS,
+                current_version=pins.model_version,
+                load=lambda _ref, path: self._load(path),
+                on_swap=self._swap,
+                workdir=settings.home / "serving" / "follow",
+                interval_s=FOLLOW_INTERVAL_S,
+            ).start()
+
+    def _load(self, folder: Path) -> Any:
         from serving.generation import load_generator
 
-        _torch_threads()
-        weights, variant = read_mlflow_model(Path(self.model.path))
-        device = "cuda" if torch.cuda.is_available() and variant == "none" else "cpu"
-        self.generator = load_generator(weights, variant=variant, device=device)
-        self.generator.generate(["Hello"], max_new_tokens=2)  # warm-up: first call is slow
+        weights, variant = read_mlflow_model(folder)
+        device = "cuda" if self.cuda and variant == "none" else "cpu"
+        generator = load_generator(weights, variant=variant, device=device)
+        generator.generate(["Hello"], max_new_tokens=2)  # warm-up: first call is slow
+        return generator
+
+    def _swap(self, ref: Any, generator: Any) -> None:
+        # One assignment each: a batch already running holds the old generator until it ends.
+        self.generator, self.label = generator, ref.label
+
+    @bentoml.api
+    def current_model(self) -> str:
+        """The "name/version" that answers now (moves when the followed alias moves)."""
+        return self.label
 
     @bentoml.api(
         batchable=BATCHING, max_batch_size=CHAT_MAX_BATCH, max_latency_ms=CHAT_MAX_LATENCY_MS
@@ -173,12 +218,13 @@ class ChatModel:
     def generate(self, requests: list[dict[str, Any]]) -> list[dict[str, Any]]:
         """Each request: messages, max_tokens, temperature, top_p. Requests with the same
         sampling settings share one padded generate call."""
+        generator, label = self.generator, self.label  # one model for the whole batch
         out: list[dict[str, Any] | None] = [None] * len(requests)
         groups: dict[tuple[float, float], list[int]] = {}
         for i, r in enumerate(requests):
             groups.setdefault((float(r["temperature"]), float(r["top_p"])), []).append(i)
         for (temperature, top_p), idx in groups.items():
-            completions = self.generator.generate(
+            completions = generator.generate(
                 [requests[i]["messages"] for i in idx],
                 max_new_tokens=[int(requests[i]["max_tokens"]) for i in idx],
                 temperature=temperature,
@@ -191,6 +237,7 @@ class ChatModel:
                     "completion_tokens": c.completion_tokens,
                     "finish_reason": c.finish_reason,
                     "compute_s": c.seconds / len(idx),
+                    "model": label,
                 }
         return [o for o in out if o is not None]
 
@@ -289,7 +336,14 @@ class Refinery:
             ttl_s=float(env.get("REFINERY_CACHE_TTL_S", 600)),
         )
         self.model_id = self.pins.registered_model
+        self.model_label = self.pins.model_label  # moves when the chat service follows an alias
+        self._label_checked = 0.0
         self._retrieval: tuple[Any, Any] | None = None
+        self.traffic = TrafficLog(
+            self._new_engine,
+            TrafficSettings.from_env(env),
+            on_drop=lambda reason, n: TRAFFIC_DROPPED.labels(reason=reason).inc(n),
+        )
         log.info(
             "serving %s (variant %s), cache %s",
             self.pins.model_label,
@@ -307,6 +361,29 @@ class Refinery:
         REQUEST_COST.labels(endpoint=endpoint).observe(cost)
         return cost
 
+    async def _refresh_label(self) -> None:
+        """When the chat service follows an alias, learn (every few seconds) which version answers,
+        so that cache keys and headers name the model that will answer."""
+        now = time.monotonic()
+        if FOLLOW_ALIAS and now - self._label_checked > LABEL_REFRESH_S:
+            self._label_checked = now
+            self.model_label = await _call(self.chat.to_async.current_model)
+
+    def _answered_by(self, out: dict[str, Any]) -> str:
+        self.model_label = out.get("model", self.model_label)
+        return self.model_label
+
+    def _log(self, endpoint: str, prompt: str, t0: float, **fields: Any) -> None:
+        """One traffic-log row (sampled, queued; written by a background thread)."""
+        fields.setdefault("guard", "off" if self.guard_mode == "off" else "passed")
+        self.traffic.record(
+            endpoint=endpoint,
+            model=fields.pop("model", self.model_label),
+            prompt=prompt,
+            latency_s=time.perf_counter() - t0,
+            **fields,
+        )
+
     async def _cache_io(self, method: Any, *args: Any) -> Any:
         if self.cache.backend == "memory":  # a dict lookup: no thread hop
             return method(*args)
@@ -323,7 +400,7 @@ class Refinery:
         if key is not None:
             await self._cache_io(self.cache.set, key, value)
 
-    async def _screen(self, endpoint: str, texts: list[str]) -> None:
+    async def _screen(self, endpoint: str, texts: list[str], t0: float) -> None:
         if self.guard_mode == "off" or not texts:
             return
         verdicts = await _call(self.embedder.to_async.screen, texts)
@@ -331,6 +408,7 @@ class Refinery:
             if v["blocked"]:
                 for reason in v["reasons"]:
                     GUARD_BLOCKS.labels(endpoint=endpoint, reason=reason).inc()
+                self._log(endpoint, "\n".join(texts), t0, answer=None, status=400, guard="blocked")
                 raise ApiError(
                     400,
                     "the request looks like a prompt injection and was blocked "
@@ -340,7 +418,7 @@ class Refinery:
                 )
 
     def _check_model(self, model: str | None) -> None:
-        if model and model not in (self.model_id, self.pins.model_label, "refinery", "default"):
+        if model and model not in (self.model_id, self.model_label, "refinery", "default"):
             raise ApiError(
                 404,
                 f"model {model!r} is not served here; GET /v1/models lists {self.model_id!r}",
@@ -348,9 +426,9 @@ class Refinery:
                 code="model_not_found",
             )
 
-    def _headers(self, cache: str, cost: float) -> dict[str, str]:
+    def _headers(self, cache: str, cost: float, label: str | None = None) -> dict[str, str]:
         return {
-            "x-refinery-model-version": self.pins.model_label,
+            "x-refinery-model-version": label or self.model_label,
             "x-refinery-cache": cache,
             "x-refinery-cost-usd": f"{cost:.8f}",
         }
@@ -358,6 +436,7 @@ class Refinery:
     # -- OpenAI-compatible API --
     @openai_app.get("/models")
     async def models(self) -> dict[str, Any]:
+        await self._refresh_label()
         return {
             "object": "list",
             "data": [
@@ -366,7 +445,7 @@ class Refinery:
                     "object": "model",
                     "created": 0,
                     "owned_by": "refinery",
-                    "version": self.pins.model_version,
+                    "version": self.model_label.rsplit("/", 1)[-1],
                     "variant": self.pins.variant,
                 },
                 {
@@ -382,6 +461,8 @@ class Refinery:
     async def chat_completions(
         self, body: ChatCompletionRequest
     ) -> JSONResponse | StreamingResponse:
+        t0 = time.perf_counter()
+        await self._refresh_label()
         self._check_model(body.model)
         messages = body.plain_messages(self.limits)
         max_tokens = body.token_limit(self.limits)
@@ -393,20 +474,23 @@ class Refinery:
         }
         user_turns = [m["content"] for m in messages if m["role"] == "user"]
         if body.stream:
-            await self._screen("chat", user_turns)
+            await self._screen("chat", user_turns, t0)
             return StreamingResponse(
-                self._stream(item, body.stream_options or {}),
+                self._stream(item, body.stream_options or {}, t0),
                 media_type="text/event-stream",
-                headers={"x-refinery-model-version": self.pins.model_label},
+                headers={"x-refinery-model-version": self.model_label},
             )
-        key = cache_key("chat", self.pins.model_label, item) if body.temperature == 0 else None
+        key = cache_key("chat", self.model_label, item) if body.temperature == 0 else None
         hit = await self._cached("chat", key)
+        prompt = user_turns[-1] if user_turns else ""
         if hit is not None:  # cached answers passed the guard when they were made
+            self._log("chat", prompt, t0, answer=hit["text"], cache_hit=True, guard="cached")
             return JSONResponse(
                 chat_response(self.model_id, **hit), headers=self._headers("hit", 0.0)
             )
-        await self._screen("chat", user_turns)
+        await self._screen("chat", user_turns, t0)
         (out,) = await _call(self.chat.to_async.generate, [item])
+        label = self._answered_by(out)
         result = {
             "text": out["text"],
             "finish": out["finish_reason"],
@@ -417,11 +501,23 @@ class Refinery:
             "chat", out["prompt_tokens"], out["completion_tokens"], out["compute_s"]
         )
         await self._remember(key, result)
+        self._log(
+            "chat",
+            prompt,
+            t0,
+            answer=out["text"],
+            prompt_tokens=out["prompt_tokens"],
+            completion_tokens=out["completion_tokens"],
+            cost_usd=cost,
+            model=label,
+        )
         return JSONResponse(
-            chat_response(self.model_id, **result), headers=self._headers("miss", cost)
+            chat_response(self.model_id, **result), headers=self._headers("miss", cost, label)
         )
 
-    async def _stream(self, item: dict[str, Any], options: dict[str, Any]) -> AsyncIterator[str]:
+    async def _stream(
+        self, item: dict[str, Any], options: dict[str, Any], t_start: float
+    ) -> AsyncIterator[str]:
         chunk_id = f"chatcmpl-{uuid.uuid4().hex}"
 
         def sse(payload: dict[str, Any]) -> str:
@@ -450,7 +546,17 @@ class Refinery:
             self.chat.to_async.count_tokens, [{"role": "assistant", "content": text}]
         )
         # The streamed answer runs alone on the model: all its wall time is its compute time.
-        self._account("chat", prompt_tokens, completion_tokens, time.perf_counter() - t0)
+        cost = self._account("chat", prompt_tokens, completion_tokens, time.perf_counter() - t0)
+        turns = [m["content"] for m in item["messages"] if m["role"] == "user"]
+        self._log(
+            "chat",
+            turns[-1] if turns else "",
+            t_start,
+            answer=text,
+            prompt_tokens=prompt_tokens,
+            completion_tokens=completion_tokens,
+            cost_usd=cost,
+        )
         finish = "length" if completion_tokens >= item["max_tokens"] else "stop"
         yield sse(chat_chunk(chunk_id, self.model_id, {}, finish))
         if options.get("include_usage"):
@@ -468,6 +574,7 @@ class Refinery:
     async def embeddings(self, body: EmbeddingRequest) -> JSONResponse:
         if body.model and body.model not in (self.pins.embedding_model, self.model_id):
             self._check_model(body.model)
+        t0 = time.perf_counter()
         texts = body.texts(self.limits)
         key = cache_key("embeddings", self.pins.embedding_model, {"input": texts})
         hit = await self._cached("embeddings", key)
@@ -492,6 +599,16 @@ class Refinery:
                 f"dimensions={body.dimensions} is not supported",
                 param="dimensions",
             )
+        self._log(
+            "embeddings",
+            "\n".join(texts),
+            t0,
+            answer=None,
+            prompt_tokens=hit["tokens"],
+            cost_usd=cost,
+            cache_hit=state == "hit",
+            guard="off",  # embeddings are not screened
+        )
         data: list[Any] = vectors
         if body.encoding_format == "float":
             data = [_unb64(v).tolist() for v in vectors]
@@ -527,6 +644,8 @@ class Refinery:
         from serving.rag import build_messages, make_answer
         from serving.retrieval import Filters, search_vector
 
+        t0 = time.perf_counter()
+        await self._refresh_label()
         question = question.strip()
         if not question:
             raise ApiError(400, "the question is empty", param="question")
@@ -544,12 +663,21 @@ class Refinery:
             "filters": f.model_dump(),
             "max_tokens": max_tokens,
         }
-        key = cache_key("rag", self.pins.model_label, request)
+        key = cache_key("rag", self.model_label, request)
         hit = await self._cached("rag", key)
         if hit is not None:  # cached answers passed the guard when they were made
             ctx.response.headers.update(self._headers("hit", 0.0))
+            self._log(
+                "rag",
+                question,
+                t0,
+                answer=hit["answer"],
+                cache_hit=True,
+                guard="cached",
+                retrieval_scores=[s["score"] for s in hit["sources"]],
+            )
             return hit
-        await self._screen("rag", [question])
+        await self._screen("rag", [question], t0)
         engine, space = await asyncio.to_thread(self._retrieval_state)
         (row,) = await _call(self.embedder.to_async.encode, [question])
         hits = await asyncio.to_thread(
@@ -570,7 +698,7 @@ class Refinery:
         answer = make_answer(
             question, hits, out["text"], out["prompt_tokens"], out["completion_tokens"]
         ).to_dict()
-        answer["model"] = self.pins.model_label
+        answer["model"] = self._answered_by(out)
         cost = self._account(
             "rag",
             out["prompt_tokens"] + row["tokens"],
@@ -578,23 +706,42 @@ class Refinery:
             out["compute_s"] + row["compute_s"],
         )
         await self._remember(key, answer)
-        ctx.response.headers.update(self._headers("miss", cost))
+        ctx.response.headers.update(self._headers("miss", cost, answer["model"]))
+        self._log(
+            "rag",
+            question,
+            t0,
+            answer=answer["answer"],
+            prompt_tokens=out["prompt_tokens"] + row["tokens"],
+            completion_tokens=out["completion_tokens"],
+            cost_usd=cost,
+            retrieval_scores=[h.score for h in hits],
+            model=answer["model"],
+        )
         return answer
+
+    def _new_engine(self) -> Any:
+        """An engine on Refinery's database (REFINERY_DATABASE_URL, else the embedded one)."""
+        import sqlalchemy as sa
+
+        from refinery.settings import Settings
+        from refinery.stores import database_url
+
+        env = dict(os.environ)
+        env.setdefault("REFINERY_HOME", self.pins.refinery_home)
+        return sa.create_engine(
+            database_url(Settings.from_env(env)),
+            pool_pre_ping=True,
+            connect_args={"connect_timeout": 3},
+        )
 
     def _retrieval_state(self) -> tuple[Any, Any]:
         """The database engine and the embedding space (once; the space must exist)."""
         if self._retrieval is None:
-            import sqlalchemy as sa
-
-            from refinery.settings import Settings
-            from refinery.stores import database_url
             from serving.vectorstore import VectorStore
 
-            env = dict(os.environ)
-            env.setdefault("REFINERY_HOME", self.pins.refinery_home)
-            settings = Settings.from_env(env)
             try:
-                store = VectorStore(sa.create_engine(database_url(settings), pool_pre_ping=True))
+                store = VectorStore(self._new_engine())
                 space = store.find_space(self.pins.embedding_model)
             except Exception as err:
                 raise ApiError(

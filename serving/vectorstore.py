@@ -47,6 +47,7 @@ class DocumentState:
     doc_id: str
     file_hash: str
     content_hash: str
+    modified_at: datetime | None = None
 
 
 @dataclass(frozen=True)
@@ -89,12 +90,12 @@ class VectorStore:
 
     def document_states(self, corpus: str) -> dict[str, DocumentState]:
         d = schema.documents
-        stmt = sa.select(d.c.source, d.c.doc_id, d.c.file_hash, d.c.content_hash).where(
-            d.c.corpus == corpus
-        )
+        stmt = sa.select(
+            d.c.source, d.c.doc_id, d.c.file_hash, d.c.content_hash, d.c.modified_at
+        ).where(d.c.corpus == corpus)
         with self.engine.connect() as conn:
             return {
-                r.source: DocumentState(r.doc_id, r.file_hash, r.content_hash)
+                r.source: DocumentState(r.doc_id, r.file_hash, r.content_hash, r.modified_at)
                 for r in conn.execute(stmt)
             }
 
@@ -143,12 +144,18 @@ class VectorStore:
         with self.engine.begin() as conn:
             return conn.execute(sa.delete(d).where(d.c.doc_id.in_(list(doc_ids)))).rowcount
 
-    def record_rejections(self, corpus: str, rejections: Sequence[Rejection]) -> None:
-        """The ledger holds this corpus's currently rejected files: fixed files leave it."""
+    def record_rejections(
+        self, corpus: str, rejections: Sequence[Rejection], scope: Sequence[str] | None = None
+    ) -> None:
+        """The ledger holds this corpus's currently rejected files: fixed files leave it.
+        With ``scope``, only those paths were looked at: other entries stay."""
         r = schema.rejected_files
         with self.engine.begin() as conn:
             current = [x.source for x in rejections]
-            conn.execute(sa.delete(r).where(r.c.corpus == corpus, r.c.path.not_in(current)))
+            stale = sa.delete(r).where(r.c.corpus == corpus, r.c.path.not_in(current))
+            if scope is not None:
+                stale = stale.where(r.c.path.in_(list(scope)))
+            conn.execute(stale)
             for x in rejections:
                 stmt = insert(r).values(
                     corpus=corpus,
@@ -172,9 +179,9 @@ class VectorStore:
 
     def rejections(self, corpus: str | None = None) -> list[dict[str, Any]]:
         r = schema.rejected_files
-        stmt = sa.select(r.c.corpus, r.c.path, r.c.reason, r.c.detail, r.c.size_bytes).order_by(
-            r.c.path
-        )
+        stmt = sa.select(
+            r.c.corpus, r.c.path, r.c.reason, r.c.detail, r.c.size_bytes, r.c.last_seen
+        ).order_by(r.c.path)
         if corpus is not None:
             stmt = stmt.where(r.c.corpus == corpus)
         with self.engine.connect() as conn:

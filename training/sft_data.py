@@ -12,6 +12,7 @@ import json
 import random
 import re
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -100,10 +101,33 @@ def read_rows(
     return rows, n, dropped
 
 
-def build_dataset(config: SFTConfig, tokenizer: Any) -> SFTDataset:
-    """Validate, drop rows too long for ``max_tokens`` once formatted, split, hash."""
+def build_dataset(
+    config: SFTConfig, tokenizer: Any, extra: Sequence[dict[str, Any]] = ()
+) -> SFTDataset:
+    """Validate, drop rows too long for ``max_tokens`` once formatted, split, hash.
+
+    ``extra``: approved user examples (``training.user_data.approved_examples``), validated
+    like file rows and kept with their ``source`` and ``example_id``.
+    """
     path = Path(config.path)
     rows, n, dropped = read_rows(path, config.max_instruction_chars, config.max_response_chars)
+    seen = {_normalized(r["instruction"]) for r in rows}
+    for row in extra:
+        n += 1
+        instruction = str(row.get("instruction") or "").strip()
+        response = str(row.get("response") or "").strip()
+        if not instruction or not response:
+            dropped["user_empty_field"] += 1
+        elif (
+            len(instruction) > config.max_instruction_chars
+            or len(response) > config.max_response_chars
+        ):
+            dropped["user_too_long"] += 1
+        elif _normalized(instruction) in seen:
+            dropped["user_duplicate"] += 1
+        else:
+            seen.add(_normalized(instruction))
+            rows.append({**row, "instruction": instruction, "response": response})
     kept = []
     for row in rows:
         text = tokenizer.apply_chat_template(

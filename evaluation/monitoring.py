@@ -1,0 +1,307 @@
+"""Monitoring over the traffic log: an Evidently drift report and a cost report.
+
+Drift compares a current window of logged requests with a reference: an earlier window of the
+log, or the evaluation question set (then only the prompt columns can be compared: the set has
+no answers, latencies or costs). Compared: text descriptors of prompts and answers (Evidently's
+``TextLength``, ``WordCount``, ``NonLetterCharacterPercentage``), the retrieval score of the best
+source, latency and cost (per-column tests, Evidently's defaults), and the prompts' embeddings
+(Evidently's ``EmbeddingsDrift``, a classifier told to separate the two windows: ROC AUC 0.5 means
+"indistinguishable"). Rows logged with hashed prompts have no text: they count for the numeric
+columns only.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import sqlalchemy as sa
+
+from refinery.schema import traffic_log
+
+EmbedFn = Callable[[list[str]], np.ndarray]
+
+PROMPT_DESCRIPTORS = ["prompt_length", "prompt_words", "prompt_non_letter_pct"]
+ANSWER_DESCRIPTORS = ["answer_length", "answer_words"]
+NUMERIC = ["top_score", "latency_ms", "cost_usd"]
+EMBEDDING = "prompt_embedding"
+
+
+class NotEnoughTraffic(ValueError):
+    pass
+
+
+def load_traffic(
+    engine: sa.Engine, start: datetime | None = None, end: datetime | None = None
+) -> pd.DataFrame:
+    """Logged requests with ``start <= ts < end`` (either bound may be open), oldest first."""
+    t = traffic_log
+    q = sa.select(t).order_by(t.c.ts)
+    if start is not None:
+        q = q.where(t.c.ts >= start)
+    if end is not None:
+        q = q.where(t.c.ts < end)
+    with engine.connect() as conn:
+        rows = conn.execute(q).mappings().all()
+    frame = pd.DataFrame([dict(r) for r in rows], columns=[c.name for c in t.columns])
+    if not frame.empty:
+        frame["ts"] = pd.to_datetime(frame["ts"], utc=True)
+    return frame
+
+
+def reference_from_questions(questions: list[str]) -> pd.DataFrame:
+    """The evaluation question set as a reference "window" (prompts only)."""
+    return pd.DataFrame({"prompt": questions})
+
+
+@dataclass(frozen=True)
+class DriftThresholds:
+    # Share of compared columns whose own test says "drifted" above which the check fails.
+    max_drifted_share: float = 0.5
+    # EmbeddingsDrift's ROC AUC above which prompts count as having moved.
+    max_embedding_auc: float = 0.75
+    # The retrieval-score column drifting fails the check on its own: answers lose grounding.
+    fail_on_retrieval_drift: bool = True
+
+
+@dataclass
+class DriftResult:
+    html: Path
+    reference_rows: int
+    current_rows: int
+    columns: list[str]
+    column_pvalues: dict[str, float]
+    drifted_columns: list[str]
+    drifted_share: float
+    embedding_auc: float | None
+    failed_because: list[str] = field(default_factory=list)
+
+    @property
+    def passed(self) -> bool:
+        return not self.failed_because
+
+    def metrics(self) -> dict[str, float]:
+        out = {
+            "drifted_share": self.drifted_share,
+            "drifted_columns": float(len(self.drifted_columns)),
+            "reference_rows": float(self.reference_rows),
+            "current_rows": float(self.current_rows),
+        }
+        if self.embedding_auc is not None:
+            out["prompt_embedding_auc"] = self.embedding_auc
+        for col, p in self.column_pvalues.items():
+            out[f"p_value.{col}"] = p
+        return out
+
+
+def _prepare(frame: pd.DataFrame, embed: EmbedFn | None) -> tuple[pd.DataFrame, list[str]]:
+    """Rows with text, descriptors added by Evidently later; embeddings as columns e0..eN."""
+    df = frame.copy()
+    for col in ("prompt", "answer"):
+        if col not in df:
+            df[col] = None
+    df["prompt"] = df["prompt"].fillna("").astype(str)
+    df["answer"] = df["answer"].fillna("").astype(str)
+    emb_cols: list[str] = []
+    if embed is not None and len(df) and (df["prompt"] != "").all():
+        vectors = np.asarray(embed(df["prompt"].tolist()), dtype=np.float32)
+        emb_cols = [f"e{j}" for j in range(vectors.shape[1])]
+        df = pd.concat([df, pd.DataFrame(vectors, columns=emb_cols, index=df.index)], axis=1)
+    return df, emb_cols
+
+
+def drift_report(
+    reference: pd.DataFrame,
+    current: pd.DataFrame,
+    html_path: Path,
+    *,
+    embed: EmbedFn | None = None,
+    thresholds: DriftThresholds | None = None,
+    min_rows: int = 20,
+) -> DriftResult:
+    """Run Evidently over the two windows, save its HTML report, and judge against thresholds."""
+    from evidently import DataDefinition, Dataset, Report
+    from evidently.descriptors import NonLetterCharacterPercentage, TextLength, WordCount
+    from evidently.metrics import EmbeddingsDrift
+    from evidently.presets import DataDriftPreset, DataSummaryPreset
+
+    th = thresholds or DriftThresholds()
+    for name, frame in (("reference", reference), ("current", current)):
+        if len(frame) < min_rows:
+            raise NotEnoughTraffic(
+                f"the {name} window holds {len(frame)} requests; drift needs at least {min_rows}"
+            )
+    ref, ref_emb = _prepare(reference, embed)
+    cur, cur_emb = _prepare(current, embed)
+    with_embeddings = bool(ref_emb) and ref_emb == cur_emb
+    has_answers = bool((ref["answer"] != "").any() and (cur["answer"] != "").any())
+    numeric = [c for c in NUMERIC if c in reference and c in current]
+    numeric = [c for c in numeric if ref[c].notna().any() and cur[c].notna().any()]
+    descriptors = [
+        TextLength("prompt", alias="prompt_length"),
+        WordCount("prompt", alias="prompt_words"),
+        NonLetterCharacterPercentage("prompt", alias="prompt_non_letter_pct"),
+    ]
+    compared = list(PROMPT_DESCRIPTORS)
+    if has_answers:
+        descriptors += [
+            TextLength("answer", alias="answer_length"),
+            WordCount("answer", alias="answer_words"),
+        ]
+        compared += ANSWER_DESCRIPTORS
+    compared += numeric
+    emb_cols = cur_emb if with_embeddings else []
+    definition = DataDefinition(
+        text_columns=["prompt", "answer"],
+        numerical_columns=[*numeric, *emb_cols],
+        embeddings={EMBEDDING: emb_cols} if emb_cols else None,
+    )
+    keep = ["prompt", "answer", *numeric, *emb_cols]
+
+    def dataset(df: pd.DataFrame) -> Any:
+        return Dataset.from_pandas(
+            df[keep].reset_index(drop=True), data_definition=definition, descriptors=descriptors
+        )
+
+    metrics: list[Any] = [DataDriftPreset(columns=compared)]
+    if emb_cols:
+        metrics.append(EmbeddingsDrift(embeddings_name=EMBEDDING))
+    metrics.append(DataSummaryPreset(columns=compared))
+    with warnings.catch_warnings():  # constant columns make numpy warn inside Evidently
+        warnings.simplefilter("ignore")
+        snapshot = Report(metrics).run(dataset(cur), dataset(ref))
+    html_path.parent.mkdir(parents=True, exist_ok=True)
+    snapshot.save_html(str(html_path))
+
+    pvalues: dict[str, float] = {}
+    embedding_auc: float | None = None
+    for m in snapshot.dict()["metrics"]:
+        cfg, value = m.get("config", {}), m.get("value")
+        kind = str(cfg.get("type", ""))
+        if kind.endswith("ValueDrift") and isinstance(value, int | float):
+            pvalues[str(cfg.get("column"))] = float(value)
+        elif kind.endswith("EmbeddingsDrift") and isinstance(value, int | float):
+            embedding_auc = float(value)
+    drifted = sorted(c for c, p in pvalues.items() if not math.isnan(p) and p < 0.05)
+    share = len(drifted) / max(1, len(pvalues))
+    failed: list[str] = []
+    if share > th.max_drifted_share:
+        failed.append(
+            f"{len(drifted)}/{len(pvalues)} columns drifted (> {th.max_drifted_share:.0%})"
+        )
+    if embedding_auc is not None and embedding_auc > th.max_embedding_auc:
+        failed.append(f"prompt embeddings drifted (ROC AUC {embedding_auc:.2f})")
+    if th.fail_on_retrieval_drift and "top_score" in drifted:
+        failed.append("retrieval scores drifted")
+    return DriftResult(
+        html=html_path,
+        reference_rows=len(ref),
+        current_rows=len(cur),
+        columns=compared,
+        column_pvalues=pvalues,
+        drifted_columns=drifted,
+        drifted_share=share,
+        embedding_auc=embedding_auc,
+        failed_because=failed,
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Cost report
+
+
+@dataclass
+class CostSummary:
+    requests: int
+    total_cost_usd: float
+    cost_per_request_usd: float
+    p50_latency_ms: float
+    p99_latency_ms: float
+    cache_hit_rate: float
+    guard_blocks: int
+    error_rate: float
+    per_day: pd.DataFrame
+
+    def metrics(self) -> dict[str, float]:
+        return {
+            "requests": float(self.requests),
+            "total_cost_usd": self.total_cost_usd,
+            "cost_per_request_usd": self.cost_per_request_usd,
+            "p50_latency_ms": self.p50_latency_ms,
+            "p99_latency_ms": self.p99_latency_ms,
+            "cache_hit_rate": self.cache_hit_rate,
+            "guard_blocks": float(self.guard_blocks),
+            "error_rate": self.error_rate,
+        }
+
+
+def cost_summary(frame: pd.DataFrame) -> CostSummary:
+    if frame.empty:
+        raise NotEnoughTraffic("the traffic log holds no request in this window")
+    df = frame.copy()
+    df["day"] = df["ts"].dt.floor("D")
+    per_day = df.groupby("day").agg(
+        requests=("request_id", "count"),
+        cost_usd=("cost_usd", "sum"),
+        cost_per_request_usd=("cost_usd", "mean"),
+        p50_latency_ms=("latency_ms", lambda s: float(np.percentile(s, 50))),
+        p99_latency_ms=("latency_ms", lambda s: float(np.percentile(s, 99))),
+        cache_hit_rate=("cache_hit", "mean"),
+        guard_blocks=("guard", lambda s: int((s == "blocked").sum())),
+    )
+    return CostSummary(
+        requests=len(df),
+        total_cost_usd=float(df["cost_usd"].sum()),
+        cost_per_request_usd=float(df["cost_usd"].mean()),
+        p50_latency_ms=float(np.percentile(df["latency_ms"], 50)),
+        p99_latency_ms=float(np.percentile(df["latency_ms"], 99)),
+        cache_hit_rate=float(df["cache_hit"].mean()),
+        guard_blocks=int((df["guard"] == "blocked").sum()),
+        error_rate=float((df["status"] >= 400).mean()),
+        per_day=per_day,
+    )
+
+
+def cost_plot(frame: pd.DataFrame, path: Path, bucket: str = "1h") -> Path:
+    """Four panels over time (per ``bucket``): cost per request, p50/p99 latency, cache hit
+    rate, guard blocks. A PNG, which MLflow and Dagster both show inline."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    df = frame.set_index("ts").sort_index()
+    g = df.resample(bucket)
+    series = {
+        "cost per request (USD)": g["cost_usd"].mean(),
+        "latency p50 (ms)": g["latency_ms"].quantile(0.5),
+        "latency p99 (ms)": g["latency_ms"].quantile(0.99),
+        "cache hit rate": g["cache_hit"].mean(),
+        "guard blocks": g["guard"].apply(lambda s: int((s == "blocked").sum())),
+    }
+    fig, axes = plt.subplots(4, 1, figsize=(9, 10), sharex=True)
+    axes[0].plot(series["cost per request (USD)"], marker="o")
+    axes[0].set_ylabel("USD / request")
+    axes[1].plot(series["latency p50 (ms)"], marker="o", label="p50")
+    axes[1].plot(series["latency p99 (ms)"], marker="o", label="p99")
+    axes[1].set_ylabel("latency (ms)")
+    axes[1].legend()
+    axes[2].plot(series["cache hit rate"], marker="o")
+    axes[2].set_ylabel("cache hit rate")
+    axes[2].set_ylim(-0.05, 1.05)
+    axes[3].bar(series["guard blocks"].index, series["guard blocks"].values, width=0.03)
+    axes[3].set_ylabel("guard blocks")
+    axes[0].set_title(f"Refinery traffic per {bucket}")
+    fig.autofmt_xdate()
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path
