@@ -69,8 +69,9 @@ def propose(engine: sa.Engine, proposals: Iterable[Proposal], submitted_by: str)
                     reviewed_at=datetime.now(UTC) if flags else None,
                 )
                 .on_conflict_do_nothing(index_elements=["example_id"])
+                .returning(training_examples.c.example_id)  # no row back: it was there already
             )
-            if conn.execute(stmt).rowcount:
+            if conn.execute(stmt).first() is not None:
                 counts[status] += 1
             else:
                 counts["duplicate"] += 1

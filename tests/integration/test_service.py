@@ -144,6 +144,10 @@ def served(settings, server_url, embedder, tmp_path_factory) -> Iterator[Served]
         REFINERY_REDIS_URL=redis.url,
         REFINERY_MAX_TOKENS=str(MAX_TOKENS),
         REFINERY_MAX_BODY_BYTES="200000",
+        # Follow the champion alias (checked every 2 s) so a promotion reaches the service.
+        REFINERY_FOLLOW_ALIAS="champion",
+        REFINERY_FOLLOW_INTERVAL_S="2",
+        REFINERY_TRAFFIC_FLUSH_S="0.2",
     )
     bentoml = str(Path(sys.executable).parent / "bentoml")
     with log.open("w") as out:
@@ -360,6 +364,91 @@ def test_fuzzing_the_openapi_documents_finds_no_server_error(served, tmp_path):
     for cmd in runs:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=tmp_path)
         assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
+
+
+def test_traffic_log_holds_what_the_service_answered(served, server_url):
+    """Every request so far was logged (sample rate 1) by the background writer."""
+    import sqlalchemy as sa
+
+    from refinery.schema import traffic_log
+
+    engine = sa.create_engine(server_url)
+    t = traffic_log
+
+    def rows():
+        with engine.connect() as conn:
+            return conn.execute(sa.select(t)).mappings().all()
+
+    wait_for(lambda: any(r["guard"] == "blocked" for r in rows()), 30, "logged rows")
+    logged = rows()
+    engine.dispose()
+    by = {(r["endpoint"], r["cache_hit"], r["guard"]) for r in logged}
+    assert ("chat", False, "passed") in by and ("chat", True, "cached") in by
+    assert ("embeddings", False, "off") in by and ("rag", False, "passed") in by
+    assert ("rag", False, "blocked") in by
+    miss = next(r for r in logged if r["endpoint"] == "chat" and not r["cache_hit"])
+    assert miss["model"] == f"{MODEL}/1" and miss["cost_usd"] > 0 and miss["latency_ms"] > 0
+    assert miss["prompt"] and miss["answer"] and miss["completion_tokens"] > 0
+    rag = next(r for r in logged if r["endpoint"] == "rag" and r["status"] == 200)
+    assert rag["retrieval_scores"] and rag["top_score"] == max(rag["retrieval_scores"])
+    metrics = httpx.get(served.url + "/metrics", timeout=30).text
+    assert "refinery_traffic_log_dropped_total{" not in metrics  # nothing dropped
+
+
+def test_service_follows_a_new_champion_under_load_without_failing_requests(
+    served, settings, tmp_path
+):
+    """Promote a new version while clients keep asking: every request succeeds, and answers
+    move from version 1 to version 2 once the chat service has loaded it."""
+    import threading
+
+    from refinery.stores import prepare_mlflow
+    from training.base_model import resolve_base_model
+    from training.registry import register_folder
+
+    statuses: list[int] = []
+    versions: list[str] = []
+    stop = threading.Event()
+
+    def client(n: int) -> None:
+        i = 0
+        while not stop.is_set():
+            i += 1
+            r = served.post(
+                "/v1/chat/completions",
+                {"messages": ask(f"Client {n} question {i}: what is propolis?"), "max_tokens": 4},
+            )
+            statuses.append(r.status_code)
+            versions.append(r.headers.get("x-refinery-model-version", ""))
+
+    threads = [threading.Thread(target=client, args=(n,)) for n in range(3)]
+    for th in threads:
+        th.start()
+    try:
+        base = resolve_base_model(None, settings.models_dir)
+        # Another folder (hard links): a new lineage key, so a new version, same weights.
+        folder = tmp_path / "v2"
+        shutil.copytree(base.path, folder, copy_function=os.link)
+        v2 = register_folder(
+            prepare_mlflow(settings),
+            MODEL,
+            folder,
+            alias="champion",
+            artifact_root=settings.mlflow_artifacts_dir,
+        )
+        assert str(v2.version) == "2"
+        wait_for(
+            lambda: openai_client(served).models.list().data[0].model_extra["version"] == "2",
+            180,
+            "the service to follow the champion to version 2",
+        )
+        time.sleep(3)  # a few more requests on the new model
+    finally:
+        stop.set()
+        for th in threads:
+            th.join(120)
+    assert statuses and all(s == 200 for s in statuses), sorted(set(statuses))
+    assert f"{MODEL}/1" in versions and versions[-1] == f"{MODEL}/2"
 
 
 def test_service_keeps_answering_when_redis_goes_away(served):
