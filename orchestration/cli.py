@@ -248,6 +248,127 @@ def review_serve(host: str, port: int) -> None:
 
 
 @main.command()
+@config_option(note="e.g. ops.drift_report.config.window_hours.")
+def monitor(config_file: Path | None) -> None:
+    """Drift and cost reports over the traffic log (what the daily schedule runs)."""
+    _settings()
+    if not _execute("monitor", _load_config(config_file)):
+        sys.exit(1)
+
+
+@main.command()
+@config_option()
+def retrain(config_file: Path | None) -> None:
+    """Training and evaluation in one run, with approved user examples (what the sensors start)."""
+    _settings()
+    if not _execute("retrain", _load_config(config_file)):
+        sys.exit(1)
+
+
+@main.group()
+def examples() -> None:
+    """User data for training: propose, review, approve. Only approved rows reach a model."""
+
+
+def _engine(settings: Settings) -> Any:
+    import sqlalchemy as sa
+
+    from refinery.schema import create_schema
+
+    engine = sa.create_engine(database_url(settings))
+    create_schema(engine)
+    return engine
+
+
+@examples.command("propose")
+@click.option(
+    "--file",
+    "path",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="JSON Lines of {prompt, answer} (feedback, corrections).",
+)
+@click.option("--request-id", "request_ids", multiple=True, help="A logged request to propose.")
+@click.option("--by", "submitted_by", required=True, help="Who proposes them.")
+def examples_propose(path: Path | None, request_ids: tuple[str, ...], submitted_by: str) -> None:
+    """Propose examples from a file or from the traffic log; they wait for approval."""
+    from refinery.jsonl import json_objects
+    from training.user_data import Proposal, ReviewError, proposals_from_traffic, propose
+
+    if path is None and not request_ids:
+        raise click.UsageError("give --file or at least one --request-id")
+    engine = _engine(_settings())
+    proposals: list[Proposal] = []
+    if path is not None:
+        from collections import Counter
+
+        dropped: Counter[str] = Counter()
+        for i, row in enumerate(json_objects(path.read_text().splitlines(), dropped), start=1):
+            prompt, answer = row.get("prompt"), row.get("answer")
+            if isinstance(prompt, str) and isinstance(answer, str):
+                proposals.append(Proposal(prompt, answer, f"file:{path.name}:{i}"))
+            else:
+                dropped["missing_prompt_or_answer"] += 1
+        if dropped:
+            click.echo(f"skipped lines: {dict(dropped)}", err=True)
+    if request_ids:
+        found, unusable = proposals_from_traffic(engine, list(request_ids))
+        proposals += found
+        for rid in unusable:
+            click.echo(f"request {rid}: not found, hashed, blocked or failed; skipped", err=True)
+    try:
+        counts = propose(engine, proposals, submitted_by)
+    except ReviewError as err:
+        raise click.ClickException(str(err)) from err
+    finally:
+        engine.dispose()
+    click.echo(json.dumps(counts))
+
+
+@examples.command("list")
+@click.option("--status", type=click.Choice(["pending", "approved", "rejected"]), default=None)
+def examples_list(status: str | None) -> None:
+    """Print examples (id, status, source, prompt) as JSON Lines."""
+    from training.user_data import list_examples
+
+    engine = _engine(_settings())
+    try:
+        for row in list_examples(engine, status):
+            keep = ("example_id", "status", "source", "submitted_by", "reviewed_by", "prompt")
+            click.echo(json.dumps({k: row[k] for k in keep}))
+    finally:
+        engine.dispose()
+
+
+def _review_examples(ids: tuple[str, ...], reviewer: str, approve: bool) -> None:
+    from training.user_data import ReviewError, review
+
+    engine = _engine(_settings())
+    try:
+        changed = review(engine, list(ids), approve=approve, reviewer=reviewer)
+    except ReviewError as err:
+        raise click.ClickException(str(err)) from err
+    finally:
+        engine.dispose()
+    click.echo(f"{changed} {'approved' if approve else 'rejected'}")
+
+
+@examples.command("approve")
+@click.argument("ids", nargs=-1, required=True)
+@click.option("--by", "reviewer", required=True, help="Reviewer (not the submitter).")
+def examples_approve(ids: tuple[str, ...], reviewer: str) -> None:
+    """Approve pending examples: they join the next SFT dataset."""
+    _review_examples(ids, reviewer, approve=True)
+
+
+@examples.command("reject")
+@click.argument("ids", nargs=-1, required=True)
+@click.option("--by", "reviewer", required=True, help="Reviewer (not the submitter).")
+def examples_reject(ids: tuple[str, ...], reviewer: str) -> None:
+    """Reject pending examples: they never reach a training set."""
+    _review_examples(ids, reviewer, approve=False)
+
+
+@main.command()
 def train() -> None:
     """Materialize base model → … → candidate model (registered, alias "challenger")."""
     _settings()
@@ -345,7 +466,13 @@ def bento(config_file: Path | None) -> None:
 @click.argument("bento_tag", required=False)
 @click.option("--host", default="127.0.0.1", show_default=True)
 @click.option("--port", default=3000, show_default=True, envvar="PORT")
-def serve(bento_tag: str | None, host: str, port: int) -> None:
+@click.option(
+    "--follow",
+    default="champion",
+    show_default=True,
+    help="Registry alias to follow: a promotion reaches the running service. '' pins the Bento's.",
+)
+def serve(bento_tag: str | None, host: str, port: int, follow: str) -> None:
     """Serve a Bento (default: the newest one built in this home) until Ctrl-C."""
     from serving.bento import list_bentos
 
@@ -358,7 +485,7 @@ def serve(bento_tag: str | None, host: str, port: int) -> None:
             )
         bento_tag = str(bentos[0]["tag"])
     url = database_url(settings)  # held open while serving: the RAG endpoint reads it
-    env = {**os.environ, **environment(settings, url)}
+    env = {**os.environ, **environment(settings, url), "REFINERY_FOLLOW_ALIAS": follow}
     cmd = [
         str(Path(sys.executable).parent / "bentoml"), "serve", bento_tag,
         "--host", host, "--port", str(port),
