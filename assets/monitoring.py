@@ -183,8 +183,10 @@ class CostReportConfig(dg.Config):
     group_name=GROUP,
     deps=[traffic_log],
     kinds={"matplotlib", "mlflow"},
-    # Follows the log on its own: refreshed every hour while automation is on.
-    automation_condition=dg.AutomationCondition.on_cron("0 * * * *"),
+    # Refreshed every hour while automation is on. (Not `on_cron`: that also waits for the
+    # inputs to update, and the traffic log is written by the service, not materialized.)
+    automation_condition=dg.AutomationCondition.cron_tick_passed("0 * * * *")
+    & ~dg.AutomationCondition.in_progress(),
     description="Cost per request and per day, p50/p99 latency, cache hit rate and guard blocks "
     "over time: a PNG in MLflow and here, the figures as metadata.",
 )

@@ -7,7 +7,7 @@ import sys
 
 from refinery.settings import OFFLINE_ENV
 
-ALL = ["ingestion", "retrieval", "training", "serving"]
+ALL = ["ingestion", "retrieval", "training", "serving", "automation"]
 
 
 def main(argv: list[str]) -> int:

@@ -79,3 +79,56 @@ def test_ui_serves_both_and_stops_cleanly():
         for p in family:
             if p.is_running():
                 p.kill()
+
+
+def _graphql(port: int, query: str) -> dict:
+    body = json.dumps({"query": query}).encode()
+    return json.loads(wait_for(f"http://127.0.0.1:{port}/graphql", 60, data=body))["data"]
+
+
+def test_a_file_dropped_into_the_corpus_starts_an_ingest_run_on_its_own(tmp_path):
+    """The daemon under `refinery ui` runs the corpus sensor: a new file leads to an ingest run
+    of just that file, and its document lands in Postgres, with nobody pressing a button."""
+    import sqlalchemy as sa
+
+    from refinery.settings import Settings
+    from refinery.stores import database_url
+
+    home, corpus = tmp_path / "home", tmp_path / "corpus"
+    corpus.mkdir()
+    env = {**os.environ, "REFINERY_HOME": str(home), "REFINERY_CORPUS_DIR": str(corpus)}
+    dagster_port, mlflow_port = free_port(), free_port()
+    cmd = [
+        str(Path(sys.executable).parent / "refinery"), "ui",
+        "--dagster-port", str(dagster_port), "--mlflow-port", str(mlflow_port),
+    ]  # fmt: skip
+    proc = subprocess.Popen(
+        cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+    )
+    engine = None
+    try:
+        _graphql(dagster_port, "{ version }")  # up
+        (corpus / "swarms.md").write_text("# Swarms\n\nA colony swarms in late spring.\n")
+        runs_query = """{ runsOrError(filter: {tags: [{key: "refinery/trigger",
+            value: "corpus_sensor"}]}) { ... on Runs { results { runId jobName status
+            tags { key value } } } } }"""
+        deadline, runs = time.monotonic() + 420, []
+        while time.monotonic() < deadline:
+            runs = _graphql(dagster_port, runs_query)["runsOrError"]["results"]
+            if runs and runs[0]["status"] in ("SUCCESS", "FAILURE", "CANCELED"):
+                break
+            time.sleep(3)
+        assert len(runs) == 1, runs
+        run = runs[0]
+        assert run["jobName"] == "ingest" and run["status"] == "SUCCESS", run
+        tags = {t["key"]: t["value"] for t in run["tags"]}
+        assert tags["refinery/changed_files"] == "1"
+        engine = sa.create_engine(database_url(Settings.from_env(env)))
+        with engine.connect() as conn:
+            sources = conn.execute(sa.text("SELECT source FROM documents")).scalars().all()
+            chunks = conn.execute(sa.text("SELECT count(*) FROM chunks")).scalar_one()
+        assert sources == ["swarms.md"] and chunks == 1
+    finally:
+        if engine is not None:
+            engine.dispose()
+        stop_tree(proc, timeout=20)

@@ -75,6 +75,29 @@ def test_definitions_load_with_the_ingestion_graph():
     dg.Definitions.validate_loadable(defs)
 
 
+def test_the_loop_is_wired_and_cannot_flood():
+    from orchestration.definitions import defs
+    from refinery.stores import DAGSTER_YAML
+
+    sensors = {s.name: s for s in defs.sensors or []}
+    assert {"corpus_sensor", "retraining_sensor", "human_ratings_sensor"} <= set(sensors)
+    assert sensors["refinery_automation"].default_status == dg.DefaultSensorStatus.RUNNING
+    schedules = {s.name: s.cron_schedule for s in defs.schedules or []}
+    assert schedules == {
+        "daily_drift_schedule": "0 6 * * *",
+        "weekly_retraining_schedule": "0 3 * * 1",
+    }
+    for job in ("train", "evaluate", "retrain"):
+        assert defs.resolve_job_def(job).tags["refinery/pool"] == "models"
+    graph = defs.resolve_asset_graph()
+    assert graph.get(dg.AssetKey("bento")).automation_condition is not None
+    assert graph.get(dg.AssetKey("drift_report")).parent_keys == {dg.AssetKey("traffic_log")}
+    # `make run` does not try to report on traffic that a fresh install does not have.
+    run_keys = defs.resolve_job_def("refinery").asset_layer.selected_asset_keys
+    assert dg.AssetKey("drift_report") not in run_keys and dg.AssetKey("bento") in run_keys
+    assert "max_catchup_runs: 1" in DAGSTER_YAML and "limit: 1" in DAGSTER_YAML
+
+
 def test_importing_definitions_has_no_side_effects(tmp_path, monkeypatch):
     import importlib
     import sys
