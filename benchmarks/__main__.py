@@ -7,7 +7,7 @@ import sys
 
 from refinery.settings import OFFLINE_ENV
 
-ALL = ["ingestion", "retrieval", "training", "serving", "automation"]
+ALL = ["ingestion", "retrieval", "training", "serving", "automation", "traffic"]
 
 
 def main(argv: list[str]) -> int:

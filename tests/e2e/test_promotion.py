@@ -184,3 +184,49 @@ def test_refuse_worse_promote_better_after_human_review_and_roll_back(fresh_home
     assert info["labels"]["refinery.model_version"] == v1
     again = bento()
     assert again["bento"] == built["bento"] and again["reused"] is True
+
+    # 6. The loop: users' examples are proposed and approved (by someone else), which makes the
+    # retraining sensor start `retrain`; the new challenger carries the examples' lineage and
+    # goes through the same gate, which promotes it over v1.
+    from assets.resources import PostgresResource
+    from orchestration.automation import MIN_NEW_APPROVED, retraining_sensor
+    from training.user_data import Proposal, list_examples, propose
+    from training.user_data import review as review_examples
+
+    engine = sa.create_engine(database_url(Settings.from_env()))
+    proposals = [
+        Proposal(
+            f"What should a beekeeper check on inspection {i}?",
+            "Eggs, larvae, stores and signs of disease.",
+            f"file:feedback.jsonl:{i}",
+        )
+        for i in range(1, MIN_NEW_APPROVED + 1)
+    ]
+    propose(engine, proposals, submitted_by="dee")
+    ids = [r["example_id"] for r in list_examples(engine, "pending")]
+    review_examples(engine, ids, approve=True, reviewer="eve")
+    engine.dispose()
+    instance = dg.DagsterInstance.get()
+    with dg.build_sensor_context(
+        instance=instance, resources={"postgres": PostgresResource()}
+    ) as ctx:
+        tick = retraining_sensor(ctx)
+    (request,) = tick.run_requests
+    assert "approved user examples" in request.tags["refinery/reason"]
+    lora = {"lora_adapter": {"config": {"learning_rate": 5e-4, "max_steps": 8, "eval_every": 8,
+                                        "save_every": 8, "warmup_steps": 0}}}  # fmt: skip
+    retrained = run("retrain", {**SMALL_TRAINING, **lora, **SMALL_EVAL}, WAIVED)
+    metadata = {
+        e.asset_key.to_user_string(): e.event_specific_data.materialization.metadata
+        for e in retrained.get_asset_materialization_events()
+    }
+    assert metadata["sft_dataset"]["user_examples"].value == MIN_NEW_APPROVED
+    assert sorted(metadata["sft_dataset"]["user_example_sources"].value) == sorted(
+        p.source for p in proposals
+    )
+    v4 = metadata["candidate_model"]["version"].value
+    passed, reasons = gate_result(retrained)
+    assert retrained.success and passed, reasons
+    assert champion() == v4
+    sft_run = client.get_run(metadata["sft_dataset"]["mlflow_run_id"].value)
+    assert sft_run.data.tags["refinery.user_examples"] == str(MIN_NEW_APPROVED)

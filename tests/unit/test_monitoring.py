@@ -86,7 +86,9 @@ class RecordingEngine:
 
 def test_sampling_and_hash_privacy(monkeypatch: pytest.MonkeyPatch):
     sink = RecordingEngine()
-    monkeypatch.setattr(TrafficLog, "_write", lambda self, rows: sink.rows.extend(rows))
+    monkeypatch.setattr(
+        TrafficLog, "_write", lambda self, rows: sink.rows.extend(self.finish(r) for r in rows)
+    )
     settings = TrafficSettings(sample_rate=0.25, privacy="hash", salt="pepper", flush_s=0.05)
     log = TrafficLog(lambda: None, settings, rng=random.Random(7))
     try:
