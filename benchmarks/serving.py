@@ -15,6 +15,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import httpx
 
@@ -148,30 +149,35 @@ def _fmt(r: dict[str, float]) -> list[str]:
     ]
 
 
-def main() -> None:
+def champion_bento(settings: Any) -> tuple[str, Path, dict[str, str]]:
+    """The packaged SmolLM2 registered as the champion of a fresh home and built as a Bento:
+    its tag, the model folder, and the environment to serve it in (open, in-process cache,
+    pinned: no keys, no Redis, no alias following)."""
     from refinery.stores import database_url, environment, prepare_mlflow
     from serving.bento import build_bento
-    from serving.guard import InjectionGuard, measure
     from training.base_model import resolve_base_model
     from training.registry import register_folder
 
+    uri = prepare_mlflow(settings)
+    base = resolve_base_model(None, settings.models_dir)
+    register_folder(
+        uri, MODEL, Path(base.path), alias="champion", artifact_root=settings.mlflow_artifacts_dir
+    )
+    built = build_bento(settings, uri, MODEL, "champion")
+    env = {**os.environ, **OFFLINE_ENV, **environment(settings, database_url(settings))}
+    for key in ("REFINERY_API_KEYS", "REFINERY_REDIS_URL", "REFINERY_FOLLOW_ALIAS"):
+        env.pop(key, None)
+    return built.tag, Path(base.path), env
+
+
+def main() -> None:
+    from serving.guard import InjectionGuard, measure
+
     with fresh_home("serving") as settings:
-        uri = prepare_mlflow(settings)
-        base = resolve_base_model(None, settings.models_dir)
-        register_folder(
-            uri,
-            MODEL,
-            Path(base.path),
-            alias="champion",
-            artifact_root=settings.mlflow_artifacts_dir,
-        )
-        built = build_bento(settings, uri, MODEL, "champion")
-        env = {**os.environ, **OFFLINE_ENV, **environment(settings, database_url(settings))}
-        env.pop("REFINERY_API_KEYS", None)
-        env.pop("REFINERY_REDIS_URL", None)
+        tag, model_dir, env = champion_bento(settings)
         results: dict[str, dict[str, float]] = {}
         for mode in ("on", "off"):
-            proc, url = _serve(built.tag, {**env, "REFINERY_BATCHING": mode})
+            proc, url = _serve(tag, {**env, "REFINERY_BATCHING": mode})
             try:
                 for label, path, bodies in (
                     ("embed", "/v1/embeddings", _embed_bodies),
@@ -190,7 +196,7 @@ def main() -> None:
                     print("cache", results["cache"], flush=True)
             finally:
                 stop_tree(proc)
-        inproc = _in_process(Path(base.path))
+        inproc = _in_process(model_dir)
         from serving.embedding import Embedder
 
         guard = measure(InjectionGuard(Embedder().encode))

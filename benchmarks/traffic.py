@@ -11,11 +11,9 @@ Also: the writer's CPU per row, COPY against a multi-row INSERT, in one process.
 from __future__ import annotations
 
 import asyncio
-import os
 import statistics
 import time
 from datetime import UTC, datetime
-from pathlib import Path
 
 from benchmarks.common import fresh_home, write_table
 
@@ -61,34 +59,18 @@ def writer_cpu(database: str) -> dict[str, float]:
 
 
 def main() -> None:
-    from benchmarks.serving import MODEL, _load, _serve
+    from benchmarks.serving import _load, _serve, champion_bento
     from refinery.processes import stop_tree
-    from refinery.settings import OFFLINE_ENV
-    from refinery.stores import database_url, environment, prepare_mlflow
-    from serving.bento import build_bento
-    from training.base_model import resolve_base_model
-    from training.registry import register_folder
+    from refinery.stores import database_url
 
     runs: dict[str, list[dict[str, float]]] = {}
     with fresh_home("traffic") as settings:
-        uri = prepare_mlflow(settings)
-        base = resolve_base_model(None, settings.models_dir)
-        register_folder(
-            uri,
-            MODEL,
-            Path(base.path),
-            alias="champion",
-            artifact_root=settings.mlflow_artifacts_dir,
-        )
-        built = build_bento(settings, uri, MODEL, "champion")
+        tag, _, env = champion_bento(settings)
         db = database_url(settings)
-        env = {**os.environ, **OFFLINE_ENV, **environment(settings, db)}
-        for key in ("REFINERY_API_KEYS", "REFINERY_REDIS_URL", "REFINERY_FOLLOW_ALIAS"):
-            env.pop(key, None)
         hit = {"messages": [{"role": "user", "content": "Name a bee product."}], "max_tokens": 8}
         for n, mode in enumerate(ORDER):
             sample = "1" if mode == "on" else "0"
-            proc, url = _serve(built.tag, {**env, "REFINERY_TRAFFIC_SAMPLE": sample})
+            proc, url = _serve(tag, {**env, "REFINERY_TRAFFIC_SAMPLE": sample})
             try:
                 asyncio.run(_load(url, "/v1/chat/completions", [hit] * CLIENTS))  # warm
                 hits = asyncio.run(_load(url, "/v1/chat/completions", [hit] * HIT_REQUESTS))
