@@ -172,9 +172,10 @@ class ChatModel:
 
         _torch_threads()
         self.cuda = torch.cuda.is_available()
-        self.generator = self._load(Path(self.model.path))
         pins = _pins()
-        self.label = pins.model_label
+        # (generator, "name/version"): one attribute, so a swap is one assignment and a batch
+        # never pairs one version's generator with another's label.
+        self.active: tuple[Any, str] = (self._load(Path(self.model.path)), pins.model_label)
         self.follower = None
         if FOLLOW_ALIAS:
             from refinery.settings import Settings
@@ -204,13 +205,13 @@ class ChatModel:
         return generator
 
     def _swap(self, ref: Any, generator: Any) -> None:
-        # One assignment each: a batch already running holds the old generator until it ends.
-        self.generator, self.label = generator, ref.label
+        # A batch already running holds the old generator until it ends.
+        self.active = (generator, ref.label)
 
     @bentoml.api
     def current_model(self) -> str:
         """The "name/version" that answers now (moves when the followed alias moves)."""
-        return self.label
+        return self.active[1]
 
     @bentoml.api(
         batchable=BATCHING, max_batch_size=CHAT_MAX_BATCH, max_latency_ms=CHAT_MAX_LATENCY_MS
@@ -218,7 +219,7 @@ class ChatModel:
     def generate(self, requests: list[dict[str, Any]]) -> list[dict[str, Any]]:
         """Each request: messages, max_tokens, temperature, top_p. Requests with the same
         sampling settings share one padded generate call."""
-        generator, label = self.generator, self.label  # one model for the whole batch
+        generator, label = self.active  # one model for the whole batch
         out: list[dict[str, Any] | None] = [None] * len(requests)
         groups: dict[tuple[float, float], list[int]] = {}
         for i, r in enumerate(requests):
@@ -243,13 +244,15 @@ class ChatModel:
 
     @bentoml.api
     def count_tokens(self, messages: list[dict[str, str]]) -> int:
-        return len(self.generator.tokenizer(self.generator.chat_text(messages)).input_ids)
+        generator = self.active[0]
+        return len(generator.tokenizer(generator.chat_text(messages)).input_ids)
 
     @bentoml.api
     async def stream(
         self, messages: list[dict[str, str]], max_tokens: int, temperature: float, top_p: float
     ) -> AsyncGenerator[str, None]:
-        async for piece in _aiter(self.generator.stream(messages, max_tokens, temperature, top_p)):
+        generator = self.active[0]
+        async for piece in _aiter(generator.stream(messages, max_tokens, temperature, top_p)):
             yield piece
 
 

@@ -360,3 +360,45 @@ def test_logged_conversations_can_be_proposed_unless_hashed_or_blocked(db_url: s
     assert found[0].source == f"traffic:{ids[0]}"
     assert unusable == [ids[1], "missing"]
     engine.dispose()
+
+
+# --- alias follower ---------------------------------------------------------------------------
+
+
+def test_alias_follower_swaps_only_when_the_alias_moves(tmp_path: Path, mlflow_uri: str):
+    from serving.follow import AliasFollower
+    from serving.models import ModelNotFoundError
+    from training.registry import register_folder
+
+    def folder(name: str) -> Path:
+        d = tmp_path / name
+        d.mkdir()
+        (d / "weights.txt").write_text(name)
+        return d
+
+    root = tmp_path / "artifacts"
+    v1 = register_folder(mlflow_uri, "m", folder("one"), alias="champion", artifact_root=root)
+    swapped: list[tuple[str, str]] = []
+
+    def load(_ref, path: Path) -> str:
+        (found,) = path.rglob("weights.txt")
+        return found.read_text()
+
+    follower = AliasFollower(
+        tracking_uri=mlflow_uri,
+        name="m",
+        alias="champion",
+        current_version=v1.version,
+        load=load,
+        on_swap=lambda ref, model: swapped.append((ref.version, model)),
+        workdir=tmp_path / "follow",
+    )
+    assert follower.check_once() is None and swapped == []
+    v2 = register_folder(mlflow_uri, "m", folder("two"), alias="champion", artifact_root=root)
+    assert follower.check_once().version == v2.version
+    assert swapped == [(v2.version, "two")] and follower.version == v2.version
+    assert follower.check_once() is None  # settled
+    follower.alias = "missing"
+    with pytest.raises(ModelNotFoundError):
+        follower.check_once()
+    assert follower.version == v2.version  # a failed look changes nothing
