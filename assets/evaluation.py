@@ -2,6 +2,7 @@
 human review queue and its aggregate, the blocking promotion gate, and the champion alias."""
 
 import json
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -103,14 +104,17 @@ def automatic_evaluation(
     with mlflow.asset_run(context, EXPERIMENT, params=params) as run:
         for role, ref in models:
             context.log.info(f"evaluating the {role}, {ref.label}")
-            generator = load_python_model(uri, ref).generator
-            try:
-                result = evaluate_model(
-                    ref.label, generator, heldout, rag_rows, retriever,
-                    k=config.k, batch_size=config.batch_size, max_new_tokens=config.max_new_tokens, progress=context.log.info,
-                )  # fmt: skip
-            except EvaluationError as err:
-                raise _fail(str(err)) from err
+            # The download (hundreds of MB) lives as long as the evaluation, not in /tmp forever.
+            with tempfile.TemporaryDirectory(prefix="refinery-eval-") as tmp:
+                generator = load_python_model(uri, ref, Path(tmp)).generator
+                try:
+                    result = evaluate_model(
+                        ref.label, generator, heldout, rag_rows, retriever,
+                        k=config.k, batch_size=config.batch_size, max_new_tokens=config.max_new_tokens, progress=context.log.info,
+                    )  # fmt: skip
+                except EvaluationError as err:
+                    raise _fail(str(err)) from err
+                del generator
             log_traces(uri, run.experiment_id, run.run_id, ref.label, result.examples)
             run.log_metrics({f"{role}.{k}": v for k, v in result.metrics.items()})
             run.client.log_table(run.run_id, examples_frame(result), f"examples_{role}.json")
@@ -203,9 +207,7 @@ def human_evaluation(
 
     uri = mlflow.resolved_tracking_uri
     auto = upstream_metadata(context, "automatic_evaluation")
-    evaluation = json.loads(
-        Path(_download(mlflow, auto["mlflow_run_id"], "evaluation.json")).read_text()
-    )
+    evaluation = json.loads(_read_artifact(mlflow, auto["mlflow_run_id"], "evaluation.json"))
     engine = postgres.engine
     queued = 0
     summaries: dict[str, dict[str, Any]] = {}
@@ -252,12 +254,18 @@ def human_evaluation(
     )
 
 
-def _download(mlflow: MLflowResource, run_id: str, path: str) -> str:
+def _read_artifact(mlflow: MLflowResource, run_id: str, path: str) -> str:
+    """The text of a run's artifact (downloaded to a folder removed afterwards)."""
     import mlflow as mlflow_lib
 
-    return mlflow_lib.artifacts.download_artifacts(
-        run_id=run_id, artifact_path=path, tracking_uri=mlflow.resolved_tracking_uri
-    )
+    with tempfile.TemporaryDirectory(prefix="refinery-artifact-") as tmp:
+        local = mlflow_lib.artifacts.download_artifacts(
+            run_id=run_id,
+            artifact_path=path,
+            tracking_uri=mlflow.resolved_tracking_uri,
+            dst_path=tmp,
+        )
+        return Path(local).read_text()
 
 
 @dg.asset_check(
