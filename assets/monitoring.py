@@ -104,7 +104,6 @@ def drift_report(
         "max_drifted_share": config.max_drifted_share,
         "max_embedding_auc": config.max_embedding_auc,
     }
-    embedder = embedding_model.get()
     html = Settings.from_env().home / "reports" / f"drift-{context.run_id[:8]}.html"
     with mlflow.asset_run(context, EXPERIMENT, params=params) as run:
         try:
@@ -112,7 +111,8 @@ def drift_report(
                 reference,
                 current,
                 html,
-                embed=embedder.encode,
+                # Loaded only when both windows hold enough traffic to compare.
+                embed=lambda texts: embedding_model.get().encode(texts),
                 thresholds=DriftThresholds(config.max_drifted_share, config.max_embedding_auc),
                 min_rows=config.min_rows,
             )

@@ -141,7 +141,6 @@ def review(engine: sa.Engine, ids: Sequence[str], *, approve: bool, reviewer: st
 def list_examples(engine: sa.Engine, status: str | None = None) -> list[dict[str, Any]]:
     if status is not None and status not in STATUSES:
         raise ReviewError(f"status must be one of {STATUSES}, got {status!r}")
-    create_schema(engine)
     t = training_examples
     q = sa.select(t).order_by(t.c.created_at, t.c.example_id)
     if status is not None:
@@ -165,7 +164,6 @@ def approved_examples(engine: sa.Engine) -> list[dict[str, Any]]:
 
 
 def count_approved(engine: sa.Engine) -> int:
-    create_schema(engine)
     t = training_examples
     with engine.connect() as conn:
         return int(
