@@ -25,8 +25,8 @@ from evaluation.promotion import current_champion, promote, record_decision
 from evaluation.report import examples_frame, write_report
 from evaluation.tracing import log_traces
 from refinery.settings import Settings
-from serving.models import CHALLENGER, ModelNotFoundError, load_python_model, resolve
-from serving.retrieval import Retriever
+from serving.corpus.retrieval import Retriever
+from serving.runtime.models import CHALLENGER, ModelNotFoundError, load_python_model, resolve
 from training.sft_data import load_split
 
 GROUP = "evaluation"

@@ -13,8 +13,8 @@ from assets.resources import (
 )
 from refinery.lineage import TAG_CORPUS_HASH
 from refinery.settings import Settings
-from serving.chunking import ChunkingConfig
-from serving.ingestion import make_chunker, sync_chunks, sync_documents, sync_embeddings
+from serving.corpus.chunking import ChunkingConfig
+from serving.corpus.ingestion import make_chunker, sync_chunks, sync_documents, sync_embeddings
 
 GROUP = "ingestion"
 EXPERIMENT = "refinery-ingestion"

@@ -31,7 +31,7 @@ GROUP = "monitoring"
 EXPERIMENT = "refinery-monitoring"
 DRIFT_CHECK = "drift_within_thresholds"
 
-# Written by the running service (serving/traffic.py), not by Dagster: an external asset, so
+# Written by the running service (serving/api/traffic.py), not by Dagster: an external asset, so
 # that the lineage graph shows where the reports' data come from.
 traffic_log = dg.AssetSpec(
     "traffic_log",

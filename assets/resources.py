@@ -25,8 +25,8 @@ from refinery.lineage import (
 from refinery.settings import Settings
 from refinery.stores import database_url, prepare_mlflow
 from refinery.tracking import TrackedRun, tracked_run
-from serving.embedding import Embedder
-from serving.vectorstore import VectorStore
+from serving.corpus.embedding import Embedder
+from serving.corpus.vectorstore import VectorStore
 
 
 def _settings(home: str) -> Settings:

@@ -5,8 +5,8 @@ from pydantic import Field
 
 from assets.evaluation import champion_model
 from assets.resources import EmbeddingModelResource, MLflowResource
-from serving.bento import BentoBuildError, build_bento
-from serving.models import CHAMPION, ModelNotFoundError
+from serving.api.bento import BentoBuildError, build_bento
+from serving.runtime.models import CHAMPION, ModelNotFoundError
 
 GROUP = "serving"
 

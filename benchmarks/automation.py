@@ -67,10 +67,10 @@ def react(n: int) -> list[object]:
     from orchestration.automation import corpus_sensor
     from orchestration.definitions import defs
     from refinery.stores import database_url
-    from serving.chunking import ChunkingConfig
-    from serving.embedding import Embedder
-    from serving.ingestion import make_chunker, sync_chunks, sync_documents, sync_embeddings
-    from serving.vectorstore import VectorStore
+    from serving.corpus.chunking import ChunkingConfig
+    from serving.corpus.embedding import Embedder
+    from serving.corpus.ingestion import make_chunker, sync_chunks, sync_documents, sync_embeddings
+    from serving.corpus.vectorstore import VectorStore
 
     with fresh_home(f"automation-{n}") as settings:
         import sqlalchemy as sa

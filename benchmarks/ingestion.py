@@ -14,10 +14,10 @@ import sqlalchemy as sa
 from benchmarks.common import WORK, Timer, fresh_home, median, write_table
 from refinery.settings import DEFAULT_CORPUS_DIR
 from refinery.stores import database_url
-from serving.chunking import ChunkingConfig
-from serving.embedding import Embedder
-from serving.ingestion import make_chunker, sync_chunks, sync_documents, sync_embeddings
-from serving.vectorstore import VectorStore
+from serving.corpus.chunking import ChunkingConfig
+from serving.corpus.embedding import Embedder
+from serving.corpus.ingestion import make_chunker, sync_chunks, sync_documents, sync_embeddings
+from serving.corpus.vectorstore import VectorStore
 
 COPIES = 5
 BATCH = 64

@@ -111,8 +111,8 @@ def _chat_bodies(tag: str) -> list[dict]:
 def _in_process(model_dir: Path) -> dict[str, dict[str, float]]:
     """The bare models in this process: the embedding limit at batch 32, and generation one
     prompt at a time and 16 at a time."""
-    from serving.embedding import Embedder
-    from serving.generation import Generator
+    from serving.corpus.embedding import Embedder
+    from serving.runtime.generation import Generator
 
     embedder = Embedder()
     texts = [b["input"] for b in _embed_bodies("inproc")]
@@ -154,7 +154,7 @@ def champion_bento(settings: Any) -> tuple[str, Path, dict[str, str]]:
     its tag, the model folder, and the environment to serve it in (open, in-process cache,
     pinned: no keys, no Redis, no alias following)."""
     from refinery.stores import database_url, environment, prepare_mlflow
-    from serving.bento import build_bento
+    from serving.api.bento import build_bento
     from training.base_model import resolve_base_model
     from training.registry import register_folder
 
@@ -197,7 +197,7 @@ def main() -> None:
             finally:
                 stop_tree(proc)
         inproc = _in_process(model_dir)
-        from serving.embedding import Embedder
+        from serving.corpus.embedding import Embedder
 
         guard = measure(InjectionGuard(Embedder().encode))
 
@@ -238,7 +238,7 @@ Missed: {guard["missed"]}. False positives: {guard["false_positives"]}.
         f"""
 {CLIENTS} concurrent clients; embeddings: {EMBED_REQUESTS} requests of one short text each;
 chat: {CHAT_REQUESTS} requests, greedy, max_tokens {CHAT_TOKENS}, SmolLM2-135M-Instruct fp32.
-Service limits: embeddings max batch 32, chat max batch 16 (serving/service.py).
+Service limits: embeddings max batch 32, chat max batch 16 (serving/api/service.py).
 """,
         ["configuration", "endpoint", "requests/s", "p50 ms", "p99 ms", "5xx"],
         rows,

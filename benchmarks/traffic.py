@@ -28,7 +28,7 @@ def writer_cpu(database: str) -> dict[str, float]:
     import sqlalchemy as sa
 
     from refinery.schema import create_schema, traffic_log
-    from serving.traffic import TrafficLog, TrafficSettings
+    from serving.api.traffic import TrafficLog, TrafficSettings
 
     engine = sa.create_engine(database)
     create_schema(engine)

@@ -20,7 +20,7 @@ from typing import Any
 
 from evaluation.metrics import exact_match, hit_at_k, reciprocal_rank, rouge_l, token_f1
 from serving.rag import answer_batch
-from serving.scoring import answer_nll
+from serving.runtime.scoring import answer_nll
 
 
 class EvaluationError(ValueError):

@@ -14,7 +14,7 @@ from typing import Any
 
 from evaluation.gate import GateDecision
 from refinery.tracking import client_for
-from serving.models import CHAMPION
+from serving.runtime.models import CHAMPION
 
 TAG_PASSED = "refinery.promotion.passed"
 TAG_PREVIOUS = "refinery.promotion.previous_champion"

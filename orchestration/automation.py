@@ -10,7 +10,7 @@ import dagster as dg
 from assets.resources import PostgresResource
 from evaluation.review import count_ratings
 from refinery.settings import Settings
-from serving.ingestion import corpus_changes
+from serving.corpus.ingestion import corpus_changes
 from training.user_data import count_approved
 
 # New ratings that make it worth recomputing the human aggregate and the promotion gate.

@@ -213,7 +213,7 @@ def review_add(reviewer_id: str, rotate: bool) -> None:
     import sqlalchemy as sa
 
     from evaluation.review import ReviewError, add_reviewer
-    from serving.vectorstore import VectorStore
+    from serving.corpus.vectorstore import VectorStore
 
     settings = _settings()
     engine = sa.create_engine(database_url(settings))
@@ -236,7 +236,7 @@ def review_serve(host: str, port: int) -> None:
     import uvicorn
 
     from evaluation.review_app import create_app
-    from serving.vectorstore import VectorStore
+    from serving.corpus.vectorstore import VectorStore
 
     settings = _settings()
     engine = sa.create_engine(database_url(settings), pool_pre_ping=True)
@@ -427,9 +427,9 @@ def query(
     """Print the chunks nearest to QUESTION, with their sources and scores."""
     import sqlalchemy as sa
 
-    from serving.embedding import Embedder
-    from serving.retrieval import Filters, RetrievalError, Retriever
-    from serving.vectorstore import VectorStore
+    from serving.corpus.embedding import Embedder
+    from serving.corpus.retrieval import Filters, RetrievalError, Retriever
+    from serving.corpus.vectorstore import VectorStore
 
     settings = _settings()
     engine = sa.create_engine(database_url(settings))
@@ -474,7 +474,7 @@ def bento(config_file: Path | None) -> None:
 )
 def serve(bento_tag: str | None, host: str, port: int, follow: str) -> None:
     """Serve a Bento (default: the newest one built in this home) until Ctrl-C."""
-    from serving.bento import list_bentos
+    from serving.api.bento import list_bentos
 
     settings = _settings()
     if bento_tag is None:

@@ -50,7 +50,7 @@ documents = sa.Table(
 chunks = sa.Table(
     "chunks",
     metadata,
-    # Derived from the document id and the chunk's text (see serving.chunking.chunk_id).
+    # Derived from the document id and the chunk's text (see serving.corpus.chunking.chunk_id).
     sa.Column("chunk_id", sa.String(32), primary_key=True),
     sa.Column(
         "doc_id",
@@ -155,7 +155,7 @@ ratings = sa.Table(
     ),
 )
 
-# What the service saw: one row per sampled request (serving/traffic.py writes it off the
+# What the service saw: one row per sampled request (serving/api/traffic.py writes it off the
 # request path). Prompt and answer are NULL when the privacy setting keeps only their hashes.
 traffic_log = sa.Table(
     "traffic_log",

@@ -146,7 +146,7 @@ def measure(guard: InjectionGuard, path: Path = GUARD_DIR / "labeled.jsonl") -> 
 
 
 if __name__ == "__main__":  # python -m serving.guard: measure the guard on the labelled set
-    from serving.embedding import Embedder
+    from serving.corpus.embedding import Embedder
 
     embedder = Embedder()
     print(json.dumps(measure(InjectionGuard(embedder.encode)), indent=2))

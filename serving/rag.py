@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from serving.retrieval import Filters, Hit
+from serving.corpus.retrieval import Filters, Hit
 
 SYSTEM_PROMPT = (
     "You answer questions using only the numbered documents you are given. "

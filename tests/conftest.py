@@ -76,7 +76,7 @@ def db_url(server_url: str) -> Iterator[str]:
 def store(db_url: str):
     import sqlalchemy as sa
 
-    from serving.vectorstore import VectorStore
+    from serving.corpus.vectorstore import VectorStore
 
     engine = sa.create_engine(db_url)
     s = VectorStore(engine)
@@ -87,7 +87,7 @@ def store(db_url: str):
 
 @pytest.fixture(scope="session")
 def embedder():
-    from serving.embedding import Embedder
+    from serving.corpus.embedding import Embedder
 
     return Embedder()
 

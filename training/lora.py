@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from refinery.lineage import sha256_hex
-from serving.scoring import tokenize_for_sft
+from serving.runtime.scoring import tokenize_for_sft
 
 log = logging.getLogger(__name__)
 

@@ -1,6 +1,6 @@
 """Register models in the MLflow registry in a form MLflow loads back, with their lineage.
 
-A registered version is an MLflow "model from code" (``serving/pyfunc_model.py``) whose
+A registered version is an MLflow "model from code" (``serving/runtime/pyfunc_model.py``) whose
 artifact is a model folder of safetensors (or an ONNX file): nothing pickled. Aliases, never
 stages. Registering the same lineage twice returns the existing version.
 """
@@ -14,10 +14,10 @@ from pathlib import Path
 from typing import Any
 
 from refinery.settings import REPO_ROOT
-from serving.models import CHALLENGER
+from serving.runtime.models import CHALLENGER
 
-PYFUNC_FILE = REPO_ROOT / "serving" / "pyfunc_model.py"
-GENERATION_FILE = REPO_ROOT / "serving" / "generation.py"
+PYFUNC_FILE = REPO_ROOT / "serving" / "runtime" / "pyfunc_model.py"
+GENERATION_FILE = REPO_ROOT / "serving" / "runtime" / "generation.py"
 TAG_LINEAGE_KEY = "refinery.lineage_key"
 TAG_VARIANT = "refinery.variant"
 

@@ -20,7 +20,7 @@ from typing import Any
 from refinery.jsonl import json_objects
 from refinery.lineage import sha256_hex
 from refinery.settings import REPO_ROOT
-from serving.scoring import messages
+from serving.runtime.scoring import messages
 
 DEFAULT_SFT_PATH = REPO_ROOT / "data" / "sft" / "beekeeping_qa.jsonl"
 

@@ -17,10 +17,10 @@ import sqlalchemy as sa
 from refinery.settings import Settings
 from refinery.stores import database_url
 from refinery.tracking import client_for
-from serving.documents import RejectReason
-from serving.embedding import Embedder
-from serving.retrieval import Retriever
-from serving.vectorstore import VectorStore
+from serving.corpus.documents import RejectReason
+from serving.corpus.embedding import Embedder
+from serving.corpus.retrieval import Retriever
+from serving.corpus.vectorstore import VectorStore
 from tests.conftest import SAMPLE_CORPUS
 
 pytestmark = pytest.mark.e2e

@@ -178,7 +178,7 @@ def test_refuse_worse_promote_better_after_human_review_and_roll_back(fresh_home
 
     built = bento()
     assert built["model_version"] == f"refinery-chat/{v1}" and built["reused"] is False
-    from serving.bento import list_bentos
+    from serving.api.bento import list_bentos
 
     (info,) = [b for b in list_bentos(Settings.from_env()) if b["tag"] == built["bento"]]
     assert info["labels"]["refinery.model_version"] == v1

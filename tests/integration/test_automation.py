@@ -28,8 +28,8 @@ from orchestration.automation import (
 )
 from refinery.schema import create_schema
 from refinery.schema import traffic_log as traffic_table
-from serving.ingestion import corpus_changes, sync_documents
-from serving.traffic import TrafficLog, TrafficSettings
+from serving.api.traffic import TrafficLog, TrafficSettings
+from serving.corpus.ingestion import corpus_changes, sync_documents
 from tests.unit.test_monitoring import SHIFTED, TOPICS, traffic
 from training.user_data import (
     Proposal,
@@ -366,8 +366,8 @@ def test_logged_conversations_can_be_proposed_unless_hashed_or_blocked(db_url: s
 
 
 def test_alias_follower_swaps_only_when_the_alias_moves(tmp_path: Path, mlflow_uri: str):
-    from serving.follow import AliasFollower
-    from serving.models import ModelNotFoundError
+    from serving.runtime.follow import AliasFollower
+    from serving.runtime.models import ModelNotFoundError
     from training.registry import register_folder
 
     def folder(name: str) -> Path:

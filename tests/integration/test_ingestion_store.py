@@ -7,15 +7,15 @@ import pytest
 import sqlalchemy as sa
 
 from refinery import schema
-from serving.chunking import ChunkingConfig
-from serving.ingestion import (
+from serving.corpus.chunking import ChunkingConfig
+from serving.corpus.ingestion import (
     EmptyCorpusError,
     make_chunker,
     sync_chunks,
     sync_documents,
     sync_embeddings,
 )
-from serving.retrieval import Filters, Retriever
+from serving.corpus.retrieval import Filters, Retriever
 
 pytestmark = pytest.mark.integration
 
@@ -125,7 +125,7 @@ def test_switching_embedding_model_gets_its_own_space(store, small_corpus, embed
     """A second real model with another dimension: MiniLM with a 64-d projection on top."""
     from sentence_transformers import SentenceTransformer, models
 
-    from serving.embedding import Embedder
+    from serving.corpus.embedding import Embedder
 
     base = SentenceTransformer(embedder.ref.location, device="cpu")
     dense = models.Dense(in_features=384, out_features=64)
@@ -180,10 +180,10 @@ def test_selective_filters_still_return_k_rows(store):
     """
     import datetime
 
-    from serving.chunking import Chunk
-    from serving.documents import ParsedDocument
-    from serving.retrieval import explain_search, search_vector
-    from serving.vectorstore import DocumentToChunk
+    from serving.corpus.chunking import Chunk
+    from serving.corpus.documents import ParsedDocument
+    from serving.corpus.retrieval import explain_search, search_vector
+    from serving.corpus.vectorstore import DocumentToChunk
 
     rng = np.random.default_rng(0)
     space = store.ensure_space("synthetic", 32)

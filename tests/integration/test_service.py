@@ -112,10 +112,10 @@ def served(settings, server_url, embedder, tmp_path_factory) -> Iterator[Served]
     import sqlalchemy as sa
 
     from refinery.stores import environment, prepare_mlflow
-    from serving.bento import build_bento
-    from serving.chunking import ChunkingConfig
-    from serving.ingestion import make_chunker, sync_chunks, sync_documents, sync_embeddings
-    from serving.vectorstore import VectorStore
+    from serving.api.bento import build_bento
+    from serving.corpus.chunking import ChunkingConfig
+    from serving.corpus.ingestion import make_chunker, sync_chunks, sync_documents, sync_embeddings
+    from serving.corpus.vectorstore import VectorStore
     from training.base_model import resolve_base_model
     from training.registry import register_folder
 

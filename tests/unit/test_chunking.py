@@ -6,8 +6,8 @@ import itertools
 
 import pytest
 
-from serving.chunking import Chunker, ChunkingConfig, chunk_id
-from serving.embedding import Embedder
+from serving.corpus.chunking import Chunker, ChunkingConfig, chunk_id
+from serving.corpus.embedding import Embedder
 from tests.conftest import SAMPLE_CORPUS
 
 
@@ -112,7 +112,7 @@ def test_fingerprint_changes_with_config_and_tokenizer():
 
 
 def test_chunks_longer_than_the_model_reads_are_refused():
-    from serving.ingestion import make_chunker
+    from serving.corpus.ingestion import make_chunker
 
     with pytest.raises(ValueError, match="truncated"):
         make_chunker(ChunkingConfig(max_tokens=300, overlap_tokens=0), Embedder())

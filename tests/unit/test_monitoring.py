@@ -18,7 +18,7 @@ from evaluation.monitoring import (
     cost_summary,
     drift_report,
 )
-from serving.traffic import TrafficLog, TrafficSettings, text_hash
+from serving.api.traffic import TrafficLog, TrafficSettings, text_hash
 
 
 def _record(log: TrafficLog, i: int = 0) -> bool:

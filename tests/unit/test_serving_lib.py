@@ -9,12 +9,12 @@ import time
 
 import pytest
 
-from serving.accounting import price_per_hour, request_cost
-from serving.bento import BentoBuildError, Pins, bento_tag_part, read_mlflow_model
-from serving.cache import InProcessCache, RedisCache, cache_key, make_cache
-from serving.generation import per_row
+from serving.api.accounting import price_per_hour, request_cost
+from serving.api.bento import BentoBuildError, Pins, bento_tag_part, read_mlflow_model
+from serving.api.cache import InProcessCache, RedisCache, cache_key, make_cache
+from serving.api.openai_schema import ApiError, ChatCompletionRequest, EmbeddingRequest, Limits
 from serving.guard import heuristic_reasons, load_labeled
-from serving.openai_schema import ApiError, ChatCompletionRequest, EmbeddingRequest, Limits
+from serving.runtime.generation import per_row
 
 LIMITS = Limits(max_tokens=64, max_prompt_chars=100, max_messages=3, max_embedding_inputs=4)
 
@@ -173,7 +173,7 @@ def test_per_row_token_limits():
 
 # --- gateway middleware --------------------------------------------------------------------
 def _middleware(monkeypatch, **env):
-    from serving.service import GatewayMiddleware
+    from serving.api.service import GatewayMiddleware
 
     for key, value in env.items():
         monkeypatch.setenv(key, value)
@@ -283,7 +283,7 @@ def test_read_mlflow_model_refuses_folders_that_are_not_ours(tmp_path):
 def test_dependency_calls_retry_dropped_connections_then_answer_503():
     import aiohttp
 
-    from serving.service import CONNECTION_RETRIES, _call
+    from serving.api.service import CONNECTION_RETRIES, _call
 
     calls = []
 

@@ -110,7 +110,7 @@ def test_importing_definitions_has_no_side_effects(tmp_path, monkeypatch):
 
 
 def test_source_filters_are_parameterized_and_escaped():
-    from serving.retrieval import _source_clause
+    from serving.corpus.retrieval import _source_clause
 
     col = sa.column("source")
     exact = _source_clause(col, "a_b%.md").compile(dialect=postgresql.dialect())

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from serving.scoring import tokenize_for_sft
+from serving.runtime.scoring import tokenize_for_sft
 from tests.conftest import SAMPLE_CORPUS
 from tests.tiny_model import make_tiny_llama
 from training.base_model import BaseModelError, resolve_base_model

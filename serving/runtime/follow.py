@@ -15,7 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from serving.models import ModelRef, resolve
+from serving.runtime.models import ModelRef, resolve
 
 log = logging.getLogger("refinery.follow")
 

@@ -17,8 +17,8 @@ from sqlalchemy.dialects.postgresql import insert
 
 from refinery import schema
 from refinery.lineage import combined_hash, sha256_hex
-from serving.chunking import Chunk
-from serving.documents import ParsedDocument, Rejection, document_id
+from serving.corpus.chunking import Chunk
+from serving.corpus.documents import ParsedDocument, Rejection, document_id
 
 
 @dataclass(frozen=True)

@@ -13,8 +13,8 @@ import numpy as np
 import sqlalchemy as sa
 
 from refinery import schema
-from serving.embedding import Embedder
-from serving.vectorstore import EmbeddingSpace, VectorStore
+from serving.corpus.embedding import Embedder
+from serving.corpus.vectorstore import EmbeddingSpace, VectorStore
 
 MAX_K = 100
 MAX_QUESTION_CHARS = 4000

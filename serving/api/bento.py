@@ -1,6 +1,6 @@
 """Build a Bento of the champion: the registry version an alias points to, pinned.
 
-1. Resolve the alias to a version (``serving.models.resolve``) and download that version.
+1. Resolve the alias to a version (``serving.runtime.models.resolve``) and download that version.
 2. Stage a build context: the service's sources, ``deploy/bentofile.yaml`` and
    ``serving/pins.json`` (which model versions and BentoML model tags the service loads).
 3. In a child process with ``BENTOML_HOME`` set (BentoML fixes its store once per process),
@@ -24,14 +24,14 @@ from pathlib import Path
 from typing import Any
 
 from refinery.settings import OFFLINE_ENV, REPO_ROOT, Settings
-from serving.embedding import resolve_embedding_model
-from serving.models import CHAMPION, resolve
+from serving.corpus.embedding import resolve_embedding_model
+from serving.runtime.models import CHAMPION, resolve
 
 BENTOFILE = REPO_ROOT / "deploy" / "bentofile.yaml"
 SERVICE_NAME = "refinery"  # the @bentoml.service name, and so the Bento's name
-PINS_FILE = Path(__file__).resolve().parent / "pins.json"
+PINS_FILE = Path(__file__).resolve().parents[1] / "pins.json"  # serving/pins.json
 STAGED = {
-    "serving": "*.py",
+    "serving": "**/*.py",
     "refinery": "*.py",
     "data/guard": "*.jsonl",
 }
@@ -43,7 +43,7 @@ class BentoBuildError(RuntimeError):
 
 @dataclass(frozen=True)
 class Pins:
-    """What a Bento serves. Read by ``serving.service`` when it is imported."""
+    """What a Bento serves. Read by ``serving.api.service`` when it is imported."""
 
     registered_model: str
     model_version: str
@@ -107,7 +107,7 @@ def sources_hash() -> str:
     digest = hashlib.sha256(BENTOFILE.read_bytes())
     for folder, pattern in sorted(STAGED.items()):
         for path in sorted((REPO_ROOT / folder).glob(pattern)):
-            if path.name != PINS_FILE.name:
+            if path.name != PINS_FILE.name and "__pycache__" not in path.parts:
                 digest.update(path.relative_to(REPO_ROOT).as_posix().encode())
                 digest.update(path.read_bytes())
     return digest.hexdigest()[:12]
@@ -115,10 +115,11 @@ def sources_hash() -> str:
 
 def _stage(ctx: Path, pins: Pins) -> None:
     for folder, pattern in STAGED.items():
-        (ctx / folder).mkdir(parents=True, exist_ok=True)
         for path in (REPO_ROOT / folder).glob(pattern):
-            if path.name != PINS_FILE.name:
-                shutil.copy2(path, ctx / folder / path.name)
+            if path.name != PINS_FILE.name and "__pycache__" not in path.parts:
+                target = ctx / path.relative_to(REPO_ROOT)
+                target.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(path, target)
     shutil.copy2(BENTOFILE, ctx / "bentofile.yaml")
     (ctx / "serving" / PINS_FILE.name).write_text(json.dumps(asdict(pins), indent=2))
 
@@ -206,7 +207,7 @@ def build_bento(
             "labels": labels,
         }
         proc = subprocess.run(
-            [sys.executable, "-m", "serving.bento", json.dumps(job)],
+            [sys.executable, "-m", "serving.api.bento", json.dumps(job)],
             cwd=ctx,
             env=_child_env(settings),
             capture_output=True,

@@ -9,7 +9,7 @@
   cache, guard, limits, API keys and metrics. It calls the other two through ``bentoml.depends``:
   their dispatchers gather concurrent calls into batches.
 
-What a Bento serves is pinned in ``serving/pins.json`` (written by ``serving.bento``). BentoML
+What a Bento serves is pinned in ``serving/pins.json`` (written by ``serving.api.bento``). BentoML
 fixes models and batching parameters when a class is defined, so this module reads its pins and
 the ``REFINERY_*`` batching variables at import; nothing else happens at import.
 """
@@ -34,10 +34,10 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
-from serving.accounting import price_per_hour, request_cost
-from serving.bento import Pins, read_mlflow_model
-from serving.cache import cache_key, make_cache
-from serving.openai_schema import (
+from serving.api.accounting import price_per_hour, request_cost
+from serving.api.bento import Pins, read_mlflow_model
+from serving.api.cache import cache_key, make_cache
+from serving.api.openai_schema import (
     ApiError,
     ChatCompletionRequest,
     EmbeddingRequest,
@@ -46,7 +46,7 @@ from serving.openai_schema import (
     chat_response,
     embedding_response,
 )
-from serving.traffic import TrafficLog, TrafficSettings
+from serving.api.traffic import TrafficLog, TrafficSettings
 
 log = logging.getLogger("refinery.service")
 
@@ -133,7 +133,7 @@ class Embeddings:
         model = bentoml.models.BentoModel(PINS.embedding_model_tag)
 
     def __init__(self) -> None:
-        from serving.embedding import Embedder
+        from serving.corpus.embedding import Embedder
         from serving.guard import InjectionGuard
 
         _torch_threads()
@@ -179,7 +179,7 @@ class ChatModel:
         self.follower = None
         if FOLLOW_ALIAS:
             from refinery.settings import Settings
-            from serving.follow import AliasFollower
+            from serving.runtime.follow import AliasFollower
 
             env = dict(os.environ)
             env.setdefault("REFINERY_HOME", pins.refinery_home)
@@ -196,7 +196,7 @@ class ChatModel:
             ).start()
 
     def _load(self, folder: Path) -> Any:
-        from serving.generation import load_generator
+        from serving.runtime.generation import load_generator
 
         weights, variant = read_mlflow_model(folder)
         device = "cuda" if self.cuda and variant == "none" else "cpu"
@@ -644,8 +644,8 @@ class Refinery:
     async def _rag(
         self, question: str, k: int, filters: RagFilters | None, max_tokens: int, ctx: Any
     ) -> dict[str, Any]:
+        from serving.corpus.retrieval import Filters, search_vector
         from serving.rag import build_messages, make_answer
-        from serving.retrieval import Filters, search_vector
 
         t0 = time.perf_counter()
         await self._refresh_label()
@@ -741,7 +741,7 @@ class Refinery:
     def _retrieval_state(self) -> tuple[Any, Any]:
         """The database engine and the embedding space (once; the space must exist)."""
         if self._retrieval is None:
-            from serving.vectorstore import VectorStore
+            from serving.corpus.vectorstore import VectorStore
 
             try:
                 store = VectorStore(self._new_engine())

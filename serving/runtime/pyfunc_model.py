@@ -21,7 +21,7 @@ class RefineryChatModel(PythonModel):
         try:
             from generation import load_generator  # shipped beside this file by code_paths
         except ImportError:  # run from a checkout: the same module, from the package
-            from serving.generation import load_generator
+            from serving.runtime.generation import load_generator
 
         config = context.model_config or {}
         self.generator = load_generator(

@@ -17,8 +17,8 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from refinery.lineage import sha256_hex
-from serving.chunking import Chunker, ChunkingConfig
-from serving.documents import (
+from serving.corpus.chunking import Chunker, ChunkingConfig
+from serving.corpus.documents import (
     DEFAULT_MAX_FILE_BYTES,
     CorpusFile,
     DocumentRejected,
@@ -28,8 +28,8 @@ from serving.documents import (
     read_bytes,
     scan_corpus,
 )
-from serving.embedding import Embedder
-from serving.vectorstore import EmbeddingSpace, VectorStore
+from serving.corpus.embedding import Embedder
+from serving.corpus.vectorstore import EmbeddingSpace, VectorStore
 
 log = logging.getLogger(__name__)
 
