@@ -7,12 +7,12 @@ from pydantic import Field
 
 from assets.resources import (
     EmbeddingModelResource,
+    HomeResource,
     MLflowResource,
     PostgresResource,
     mlflow_metadata,
 )
 from refinery.lineage import TAG_CORPUS_HASH
-from refinery.settings import Settings
 from serving.corpus.chunking import ChunkingConfig
 from serving.corpus.ingestion import make_chunker, sync_chunks, sync_documents, sync_embeddings
 
@@ -36,12 +36,8 @@ class SourceDocumentsConfig(dg.Config):
         "Empty: the whole folder. The corpus sensor fills it with what changed.",
     )
 
-    def corpus_path(self) -> Path:
-        return (
-            Path(self.corpus_dir).expanduser()
-            if self.corpus_dir
-            else Settings.from_env().corpus_dir
-        )
+    def corpus_path(self, home: HomeResource) -> Path:
+        return Path(self.corpus_dir).expanduser() if self.corpus_dir else home.corpus_dir
 
 
 class DocumentChunksConfig(dg.Config):
@@ -76,8 +72,9 @@ def source_documents(
     config: SourceDocumentsConfig,
     postgres: PostgresResource,
     mlflow: MLflowResource,
+    home: HomeResource,
 ) -> dg.MaterializeResult:
-    corpus = config.corpus_path()
+    corpus = config.corpus_path(home)
     params = {
         "corpus_dir": str(corpus),
         "max_file_mb": config.max_file_mb,
@@ -94,23 +91,13 @@ def source_documents(
         )
         run.log_metrics(result.metrics())
         run.set_tags({TAG_CORPUS_HASH: result.corpus_hash})
-        run.log_dict(
-            [
-                {"file": r.source, "reason": r.reason.value, "detail": r.detail}
-                for r in result.rejections
-            ],
-            "rejected_files.json",
-        )
+        run.log_dict(result.rejection_rows(), "rejected_files.json")
+    counts = ("documents", "new", "changed", "unchanged", "removed", "rejected")
     return dg.MaterializeResult(
         metadata={
             "corpus": str(corpus),
             "corpus_hash": result.corpus_hash,
-            "documents": result.documents,
-            "new": result.new,
-            "changed": result.changed,
-            "unchanged": result.unchanged,
-            "removed": result.removed,
-            "rejected": result.rejected,
+            **{name: getattr(result, name) for name in counts},
             "rejected_files": dg.MetadataValue.md(_rejections_markdown(result.rejections)),
             **mlflow_metadata(run),
         },

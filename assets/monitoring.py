@@ -9,23 +9,19 @@ from pydantic import Field
 
 from assets.resources import (
     EmbeddingModelResource,
+    HomeResource,
     MLflowResource,
     PostgresResource,
+    as_metadata,
     mlflow_metadata,
 )
-from evaluation.datasets import load_rag_questions
 from evaluation.monitoring import (
+    DriftOutcome,
     DriftThresholds,
-    NotEnoughTraffic,
-    cost_plot,
-    cost_summary,
-    load_traffic,
-    reference_from_questions,
+    cost_over_window,
+    drift_over_window,
 )
-from evaluation.monitoring import (
-    drift_report as run_drift_report,
-)
-from refinery.settings import Settings
+from refinery.tracking import TrackedRun
 
 GROUP = "monitoring"
 EXPERIMENT = "refinery-monitoring"
@@ -81,94 +77,52 @@ def drift_report(
     postgres: PostgresResource,
     mlflow: MLflowResource,
     embedding_model: EmbeddingModelResource,
+    home: HomeResource,
 ) -> dg.MaterializeResult:
-    end = config.window_end()
-    window = timedelta(hours=config.window_hours)
-    engine = postgres.engine
-    current = load_traffic(engine, end - window, end)
-    reference_name = config.reference
-    reference = load_traffic(engine, end - 2 * window, end - window)
-    if reference_name == "evaluation_set" or len(reference) < config.min_rows:
-        if reference_name == "previous_window":
-            context.log.info(
-                f"previous window holds {len(reference)} requests (< {config.min_rows}): "
-                "using the evaluation question set as the reference"
-            )
-        rows, _ = load_rag_questions()
-        reference = reference_from_questions([r["question"] for r in rows])
-        reference_name = "evaluation_set"
-    params = {
-        "window_hours": config.window_hours,
-        "window_end": end.isoformat(),
-        "reference": reference_name,
-        "max_drifted_share": config.max_drifted_share,
-        "max_embedding_auc": config.max_embedding_auc,
-    }
-    html = Settings.from_env().home / "reports" / f"drift-{context.run_id[:8]}.html"
-    with mlflow.asset_run(context, EXPERIMENT, params=params) as run:
-        try:
-            result = run_drift_report(
-                reference,
-                current,
-                html,
-                # Loaded only when both windows hold enough traffic to compare.
-                embed=lambda texts: embedding_model.get().encode(texts),
-                thresholds=DriftThresholds(config.max_drifted_share, config.max_embedding_auc),
-                min_rows=config.min_rows,
-            )
-        except NotEnoughTraffic as err:
-            context.log.warning(f"no drift report: {err}")
-            run.set_tags({"refinery.drift": "not_enough_traffic"})
-            return dg.MaterializeResult(
-                metadata={
-                    "skipped": str(err),
-                    "current_rows": len(current),
-                    **mlflow_metadata(run),
-                },
-                check_results=[
-                    dg.AssetCheckResult(
-                        check_name=DRIFT_CHECK,
-                        passed=False,
-                        severity=dg.AssetCheckSeverity.WARN,
-                        metadata={"reason": str(err)},
-                    )
-                ],
-            )
-        run.log_metrics(result.metrics())
-        run.log_artifact(result.html)
-        run.set_tags({"refinery.drift": "passed" if result.passed else "failed"})
-    context.log.info(
-        f"drift: {len(result.drifted_columns)}/{len(result.column_pvalues)} columns drifted, "
-        f"embedding AUC {result.embedding_auc}; "
-        + ("within thresholds" if result.passed else "; ".join(result.failed_because))
-    )
-    return dg.MaterializeResult(
+    with mlflow.asset_run(context, EXPERIMENT) as run:
+        outcome = drift_over_window(
+            postgres.engine, config.window_end(), timedelta(hours=config.window_hours),
+            home.folder("reports"), run, reference=config.reference, min_rows=config.min_rows,
+            thresholds=DriftThresholds(config.max_drifted_share, config.max_embedding_auc),
+            # Loaded only when both windows hold enough traffic to compare.
+            embed=lambda texts: embedding_model.get().encode(texts), log=context.log.info,
+        )  # fmt: skip
+    if outcome.result is None:
+        context.log.warning(f"no drift report: {outcome.skipped}")
+    else:
+        context.log.info(outcome.result.summary())
+    return _drift_materialization(outcome, run)
+
+
+def _drift_materialization(outcome: DriftOutcome, run: TrackedRun) -> dg.MaterializeResult:
+    """The report's figures as metadata and the check's verdict: ERROR when the traffic
+    drifted past the thresholds, WARN when there was too little traffic to tell."""
+    result = outcome.result
+    if result is None:
+        check = dg.AssetCheckResult(
+            check_name=DRIFT_CHECK, passed=False, severity=dg.AssetCheckSeverity.WARN,
+            metadata={"reason": outcome.skipped},
+        )  # fmt: skip
+        metadata = {"skipped": outcome.skipped, "current_rows": outcome.current_rows}
+        return dg.MaterializeResult(
+            metadata={**metadata, **mlflow_metadata(run)}, check_results=[check]
+        )
+    check = dg.AssetCheckResult(
+        check_name=DRIFT_CHECK, passed=result.passed, severity=dg.AssetCheckSeverity.ERROR,
         metadata={
-            "reference": reference_name,
-            "current_rows": result.current_rows,
-            "reference_rows": result.reference_rows,
-            "drifted_columns": dg.MetadataValue.json(result.drifted_columns),
-            "drifted_share": result.drifted_share,
-            "prompt_embedding_auc": result.embedding_auc
-            if result.embedding_auc is not None
-            else "n/a",
-            "evidently_report": dg.MetadataValue.url(f"{run.url}/artifacts/{result.html.name}"),
-            "report_path": dg.MetadataValue.path(str(result.html)),
-            **mlflow_metadata(run),
+            "failed_because": dg.MetadataValue.md(
+                "\n".join(f"- {r}" for r in result.failed_because) or "nothing drifted"
+            ),
+            "p_values": dg.MetadataValue.json(result.column_pvalues),
         },
-        check_results=[
-            dg.AssetCheckResult(
-                check_name=DRIFT_CHECK,
-                passed=result.passed,
-                severity=dg.AssetCheckSeverity.ERROR,
-                metadata={
-                    "failed_because": dg.MetadataValue.md(
-                        "\n".join(f"- {r}" for r in result.failed_because) or "nothing drifted"
-                    ),
-                    "p_values": dg.MetadataValue.json(result.column_pvalues),
-                },
-            )
-        ],
+    )  # fmt: skip
+    metadata = {
+        "reference": outcome.reference, **as_metadata(result.metadata()),
+        "evidently_report": dg.MetadataValue.url(f"{run.url}/artifacts/{result.html.name}"),
+        "report_path": dg.MetadataValue.path(str(result.html)),
+    }  # fmt: skip
+    return dg.MaterializeResult(
+        metadata={**metadata, **mlflow_metadata(run)}, check_results=[check]
     )
 
 
@@ -195,28 +149,24 @@ def cost_report(
     config: CostReportConfig,
     postgres: PostgresResource,
     mlflow: MLflowResource,
+    home: HomeResource,
 ) -> dg.MaterializeResult:
-    end = datetime.now(UTC)
-    frame = load_traffic(postgres.engine, end - timedelta(days=config.window_days), end)
-    if frame.empty:
+    outcome = cost_over_window(
+        postgres.engine, datetime.now(UTC), timedelta(days=config.window_days), config.bucket,
+        home.folder("reports"), mlflow.run_opener(context, EXPERIMENT),
+    )  # fmt: skip
+    if outcome is None:
         context.log.warning("the traffic log holds no request in the window: nothing to report")
         return dg.MaterializeResult(metadata={"requests": 0})
-    summary = cost_summary(frame)
-    png = Settings.from_env().home / "reports" / f"cost-{context.run_id[:8]}.png"
-    with mlflow.asset_run(context, EXPERIMENT, params=config.model_dump()) as run:
-        cost_plot(frame, png, config.bucket)
-        run.log_metrics(summary.metrics())
-        run.log_artifact(png)
-        run.log_text(summary.per_day.to_csv(), "cost_per_day.csv")
-    image = base64.b64encode(png.read_bytes()).decode()
-    per_day = summary.per_day.reset_index()
+    image = base64.b64encode(outcome.png.read_bytes()).decode()
+    per_day = outcome.summary.per_day.reset_index()
     per_day["day"] = per_day["day"].dt.strftime("%Y-%m-%d")
     return dg.MaterializeResult(
         metadata={
-            **{k: round(v, 8) for k, v in summary.metrics().items()},
+            **{k: round(v, 8) for k, v in outcome.summary.metrics().items()},
             "per_day": dg.MetadataValue.md(per_day.to_markdown(index=False, floatfmt=".6g")),
             "plot": dg.MetadataValue.md(f"![cost report](data:image/png;base64,{image})"),
-            "plot_path": dg.MetadataValue.path(str(png)),
-            **mlflow_metadata(run),
+            "plot_path": dg.MetadataValue.path(str(outcome.png)),
+            **mlflow_metadata(run_id=outcome.run_id, url=outcome.run_url),
         }
     )

@@ -2,19 +2,21 @@
 
 They live here rather than in ``orchestration/`` because assets type their parameters with
 them and the import direction is orchestration → assets; ``orchestration/definitions.py``
-instantiates and configures them in one place.
+instantiates and configures them in one place. Settings reach assets only through these.
 """
 
 from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator, Mapping
+from pathlib import Path
 from typing import Any
 
 import dagster as dg
 import sqlalchemy as sa
 from pydantic import Field, PrivateAttr
 
+from evaluation.gate import GatePolicy, HumanGate, policy_from
 from refinery.lineage import (
     TAG_CODE_VERSION,
     TAG_DAGSTER_ASSET_KEY,
@@ -23,8 +25,8 @@ from refinery.lineage import (
     code_version,
 )
 from refinery.settings import Settings
-from refinery.stores import database_url, prepare_mlflow
-from refinery.tracking import TrackedRun, tracked_run
+from refinery.stores import make_engine, prepare_mlflow
+from refinery.tracking import RunOpener, TrackedRun, tracked_run
 from serving.corpus.embedding import Embedder
 from serving.corpus.vectorstore import VectorStore
 
@@ -33,17 +35,41 @@ def _settings(home: str) -> Settings:
     settings = Settings.from_env()
     if home:
         from dataclasses import replace
-        from pathlib import Path
 
         settings = replace(settings, home=Path(home).expanduser().resolve())
     return settings
 
 
+class HomeResource(dg.ConfigurableResource):
+    """The platform's home: the default corpus folder and the local folders where models,
+    datasets and reports are written. ``path`` empty: REFINERY_HOME, else ``.refinery/``."""
+
+    path: str = ""
+
+    @property
+    def settings(self) -> Settings:
+        return _settings(self.path)
+
+    @property
+    def corpus_dir(self) -> Path:
+        return self.settings.corpus_dir
+
+    @property
+    def models_dir(self) -> Path:
+        return self.settings.models_dir
+
+    def folder(self, name: str) -> Path:
+        """``<home>/<name>`` (datasets, reports …), created on first use."""
+        folder = self.settings.home / name
+        folder.mkdir(parents=True, exist_ok=True)
+        return folder
+
+
 class PostgresResource(dg.ConfigurableResource):
-    """Postgres + pgvector through a SQLAlchemy 2 engine.
+    """Postgres + pgvector through the one engine factory (``refinery.stores.make_engine``).
 
     ``url`` empty (the default): REFINERY_DATABASE_URL if set, else the embedded server under
-    REFINERY_HOME, started on first use.
+    REFINERY_HOME, started on first use. The schema is created when the resource starts.
     """
 
     url: str = ""
@@ -52,10 +78,9 @@ class PostgresResource(dg.ConfigurableResource):
     _engine: sa.Engine | None = PrivateAttr(default=None)
 
     def setup_for_execution(self, context: dg.InitResourceContext) -> None:
-        settings = _settings(self.home)
-        url = self.url or database_url(settings)
-        self._engine = sa.create_engine(url, pool_pre_ping=True)
-        VectorStore(self._engine).create_schema()
+        self._engine = make_engine(
+            self.url or None, settings=_settings(self.home), create_schema=True
+        )
 
     def teardown_after_execution(self, context: dg.InitResourceContext) -> None:
         if self._engine is not None:
@@ -99,6 +124,13 @@ class MLflowResource(dg.ConfigurableResource):
         """The settings of the home this resource's local stores live in."""
         return self._resolved()[3]
 
+    @property
+    def ui_base(self) -> str:
+        return self._resolved()[1]
+
+    def model_version_url(self, name: str, version: str) -> str:
+        return f"{self.ui_base}/#/models/{name}/versions/{version}"
+
     def lineage_tags(self, context: dg.AssetExecutionContext) -> dict[str, str]:
         """Tags that say exactly which Dagster run, asset and code made an MLflow object."""
         _, _, dagster_ui, _ = self._resolved()
@@ -136,9 +168,10 @@ class MLflowResource(dg.ConfigurableResource):
                 run.log_params(params)
             yield run
 
-    @property
-    def ui_base(self) -> str:
-        return self._resolved()[1]
+    def run_opener(self, context: dg.AssetExecutionContext, experiment: str) -> RunOpener:
+        """``asset_run`` as a plain function, for library code that opens a run only when it
+        has work to record (a reused result opens none)."""
+        return lambda params, tags: self.asset_run(context, experiment, params=params, tags=tags)
 
     def existing_run(self, run_id: str) -> TrackedRun:
         """A handle on a run made earlier (the training run that later steps add to)."""
@@ -149,31 +182,12 @@ class MLflowResource(dg.ConfigurableResource):
         return TrackedRun(client, run_id, client.get_run(run_id).info.experiment_id, ui_url)
 
 
-def upstream_metadata(context: dg.AssetExecutionContext, asset: str) -> dict[str, Any]:
-    """Metadata values of an upstream asset's latest materialization (paths, ids, hashes)."""
-    event = context.instance.get_latest_materialization_event(dg.AssetKey(asset))
-    if event is None or event.asset_materialization is None:
-        raise dg.Failure(
-            description=f"{asset} has never been materialized: materialize it first",
-            allow_retries=False,
-        )
-    return {key: value.value for key, value in event.asset_materialization.metadata.items()}
-
-
-def mlflow_metadata(run: TrackedRun) -> dict[str, Any]:
-    """Dagster metadata that links a materialization to its MLflow run."""
-    return {
-        "mlflow_run_id": run.run_id,
-        "mlflow_run": dg.MetadataValue.url(run.url),
-    }
-
-
 class PromotionPolicy(dg.ConfigurableResource):
     """Promotion thresholds, in one place. ``tolerances`` overrides the default tolerance of
     a metric rule (``evaluation.gate.DEFAULT_RULES``); ``rules`` restricts the gate to those
     metrics. Waiving the human gate needs a reason, and is recorded with every decision."""
 
-    human_gate: str = "required"  # "required" or "waived"
+    human_gate: HumanGate = HumanGate.required
     waiver_reason: str = ""
     min_ratings: int = 10
     min_mean: float = 4.0
@@ -181,27 +195,16 @@ class PromotionPolicy(dg.ConfigurableResource):
     rules: list[str] = Field(default_factory=list)
     tolerances: dict[str, float] = Field(default_factory=dict)
 
-    def policy(self) -> Any:
-        from dataclasses import replace
-
-        from evaluation.gate import DEFAULT_RULES, GatePolicy, HumanRule
-
-        if self.human_gate not in ("required", "waived"):
-            raise ValueError(f"human_gate must be 'required' or 'waived', got {self.human_gate!r}")
-        known = {r.metric for r in DEFAULT_RULES}
-        unknown = sorted((set(self.rules) | set(self.tolerances)) - known)
-        if unknown:
-            raise ValueError(f"unknown gate metrics {unknown}; known: {sorted(known)}")
-        rules = tuple(
-            replace(r, tolerance=self.tolerances.get(r.metric, r.tolerance))
-            for r in DEFAULT_RULES
-            if not self.rules or r.metric in self.rules
-        )
-        return GatePolicy(
-            rules=rules,
-            human=HumanRule(self.min_ratings, self.min_mean, self.min_ci_low),
+    def policy(self) -> GatePolicy:
+        """The policy as the gate takes it; ValueError names an unknown metric."""
+        return policy_from(
             human_gate=self.human_gate,
             waiver_reason=self.waiver_reason,
+            min_ratings=self.min_ratings,
+            min_mean=self.min_mean,
+            min_ci_low=self.min_ci_low,
+            rules=self.rules,
+            tolerances=self.tolerances,
         )
 
 
@@ -221,3 +224,43 @@ class EmbeddingModelResource(dg.ConfigurableResource):
         if self._embedder is None:
             self._embedder = Embedder(self.model or None, device=self.device)
         return self._embedder
+
+
+# --- metadata for people looking at the UI ---------------------------------------------------
+def mlflow_metadata(run: TrackedRun | None = None, *, run_id: str = "", url: str = "") -> dict:
+    """Dagster metadata that links a materialization to its MLflow run."""
+    if run is not None:
+        run_id, url = run.run_id, run.url
+    return {"mlflow_run_id": run_id, "mlflow_run": dg.MetadataValue.url(url)}
+
+
+def as_metadata(values: Mapping[str, Any]) -> dict[str, Any]:
+    """Plain values as Dagster metadata: URLs clickable, dicts and lists as JSON, Markdown
+    tables as Markdown; None is dropped."""
+    out: dict[str, Any] = {}
+    for key, value in values.items():
+        if value is None:
+            continue
+        if isinstance(value, str) and value.startswith(("http://", "https://")):
+            out[key] = dg.MetadataValue.url(value)
+        elif isinstance(value, str) and value.lstrip().startswith("|"):
+            out[key] = dg.MetadataValue.md(value)
+        elif isinstance(value, dict | list | tuple):
+            out[key] = dg.MetadataValue.json(value if not isinstance(value, tuple) else list(value))
+        else:
+            out[key] = value
+    return out
+
+
+def failure(err: Exception | str) -> dg.Failure:
+    """Bad config or data: fail the step with the message that says what to fix, no retry."""
+    return dg.Failure(description=str(err), allow_retries=False)
+
+
+@contextlib.contextmanager
+def fails_on(*errors: type[Exception]) -> Iterator[None]:
+    """The library's "what to fix" errors become a Dagster failure that is not retried."""
+    try:
+        yield
+    except errors as err:
+        raise failure(err) from err

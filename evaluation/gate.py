@@ -3,9 +3,18 @@ with reasons. Dagster wraps it in a blocking asset check; nothing here has side 
 
 from __future__ import annotations
 
+import enum
 import math
-from dataclasses import asdict, dataclass, field
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Literal
+
+
+class HumanGate(enum.StrEnum):
+    """Whether promotion waits for human ratings (``waived`` needs a recorded reason)."""
+
+    required = "required"
+    waived = "waived"
 
 
 @dataclass(frozen=True)
@@ -53,6 +62,36 @@ class GatePolicy:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+def policy_from(
+    *,
+    human_gate: str = "required",
+    waiver_reason: str = "",
+    min_ratings: int = 10,
+    min_mean: float = 4.0,
+    min_ci_low: float = 3.8,
+    rules: Sequence[str] = (),
+    tolerances: Mapping[str, float] | None = None,
+) -> GatePolicy:
+    """A policy from plain settings: ``rules`` restricts the gate to those metrics,
+    ``tolerances`` overrides a rule's default tolerance. ValueError names unknown metrics."""
+    gate = HumanGate(human_gate)  # ValueError for anything but required / waived
+    tolerances = dict(tolerances or {})
+    known = {r.metric for r in DEFAULT_RULES}
+    unknown = sorted((set(rules) | set(tolerances)) - known)
+    if unknown:
+        raise ValueError(f"unknown gate metrics {unknown}; known: {sorted(known)}")
+    return GatePolicy(
+        rules=tuple(
+            replace(r, tolerance=tolerances.get(r.metric, r.tolerance))
+            for r in DEFAULT_RULES
+            if not rules or r.metric in rules
+        ),
+        human=HumanRule(min_ratings, min_mean, min_ci_low),
+        human_gate=gate.value,
+        waiver_reason=waiver_reason,
+    )
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,7 @@ import math
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +25,7 @@ import pandas as pd
 import sqlalchemy as sa
 
 from refinery.schema import traffic_log
+from refinery.tracking import RunOpener
 
 EmbedFn = Callable[[list[str]], np.ndarray]
 
@@ -86,6 +87,22 @@ class DriftResult:
     @property
     def passed(self) -> bool:
         return not self.failed_because
+
+    def summary(self) -> str:
+        judged = "within thresholds" if self.passed else "; ".join(self.failed_because)
+        return (
+            f"drift: {len(self.drifted_columns)}/{len(self.column_pvalues)} columns drifted, "
+            f"embedding AUC {self.embedding_auc}; {judged}"
+        )
+
+    def metadata(self) -> dict[str, Any]:
+        return {
+            "current_rows": self.current_rows,
+            "reference_rows": self.reference_rows,
+            "drifted_columns": self.drifted_columns,
+            "drifted_share": self.drifted_share,
+            "prompt_embedding_auc": self.embedding_auc if self.embedding_auc is not None else "n/a",
+        }
 
     def metrics(self) -> dict[str, float]:
         out = {
@@ -305,3 +322,99 @@ def cost_plot(frame: pd.DataFrame, path: Path, bucket: str = "1h") -> Path:
     fig.savefig(path, dpi=90)
     plt.close(fig)
     return path
+
+
+# ---------------------------------------------------------------------------------------------
+# The reports over a window of the log, as the monitoring assets run them
+
+
+@dataclass
+class DriftOutcome:
+    reference: str  # "previous_window" or "evaluation_set" (what the current window met)
+    current_rows: int
+    result: DriftResult | None  # None: too little traffic to compare
+    skipped: str = ""  # why, when result is None
+
+
+def drift_over_window(
+    engine: sa.Engine,
+    end: datetime,
+    window: timedelta,
+    reports_dir: Path,
+    run: Any,
+    *,
+    reference: str = "previous_window",
+    min_rows: int = 20,
+    thresholds: DriftThresholds | None = None,
+    embed: EmbedFn | None = None,
+    log: Callable[[str], None] | None = None,
+) -> DriftOutcome:
+    """Drift of the window ``[end - window, end)`` against the window before it (or the
+    evaluation question set, when that window holds fewer than ``min_rows`` requests, or when
+    ``reference="evaluation_set"``). Params, metrics, tags and the HTML go to the MLflow run."""
+    from evaluation.datasets import load_rag_questions
+
+    current = load_traffic(engine, end - window, end)
+    previous = load_traffic(engine, end - 2 * window, end - window)
+    used, ref = reference, previous
+    if reference == "evaluation_set" or len(previous) < min_rows:
+        if reference == "previous_window" and log:
+            log(
+                f"previous window holds {len(previous)} requests (< {min_rows}): "
+                "using the evaluation question set as the reference"
+            )
+        rows, _ = load_rag_questions()
+        used, ref = "evaluation_set", reference_from_questions([r["question"] for r in rows])
+    thresholds = thresholds or DriftThresholds()
+    run.log_params(
+        {
+            "window_hours": window.total_seconds() / 3600,
+            "window_end": end.isoformat(),
+            "reference": used,
+            "max_drifted_share": thresholds.max_drifted_share,
+            "max_embedding_auc": thresholds.max_embedding_auc,
+        }
+    )
+    html = reports_dir / f"drift-{run.run_id[:8]}.html"
+    try:
+        result = drift_report(
+            ref, current, html, embed=embed, thresholds=thresholds, min_rows=min_rows
+        )
+    except NotEnoughTraffic as err:
+        run.set_tags({"refinery.drift": "not_enough_traffic"})
+        return DriftOutcome(used, len(current), None, str(err))
+    run.log_metrics(result.metrics())
+    run.log_artifact(result.html)
+    run.set_tags({"refinery.drift": "passed" if result.passed else "failed"})
+    return DriftOutcome(used, len(current), result)
+
+
+@dataclass
+class CostOutcome:
+    summary: CostSummary
+    png: Path
+    run_id: str
+    run_url: str
+
+
+def cost_over_window(
+    engine: sa.Engine,
+    end: datetime,
+    window: timedelta,
+    bucket: str,
+    reports_dir: Path,
+    open_run: RunOpener,
+) -> CostOutcome | None:
+    """The cost report of ``[end - window, end)`` in an MLflow run of its own (figures, the PNG,
+    a per-day CSV); None, and no run, when the window holds no request."""
+    frame = load_traffic(engine, end - window, end)
+    if frame.empty:
+        return None
+    summary = cost_summary(frame)
+    params = {"window_days": window.total_seconds() / 86400, "bucket": bucket}
+    with open_run(params, {}) as run:
+        png = cost_plot(frame, reports_dir / f"cost-{run.run_id[:8]}.png", bucket)
+        run.log_metrics(summary.metrics())
+        run.log_artifact(png)
+        run.log_text(summary.per_day.to_csv(), "cost_per_day.csv")
+    return CostOutcome(summary, png, run.run_id, run.url)

@@ -9,6 +9,7 @@ follow it: when ``refinery-chat`` v3 becomes champion, so does its ``refinery-ch
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
@@ -22,6 +23,15 @@ TAG_PREVIOUS = "refinery.promotion.previous_champion"
 
 class PromotionError(RuntimeError):
     pass
+
+
+@dataclass(frozen=True)
+class ChampionRef:
+    """The hand-off of ``champion_model``: the version the champion alias points to now."""
+
+    registered_model: str
+    version: str
+    previous: str  # the version it replaced, "" when none
 
 
 def _now() -> str:

@@ -246,3 +246,74 @@ def count_ratings(engine: sa.Engine) -> int:
         return int(
             conn.execute(sa.select(sa.func.count()).select_from(schema.ratings)).scalar_one()
         )
+
+
+@dataclass(frozen=True)
+class RatingSummary:
+    model: str  # "name/version"
+    count: int
+    mean: float
+    ci_low: float
+    ci_high: float
+    ignored: int
+
+    def human(self) -> HumanSummary:
+        return HumanSummary(self.count, self.mean, self.ci_low, self.ci_high)
+
+
+@dataclass(frozen=True)
+class HumanEvaluation:
+    """The hand-off of ``human_evaluation``: the ratings of the challenger (and champion)."""
+
+    challenger: RatingSummary
+    champion: RatingSummary | None
+    queued_now: int
+
+
+def review_round(
+    engine: sa.Engine,
+    tracking_uri: str,
+    evaluation_run_id: str,
+    *,
+    sample: int,
+    seed: int = 0,
+) -> HumanEvaluation:
+    """Queue a sample of the evaluated examples (``evaluation.json`` of the automatic
+    evaluation's MLflow run) for blind review, aggregate every rating they have, and tag the
+    challenger's model version with the aggregate."""
+    import json
+    import tempfile
+    from pathlib import Path
+
+    import mlflow.artifacts
+
+    from refinery.tracking import client_for
+
+    with tempfile.TemporaryDirectory(prefix="refinery-artifact-") as tmp:
+        local = mlflow.artifacts.download_artifacts(
+            run_id=evaluation_run_id,
+            artifact_path="evaluation.json",
+            tracking_uri=tracking_uri,
+            dst_path=tmp,
+        )
+        evaluation = json.loads(Path(local).read_text())
+    queued, summaries = 0, {}
+    for role in ("challenger", "champion"):
+        if role not in evaluation:
+            continue
+        label = evaluation[role]["model"]
+        examples = [ExampleResult(**e) for e in evaluation[role]["examples"]]
+        queued += enqueue(engine, label, examples, sample=sample, seed=seed)
+        ratings = collect_ratings(engine, tracking_uri, label)
+        s = ratings.summary()
+        summaries[role] = RatingSummary(
+            label, s.count, s.mean, s.ci_low, s.ci_high, ratings.ignored
+        )
+    challenger = summaries["challenger"]
+    name, version = challenger.model.rsplit("/", 1)
+    client = client_for(tracking_uri)
+    for key in ("count", "mean", "ci_low", "ci_high"):
+        client.set_model_version_tag(
+            name, version, f"refinery.human.{key}", f"{getattr(challenger, key):.4g}"
+        )
+    return HumanEvaluation(challenger, summaries.get("champion"), queued)

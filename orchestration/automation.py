@@ -7,9 +7,8 @@ from typing import Any
 
 import dagster as dg
 
-from assets.resources import PostgresResource
+from assets.resources import HomeResource, PostgresResource
 from evaluation.review import count_ratings
-from refinery.settings import Settings
 from serving.corpus.ingestion import corpus_changes
 from training.user_data import count_approved
 
@@ -89,11 +88,11 @@ def job_busy(instance: dg.DagsterInstance, job_name: str) -> bool:
     default_status=dg.DefaultSensorStatus.RUNNING,
 )
 def corpus_sensor(
-    context: dg.SensorEvaluationContext, postgres: PostgresResource
+    context: dg.SensorEvaluationContext, postgres: PostgresResource, home: HomeResource
 ) -> dg.SensorResult:
     """Starts `ingest` for just the files that are new, changed or gone in the corpus folder
     (compared by name, size and modification time with what was ingested; no file is read)."""
-    corpus = Settings.from_env().corpus_dir
+    corpus = home.corpus_dir
     if job_busy(context.instance, "ingest"):
         return dg.SensorResult(skip_reason="an ingest run is in progress; changes wait for it")
     try:

@@ -21,6 +21,7 @@ from refinery.stores import (
     database_url,
     embedded_postgres_running,
     environment,
+    make_engine,
     stop_embedded_postgres,
 )
 
@@ -29,6 +30,11 @@ def _settings() -> Settings:
     settings = Settings.from_env()
     apply_process_environment(settings)
     return settings
+
+
+def _engine(settings: Settings) -> Any:
+    """The database engine with Refinery's tables created (idempotent)."""
+    return make_engine(settings=settings, create_schema=True)
 
 
 @click.group()
@@ -210,15 +216,10 @@ def review() -> None:
 @click.option("--rotate", is_flag=True, help="Issue a new token to an existing reviewer.")
 def review_add(reviewer_id: str, rotate: bool) -> None:
     """Create a reviewer and print their token (shown once, stored only as a hash)."""
-    import sqlalchemy as sa
-
     from evaluation.review import ReviewError, add_reviewer
-    from serving.corpus.vectorstore import VectorStore
 
-    settings = _settings()
-    engine = sa.create_engine(database_url(settings))
+    engine = _engine(_settings())
     try:
-        VectorStore(engine).create_schema()
         token = add_reviewer(engine, reviewer_id, rotate=rotate)
     except ReviewError as err:
         raise click.ClickException(str(err)) from err
@@ -232,15 +233,12 @@ def review_add(reviewer_id: str, rotate: bool) -> None:
 @click.option("--port", default=8300, show_default=True, envvar="REVIEW_PORT")
 def review_serve(host: str, port: int) -> None:
     """Serve the blind review page until Ctrl-C."""
-    import sqlalchemy as sa
     import uvicorn
 
     from evaluation.review_app import create_app
-    from serving.corpus.vectorstore import VectorStore
 
     settings = _settings()
-    engine = sa.create_engine(database_url(settings), pool_pre_ping=True)
-    VectorStore(engine).create_schema()
+    engine = _engine(settings)
     click.echo(f"review page: http://{host}:{port}/")
     uvicorn.run(
         create_app(engine, settings.mlflow_tracking_uri), host=host, port=port, log_level="warning"
@@ -268,16 +266,6 @@ def retrain(config_file: Path | None) -> None:
 @main.group()
 def examples() -> None:
     """User data for training: propose, review, approve. Only approved rows reach a model."""
-
-
-def _engine(settings: Settings) -> Any:
-    import sqlalchemy as sa
-
-    from refinery.schema import create_schema
-
-    engine = sa.create_engine(database_url(settings))
-    create_schema(engine)
-    return engine
 
 
 @examples.command("propose")
@@ -425,17 +413,13 @@ def query(
     as_json: bool,
 ) -> None:
     """Print the chunks nearest to QUESTION, with their sources and scores."""
-    import sqlalchemy as sa
-
     from serving.corpus.embedding import Embedder
     from serving.corpus.retrieval import Filters, RetrievalError, Retriever
     from serving.corpus.vectorstore import VectorStore
 
-    settings = _settings()
-    engine = sa.create_engine(database_url(settings))
+    engine = _engine(_settings())
     try:
         store = VectorStore(engine)
-        store.create_schema()
         retriever = Retriever(store, Embedder(model or None))
         hits = retriever.search(question, k=k, filters=Filters(sources=sources, formats=formats))
     except RetrievalError as err:

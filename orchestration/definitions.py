@@ -5,8 +5,10 @@ from __future__ import annotations
 import dagster as dg
 
 from assets import evaluation, ingestion, monitoring, serving, training
+from assets.handoff import HandoffIOManager
 from assets.resources import (
     EmbeddingModelResource,
+    HomeResource,
     MLflowResource,
     PostgresResource,
     PromotionPolicy,
@@ -114,6 +116,9 @@ defs = dg.Definitions(
     sensors=[human_ratings_sensor, corpus_sensor, retraining_sensor, automation_sensor],
     schedules=[daily_drift_schedule, weekly_retraining_schedule],
     resources={
+        # Assets hand their values (small frozen dataclasses) to each other as JSON files.
+        "io_manager": HandoffIOManager(),
+        "home": HomeResource(),
         "postgres": PostgresResource(),
         "mlflow": MLflowResource(),
         "embedding_model": EmbeddingModelResource(),

@@ -9,10 +9,14 @@ import json
 import logging
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import psutil
 
 from refinery.settings import OFFLINE_ENV, Settings
+
+if TYPE_CHECKING:
+    import sqlalchemy as sa
 
 log = logging.getLogger(__name__)
 
@@ -134,6 +138,53 @@ def database_url(settings: Settings, *, persistent: bool = False) -> str:
     if settings.database_url:
         return settings.database_url
     return start_embedded_postgres(settings, persistent=persistent)
+
+
+# One set of connection settings for every Refinery process (resources, CLI, services,
+# benchmarks): stale pooled connections are replaced (pre-ping) rather than failing the next
+# query, a connection attempt gives up after CONNECT_TIMEOUT_S instead of hanging, and a
+# statement is cancelled by the server after ``statement_timeout_s`` when one is given.
+CONNECT_TIMEOUT_S = 5
+POOL_SIZE = 5
+MAX_OVERFLOW = 10
+POOL_TIMEOUT_S = 10
+
+
+def make_engine(
+    url: str | None = None,
+    *,
+    settings: Settings | None = None,
+    create_schema: bool = False,
+    statement_timeout_s: float | None = None,
+    autocommit: bool = False,
+) -> sa.Engine:
+    """The SQLAlchemy engine on Refinery's database: ``url``, else the configured one
+    (REFINERY_DATABASE_URL, else the embedded server under the settings' home, started on first
+    use). ``create_schema`` creates the tables (idempotent)."""
+    import sqlalchemy as sa
+
+    from refinery import schema
+
+    if url is None:
+        url = database_url(settings or Settings.from_env())
+    options = (
+        f"-c statement_timeout={int(statement_timeout_s * 1000)}" if statement_timeout_s else ""
+    )
+    connect_args: dict[str, object] = {"connect_timeout": CONNECT_TIMEOUT_S}
+    if options:
+        connect_args["options"] = options
+    engine = sa.create_engine(
+        url,
+        pool_pre_ping=True,
+        pool_size=POOL_SIZE,
+        max_overflow=MAX_OVERFLOW,
+        pool_timeout=POOL_TIMEOUT_S,
+        connect_args=connect_args,
+        **({"isolation_level": "AUTOCOMMIT"} if autocommit else {}),
+    )
+    if create_schema:
+        schema.create_schema(engine)
+    return engine
 
 
 def prepare_mlflow(settings: Settings) -> str:

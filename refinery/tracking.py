@@ -9,7 +9,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,6 +18,12 @@ from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 
 MAX_PARAM_CHARS = 6000  # MLflow's limit on a param value is 6000 characters
+
+# Opens an MLflow run for a step, given its params and tags: what library code receives when it
+# decides itself whether there is anything new to record (a reused result opens no run).
+RunOpener = Callable[
+    [Mapping[str, Any], Mapping[str, Any]], contextlib.AbstractContextManager["TrackedRun"]
+]
 
 
 def client_for(tracking_uri: str) -> MlflowClient:

@@ -6,6 +6,7 @@ curve shows in the MLflow UI; a PNG of it is logged too. The adapter is saved as
 
 from __future__ import annotations
 
+import enum
 import json
 import logging
 import math
@@ -34,6 +35,25 @@ DEFAULT_TARGET_MODULES: dict[str, tuple[str, ...]] = {
 }
 
 METRICS_LOG_NAME = "loss_curve.png"
+
+
+class Quantization(enum.StrEnum):
+    """How the base model is held while the adapter trains."""
+
+    none = "none"  # LoRA on the full-precision base
+    nf4 = "nf4"  # QLoRA: LoRA on a 4-bit NF4 base (bitsandbytes)
+
+
+class Optimizer(enum.StrEnum):
+    auto = "auto"  # 8-bit AdamW on CUDA, AdamW on CPU
+    adamw = "adamw"
+    adamw_8bit = "adamw_8bit"  # bitsandbytes; needs CUDA
+
+
+class Device(enum.StrEnum):
+    auto = "auto"
+    cpu = "cpu"
+    cuda = "cuda"
 
 
 class TrainingConfigError(ValueError):

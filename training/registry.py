@@ -177,3 +177,60 @@ def _check_name(name: str) -> None:
 
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}", name):
         raise ValueError(f"registered model name {name!r}: use letters, digits, '.', '_' or '-'")
+
+
+@dataclass(frozen=True)
+class CandidateRef:
+    """The hand-off of ``candidate_model``: the registered version (alias challenger) and the
+    versions its variants got, registered as ``<name>-<variant>``."""
+
+    registered_model: str
+    version: str
+    reused: bool
+    variants: dict[str, str]  # registered name -> version
+    mlflow_run_id: str
+    mlflow_run_url: str
+
+    @property
+    def label(self) -> str:
+        return f"{self.registered_model}/{self.version}"
+
+
+def register_candidate(
+    tracking_uri: str,
+    name: str,
+    *,
+    merged_dir: Path,
+    variants: Mapping[str, str],
+    run_id: str,
+    run_url: str,
+    lineage_key: str,
+    tags: Mapping[str, Any],
+) -> CandidateRef:
+    """Register the merged model as ``name`` and each variant folder as ``name-<variant>``,
+    all with alias challenger and the same lineage tags; variants point back at the main
+    version (``refinery.source_version``)."""
+    main = register(
+        tracking_uri,
+        run_id=run_id,
+        name=name,
+        model_dir=merged_dir,
+        variant="none",
+        lineage_key=lineage_key,
+        tags=tags,
+        description="Merged LoRA fine-tune (fp32 safetensors).",
+    )
+    registered = {}
+    for variant, path in variants.items():
+        v = register(
+            tracking_uri,
+            run_id=run_id,
+            name=f"{name}-{variant}",
+            model_dir=Path(path),
+            variant=variant,
+            lineage_key=lineage_key,
+            tags={**tags, "refinery.source_version": f"{name}/{main.version}"},
+            description=f"{variant} variant of {name} version {main.version}.",
+        )
+        registered[v.name] = v.version
+    return CandidateRef(name, main.version, main.reused, registered, run_id, run_url)

@@ -178,3 +178,68 @@ def load_split(folder: Path, split: str) -> list[dict[str, Any]]:
     return [
         json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()
     ]
+
+
+@dataclass(frozen=True)
+class SFTDatasetRef:
+    """The hand-off of the ``sft_dataset`` step: where the splits are and what they hold."""
+
+    path: str  # folder with train.jsonl and eval.jsonl
+    source: str  # the JSONL file it was built from
+    content_hash: str
+    rows_read: int
+    train_rows: int
+    eval_rows: int
+    dropped: dict[str, int]
+    user_example_sources: tuple[str, ...]  # approved user examples it contains
+
+    def split(self, name: str) -> list[dict[str, Any]]:
+        return load_split(Path(self.path), name)
+
+
+def prepare_sft_dataset(
+    config: SFTConfig,
+    base_model_dir: str,
+    user_rows: Sequence[dict[str, Any]],
+    datasets_dir: Path,
+    run: Any,
+) -> SFTDatasetRef:
+    """Build, save and record the dataset: counts, hash and the approved user examples it
+    contains (ids, sources, reviewers) go to the MLflow run ``run`` (a ``TrackedRun``)."""
+    from transformers import AutoTokenizer
+
+    ds = build_dataset(config, AutoTokenizer.from_pretrained(base_model_dir), extra=user_rows)
+    folder = datasets_dir / "sft" / ds.content_hash[:16]
+    save_dataset(ds, folder)
+    used = sorted(
+        (r for r in (*ds.train, *ds.eval) if r.get("example_id")), key=lambda r: r["example_id"]
+    )
+    run.log_metrics(
+        {
+            "rows_read": ds.rows_read,
+            "train_rows": len(ds.train),
+            "eval_rows": len(ds.eval),
+            **{f"dropped_{k}": v for k, v in ds.dropped.items()},
+        }
+    )
+    run.set_tags(
+        {
+            "refinery.sft_dataset_hash": ds.content_hash,
+            "refinery.user_examples": str(len(used)),
+            "refinery.user_examples_hash": sha256_hex(",".join(r["example_id"] for r in used))[:16],
+        }
+    )
+    run.log_dict(
+        [{k: r[k] for k in ("example_id", "source", "reviewed_by")} for r in used],
+        "user_examples.json",
+    )
+    return SFTDatasetRef(
+        path=str(folder),
+        source=config.path,
+        content_hash=ds.content_hash,
+        rows_read=ds.rows_read,
+        train_rows=len(ds.train),
+        eval_rows=len(ds.eval),
+        dropped=dict(ds.dropped),
+        user_example_sources=tuple(sorted(r["source"] for r in used)),
+    )

@@ -66,6 +66,12 @@ class DocumentSyncResult:
     seconds: float = 0.0
     rejections: list[Rejection] = field(default_factory=list)
 
+    def rejection_rows(self) -> list[dict[str, str]]:
+        return [
+            {"file": r.source, "reason": r.reason.value, "detail": r.detail}
+            for r in self.rejections
+        ]
+
     def metrics(self) -> dict[str, float]:
         return _metrics(self)
 

@@ -18,7 +18,12 @@ import pytest
 import sqlalchemy as sa
 
 from assets.monitoring import DRIFT_CHECK, cost_report, drift_report, traffic_log
-from assets.resources import EmbeddingModelResource, MLflowResource, PostgresResource
+from assets.resources import (
+    EmbeddingModelResource,
+    HomeResource,
+    MLflowResource,
+    PostgresResource,
+)
 from orchestration.automation import (
     MIN_NEW_APPROVED,
     corpus_sensor,
@@ -105,9 +110,8 @@ def _postgres(db_url: str) -> PostgresResource:
 
 def evaluate(sensor, instance, db_url: str, cursor: str | None = None):
     """One tick of ``sensor`` against ``instance`` (resources opened and closed around it)."""
-    with dg.build_sensor_context(
-        instance=instance, cursor=cursor, resources={"postgres": _postgres(db_url)}
-    ) as ctx:
+    resources = {"postgres": _postgres(db_url), "home": HomeResource()}
+    with dg.build_sensor_context(instance=instance, cursor=cursor, resources=resources) as ctx:
         return sensor(ctx)
 
 
@@ -216,6 +220,7 @@ def test_drift_check_failure_starts_one_retraining(db_url: str, tmp_path: Path):
         "postgres": _postgres(db_url),
         "mlflow": MLflowResource(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}"),
         "embedding_model": EmbeddingModelResource(),
+        "home": HomeResource(path=str(tmp_path / "home")),
     }
     run_config = {"ops": {"drift_report": {"config": {"end": end.isoformat(), "window_hours": 10}}}}
     result = dg.materialize(
@@ -261,6 +266,7 @@ def test_unshifted_traffic_passes_and_does_not_retrain(db_url: str, tmp_path: Pa
             "postgres": _postgres(db_url),
             "mlflow": MLflowResource(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}"),
             "embedding_model": EmbeddingModelResource(),
+            "home": HomeResource(path=str(tmp_path / "home")),
         },
         run_config={
             "ops": {"drift_report": {"config": {"end": end.isoformat(), "window_hours": 10}}}

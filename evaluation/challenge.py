@@ -1,0 +1,226 @@
+"""The challenger against the champion: one evaluation run over both, recorded in MLflow.
+
+``plan_evaluation`` resolves the two models and the question sets (cheap, and where bad
+input fails); ``run_evaluation`` answers them with each model, logs traces, tables, metrics,
+the Evidently report and ``evaluation.json`` to the given MLflow run, tags the challenger's
+model version with its metrics, and returns the outcome that the gate reads.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from evaluation.automatic import EvaluationError, ModelEvaluation, evaluate_model
+from evaluation.datasets import DEFAULT_RAG_QUESTIONS, load_rag_questions
+from evaluation.gate import GateDecision, GatePolicy, compare_to_champion
+from evaluation.promotion import current_champion, record_decision
+from evaluation.report import examples_frame, write_report
+from evaluation.review import HumanEvaluation
+from evaluation.tracing import log_traces
+from refinery.tracking import TrackedRun
+from serving.corpus.retrieval import Retriever
+from serving.runtime.models import ModelRef, load_python_model, resolve
+
+Progress = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class EvaluationPlan:
+    challenger: ModelRef
+    champion: ModelRef | None  # None: no champion yet, or the challenger already is it
+    heldout: list[dict[str, Any]]
+    rag: list[dict[str, Any]]
+    rag_dropped: dict[str, int] = field(default_factory=dict)
+    challenger_is_champion: bool = False
+
+    @property
+    def champion_label(self) -> str:
+        if self.challenger_is_champion:
+            return self.challenger.label
+        return self.champion.label if self.champion else "none"
+
+    def params(self) -> dict[str, Any]:
+        return {
+            "challenger": self.challenger.label,
+            "champion": self.champion_label,
+            "heldout_rows": len(self.heldout),
+            "rag_rows": len(self.rag),
+        }
+
+
+def plan_evaluation(
+    tracking_uri: str,
+    name: str,
+    version: str,
+    heldout: list[dict[str, Any]],
+    *,
+    rag_path: Path = DEFAULT_RAG_QUESTIONS,
+    heldout_limit: int = 30,
+    rag_limit: int = 60,
+) -> EvaluationPlan:
+    """Version ``version`` of ``name`` against the current champion (if another version)."""
+    challenger = resolve(tracking_uri, name, version)
+    champion_version = current_champion(tracking_uri, name)
+    champion = (
+        resolve(tracking_uri, name, champion_version)
+        if champion_version and champion_version != challenger.version
+        else None
+    )
+    rag, dropped = load_rag_questions(rag_path)
+    plan = EvaluationPlan(
+        challenger,
+        champion,
+        heldout[:heldout_limit],
+        rag[:rag_limit],
+        dict(dropped),
+        challenger_is_champion=champion_version == challenger.version,
+    )
+    if not plan.heldout and not plan.rag:
+        raise EvaluationError(
+            "both evaluation sets are empty (heldout_limit and rag_limit are 0, or the files "
+            "have no usable row)"
+        )
+    return plan
+
+
+@dataclass(frozen=True)
+class EvaluationOutcome:
+    """The hand-off of ``automatic_evaluation``: who was compared, their metrics, where the
+    run and its report are. ``champion`` is "none" when there was no champion, and equals
+    ``challenger`` when the challenger already is the champion."""
+
+    challenger: str  # "name/version"
+    champion: str
+    challenger_metrics: dict[str, float]
+    champion_metrics: dict[str, float]
+    comparison: str  # Markdown table
+    report_path: str
+    rag_rows_dropped: dict[str, int]
+    mlflow_run_id: str
+    mlflow_run_url: str
+
+    @property
+    def challenger_ref(self) -> tuple[str, str]:
+        name, version = self.challenger.rsplit("/", 1)
+        return name, version
+
+
+def run_evaluation(
+    tracking_uri: str,
+    plan: EvaluationPlan,
+    retriever: Retriever,
+    run: TrackedRun,
+    reports_dir: Path,
+    *,
+    k: int = 3,
+    batch_size: int = 8,
+    max_new_tokens: int = 48,
+    progress: Progress | None = None,
+) -> EvaluationOutcome:
+    results: dict[str, ModelEvaluation] = {}
+    contenders = [("challenger", plan.challenger)]
+    if plan.champion is not None:
+        contenders.append(("champion", plan.champion))
+    for role, ref in contenders:
+        if progress:
+            progress(f"evaluating the {role}, {ref.label}")
+        # The download (hundreds of MB) lives as long as the evaluation, not in /tmp forever.
+        with tempfile.TemporaryDirectory(prefix="refinery-eval-") as tmp:
+            generator = load_python_model(tracking_uri, ref, Path(tmp)).generator
+            result = evaluate_model(
+                ref.label, generator, plan.heldout, plan.rag, retriever,
+                k=k, batch_size=batch_size, max_new_tokens=max_new_tokens, progress=progress,
+            )  # fmt: skip
+            del generator
+        log_traces(tracking_uri, run.experiment_id, run.run_id, ref.label, result.examples)
+        run.log_metrics({f"{role}.{m}": v for m, v in result.metrics.items()})
+        run.client.log_table(run.run_id, examples_frame(result), f"examples_{role}.json")
+        results[role] = result
+    report = write_report(
+        results["challenger"],
+        results.get("champion"),
+        reports_dir / f"evaluation-{run.run_id}.html",
+    )
+    run.log_artifact(report)
+    if plan.challenger_is_champion:
+        results["champion"] = results["challenger"]
+    run.log_dict(
+        {
+            role: {
+                "model": r.label,
+                "metrics": r.metrics,
+                "examples": [e.to_dict() for e in r.examples],
+            }
+            for role, r in results.items()
+        },
+        "evaluation.json",
+    )
+    champion_label = plan.champion_label
+    run.set_tags(
+        {"refinery.challenger": plan.challenger.label, "refinery.champion": champion_label}
+    )
+    challenger = plan.challenger
+    for key, value in results["challenger"].metrics.items():
+        run.client.set_model_version_tag(
+            challenger.name, challenger.version, f"refinery.eval.{key}", f"{value:.6g}"
+        )
+    run.client.set_model_version_tag(
+        challenger.name, challenger.version, "refinery.eval.run_id", run.run_id
+    )
+    return EvaluationOutcome(
+        challenger=challenger.label,
+        champion=champion_label,
+        challenger_metrics=results["challenger"].metrics,
+        champion_metrics=results["champion"].metrics if "champion" in results else {},
+        comparison=comparison_table(results),  # (the challenger twice when it is the champion)
+        report_path=str(report),
+        rag_rows_dropped=plan.rag_dropped,
+        mlflow_run_id=run.run_id,
+        mlflow_run_url=run.url,
+    )
+
+
+def comparison_table(results: dict[str, ModelEvaluation]) -> str:
+    challenger, champion = results["challenger"], results.get("champion")
+    head = f"| metric | challenger {challenger.label} |" + (
+        f" champion {champion.label} |" if champion else ""
+    )
+    rows = [head, "|---|---|" + ("---|" if champion else "")]
+    for key in sorted(challenger.metrics):
+        line = f"| {key} | {challenger.metrics[key]:.4g} |"
+        if champion:
+            line += f" {champion.metrics.get(key, float('nan')):.4g} |"
+        rows.append(line)
+    return "\n".join(rows)
+
+
+def decide_promotion(
+    tracking_uri: str,
+    outcome: EvaluationOutcome,
+    human: HumanEvaluation,
+    policy: GatePolicy,
+    dagster_run_id: str,
+) -> GateDecision:
+    """The gate's decision on the evaluated challenger, recorded on its model version (the
+    reasons must reach MLflow whether or not the alias moves)."""
+    if outcome.champion == outcome.challenger:
+        return GateDecision(True, ["the challenger is already the champion"], [], False)
+    h = human.challenger
+    decision = compare_to_champion(
+        outcome.challenger_metrics, outcome.champion_metrics or None, h.human(), policy
+    )
+    inputs = {
+        "challenger": outcome.challenger,
+        "champion": outcome.champion,
+        "challenger_metrics": outcome.challenger_metrics,
+        "champion_metrics": outcome.champion_metrics,
+        "human": asdict(h),
+        "dagster_run_id": dagster_run_id,
+    }
+    name, version = outcome.challenger_ref
+    record_decision(tracking_uri, name, version, decision, policy.to_dict(), inputs)
+    return decision
