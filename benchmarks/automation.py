@@ -66,18 +66,17 @@ def react(n: int) -> list[object]:
     from assets.resources import PostgresResource
     from orchestration.automation import corpus_sensor
     from orchestration.definitions import defs
-    from refinery.stores import database_url
+    from refinery.stores import make_engine
     from serving.corpus.chunking import ChunkingConfig
     from serving.corpus.embedding import Embedder
     from serving.corpus.ingestion import make_chunker, sync_chunks, sync_documents, sync_embeddings
     from serving.corpus.vectorstore import VectorStore
 
     with fresh_home(f"automation-{n}") as settings:
-        import sqlalchemy as sa
 
         corpus = make_corpus(settings.home / "corpus", n)
         os.environ["REFINERY_CORPUS_DIR"] = str(corpus)
-        store = VectorStore(sa.create_engine(database_url(settings)))
+        store = VectorStore(make_engine(settings=settings))
         store.create_schema()
         embedder = Embedder()
         with Timer() as initial:  # the corpus as it was before the new file (not measured here)

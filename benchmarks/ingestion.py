@@ -13,7 +13,7 @@ import sqlalchemy as sa
 
 from benchmarks.common import WORK, Timer, fresh_home, median, write_table
 from refinery.settings import DEFAULT_CORPUS_DIR
-from refinery.stores import database_url
+from refinery.stores import make_engine
 from serving.corpus.chunking import ChunkingConfig
 from serving.corpus.embedding import Embedder
 from serving.corpus.ingestion import make_chunker, sync_chunks, sync_documents, sync_embeddings
@@ -65,7 +65,7 @@ def main() -> None:
     corpus = build_corpus(WORK / "ingestion-corpus", COPIES)
     rows: list[list[object]] = []
     with fresh_home("ingestion") as settings:
-        engine = sa.create_engine(database_url(settings))
+        engine = make_engine(settings=settings)
         store = VectorStore(engine)
         store.create_schema()
         with Timer() as t_load:

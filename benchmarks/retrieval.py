@@ -22,7 +22,7 @@ from sqlalchemy.dialects.postgresql import insert
 from benchmarks.common import Timer, fresh_home, median, percentile, write_table
 from refinery import schema
 from refinery.settings import DEFAULT_CORPUS_DIR
-from refinery.stores import database_url
+from refinery.stores import make_engine
 from serving.corpus.retrieval import DEFAULT_EF_SEARCH, Filters, explain_search, search_vector
 from serving.corpus.vectorstore import VectorStore
 
@@ -185,7 +185,7 @@ def main() -> None:
             rows.append([size, label, f"{recall(got, truth):.3f}", f"{median(ms):.1f}", f"{percentile(ms, 0.99):.1f}", min(map(len, got))])  # fmt: skip
 
         with fresh_home(f"retrieval-{dataset}-{n}") as settings:
-            engine = sa.create_engine(database_url(settings))
+            engine = make_engine(settings=settings)
             store = VectorStore(engine)
             store.create_schema()
             space, build_s = load(engine, store, vectors)

@@ -27,11 +27,11 @@ def writer_cpu(database: str) -> dict[str, float]:
     """CPU microseconds per row for the writer: COPY (what it does) vs INSERT."""
     import sqlalchemy as sa
 
-    from refinery.schema import create_schema, traffic_log
+    from refinery.schema import traffic_log
+    from refinery.stores import make_engine
     from serving.api.traffic import TrafficLog, TrafficSettings
 
-    engine = sa.create_engine(database)
-    create_schema(engine)
+    engine = make_engine(database, create_schema=True)
     log = TrafficLog(lambda: engine, TrafficSettings(flush_s=3600))
     row = {
         "ts": datetime.now(UTC), "endpoint": "chat", "model": "m/1", "status": 200,
@@ -61,7 +61,7 @@ def writer_cpu(database: str) -> dict[str, float]:
 def main() -> None:
     from benchmarks.serving import _load, _serve, champion_bento
     from refinery.processes import stop_tree
-    from refinery.stores import database_url
+    from refinery.stores import database_url, make_engine
 
     runs: dict[str, list[dict[str, float]]] = {}
     with fresh_home("traffic") as settings:
@@ -90,7 +90,7 @@ def main() -> None:
 
         from refinery.schema import traffic_log
 
-        engine = sa.create_engine(db)
+        engine = make_engine(db)
         with engine.connect() as conn:
             logged = conn.execute(sa.select(sa.func.count()).select_from(traffic_log)).scalar_one()
         engine.dispose()

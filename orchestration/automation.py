@@ -38,6 +38,12 @@ def human_ratings_sensor(
             skip_reason=f"{count - last} new ratings (waiting for {MIN_NEW_RATINGS})",
             cursor=str(last),
         )
+    if job_busy(context.instance, "promote"):
+        # Keep the cursor: the new ratings are still new when the running promotion ends.
+        return dg.SensorResult(
+            skip_reason=f"a promote run is in progress; {count - last} new ratings wait for it",
+            cursor=str(last),
+        )
     return dg.SensorResult(
         run_requests=[dg.RunRequest(run_key=f"ratings-{count}")], cursor=str(count)
     )

@@ -4,6 +4,7 @@ so they show in the Dagster UI like runs launched from it."""
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shlex
 import signal
@@ -40,6 +41,9 @@ def _engine(settings: Settings) -> Any:
 @click.group()
 def main() -> None:
     """Refinery: one Dagster lineage graph from documents and a base model to a served model."""
+    # bitsandbytes warns, when it is first imported on a CPU with AVX-512 BF16, that an optional
+    # `kernels` package (which downloads from a model hub) is missing; it is not needed here.
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
 
 
 @main.command()
@@ -95,11 +99,14 @@ def _execute(job_name: str, run_config: dict[str, Any]) -> bool:
 
     job = defs.resolve_job_def(job_name)
     instance = DagsterInstance.get()
+    # A line per step on the terminal; every event in <home>/logs/<run id>.log and the UI.
+    run_config = _merge({"loggers": {"console": {"config": {"log_level": "INFO"}}}}, run_config)
     result = job.execute_in_process(run_config=run_config, instance=instance, raise_on_error=False)
     settings = Settings.from_env()
     click.echo("")
     click.echo(f"Dagster run {result.run_id}: {'succeeded' if result.success else 'FAILED'}")
     click.echo(f"  {settings.dagster_ui_url}/runs/{result.run_id}  (after `make ui`)")
+    click.echo(f"  full log: {settings.home / 'logs' / (result.run_id + '.log')}")
     for event in result.get_asset_check_evaluations():
         status = "passed" if event.passed else f"FAILED ({event.severity.value})"
         click.echo(f"  check {event.asset_key.to_user_string()}:{event.check_name} {status}")

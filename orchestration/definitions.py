@@ -24,6 +24,7 @@ from orchestration.automation import (
     retraining_sensor,
     weekly_retraining_schedule,
 )
+from orchestration.logs import console
 
 INGESTION_ASSETS = [
     ingestion.source_documents,
@@ -128,4 +129,6 @@ defs = dg.Definitions(
     # One process per run: a 2-core machine gains nothing from a process per step, and every
     # step would pay the model and library imports again. At scale: the k8s executor.
     executor=dg.in_process_executor,
+    # A line per step on the terminal; the full event log in <home>/logs and the Dagster UI.
+    loggers={"console": console},
 )

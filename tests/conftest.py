@@ -29,6 +29,29 @@ def pytest_configure(config: pytest.Config) -> None:
         os.environ.setdefault(key, value)
 
 
+TESTS = Path(__file__).resolve().parent
+TIER_TIMEOUTS = {"unit": 60, "integration": 600, "e2e": 1500}
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Every test gets its tier's marker (from its folder) and the tier's time limit, unless it
+    sets its own; a GPU test is skipped, saying why, where no CUDA device is present."""
+    for item in items:
+        tier = Path(str(item.path)).resolve().relative_to(TESTS).parts[0]
+        if tier in TIER_TIMEOUTS:
+            item.add_marker(getattr(pytest.mark, tier))
+            if item.get_closest_marker("timeout") is None:
+                item.add_marker(pytest.mark.timeout(TIER_TIMEOUTS[tier]))
+        if item.get_closest_marker("gpu") is not None and not _cuda():
+            item.add_marker(pytest.mark.skip(reason="needs a CUDA device; none is present here"))
+
+
+def _cuda() -> bool:
+    import torch
+
+    return bool(torch.cuda.is_available())
+
+
 def pytest_unconfigure(config: pytest.Config) -> None:
     from refinery.settings import Settings
     from refinery.stores import stop_embedded_postgres
@@ -112,3 +135,25 @@ def small_corpus(tmp_path: Path) -> Path:
     ]:
         shutil.copy(SAMPLE_CORPUS / name, corpus / name)
     return corpus
+
+
+# --- a tiny random Llama for the training library (unit and integration tiers) ---------------
+@pytest.fixture(scope="session")
+def tiny_base(tmp_path_factory) -> Path:
+    from tests.tiny_model import make_tiny_llama
+
+    return make_tiny_llama(tmp_path_factory.mktemp("tiny") / "base", SAMPLE_CORPUS)
+
+
+@pytest.fixture(scope="session")
+def tokenizer(tiny_base):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(tiny_base)
+
+
+@pytest.fixture(scope="session")
+def dataset(tokenizer):
+    from training.sft_data import SFTConfig, build_dataset
+
+    return build_dataset(SFTConfig(max_tokens=512), tokenizer)

@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import dagster as dg
+import numpy as np
 import pytest
 import sqlalchemy as sa
 
@@ -19,6 +20,7 @@ from refinery.stores import database_url
 from refinery.tracking import client_for
 from serving.corpus.documents import RejectReason
 from serving.corpus.embedding import Embedder
+from serving.corpus.ingestion import sync_embeddings
 from serving.corpus.retrieval import Retriever
 from serving.corpus.vectorstore import VectorStore
 from tests.conftest import SAMPLE_CORPUS
@@ -157,59 +159,76 @@ def test_salted_corpus_finishes_with_every_bad_file_in_the_ledger(fresh_home, sm
     assert materializations(result)["source_documents"]["documents"].value == 8
 
 
-def test_sigkill_during_embedding_then_rerun_leaves_no_duplicates_or_gaps(fresh_home):
+BATCH = 4
+MODEL = "sentence-transformers/all-MiniLM-L6-v2"
+
+
+def ingest_until_killed(store_holder: list, stop_at) -> tuple[int, set[str]]:
+    """`refinery ingest` in a subprocess, SIGKILLed as soon as ``stop_at(integrity)`` holds;
+    returns how many vectors were committed then, and which chunks had one."""
     refinery = str(Path(sys.executable).parent / "refinery")
-    cmd = [refinery, "ingest", "--corpus", str(SAMPLE_CORPUS), "--batch-size", "4"]
+    cmd = [refinery, "ingest", "--corpus", str(SAMPLE_CORPUS), "--batch-size", str(BATCH)]
     proc = subprocess.Popen(
-        cmd,
-        env=dict(os.environ),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
+        cmd, env=dict(os.environ), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         start_new_session=True,
-    )
-    store = None
-    embedded_at_kill = 0
+    )  # fmt: skip
     try:
         deadline = time.monotonic() + 240
         while time.monotonic() < deadline and proc.poll() is None:
-            time.sleep(0.2)
+            time.sleep(0.1)
             try:
-                store = store or store_for_home()
-                space = store.find_space("sentence-transformers/all-MiniLM-L6-v2")
+                store = store_holder[0] if store_holder else None
+                if store is None:
+                    store_holder.append(store_for_home())
+                    store = store_holder[0]
+                space = store.find_space(MODEL)
                 v = store.integrity(space) if space else None
             except sa.exc.SQLAlchemyError:
                 continue  # the server or the tables are not there yet
-            if v is not None and 0 < v.embedded < v.chunks:
+            if v is not None and stop_at(v):
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait()
-                embedded_at_kill = v.embedded
                 break
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
-    assert proc.returncode == -signal.SIGKILL, (
-        "the run finished before it could be killed mid-embedding"
-    )
-    assert store is not None
-    space = store.find_space("sentence-transformers/all-MiniLM-L6-v2")
-    partial = store.integrity(space)
-    assert partial.missing > 0 and partial.embedded >= embedded_at_kill
+    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    store = store_holder[0]
+    space = store.find_space(MODEL)
+    with store.engine.connect() as conn:
+        ids = set(conn.execute(sa.select(space.table.c.chunk_id)).scalars())
+    return len(ids), ids
 
-    rerun = subprocess.run(
-        [refinery, "ingest", "--corpus", str(SAMPLE_CORPUS)],
-        capture_output=True,
-        text=True,
-        timeout=600,
+
+def test_sigkill_at_two_points_leaves_whole_batches_and_the_rerun_embeds_exactly_the_rest(
+    fresh_home,
+):
+    """Killed (SIGKILL) after its first batches and again about half-way: what is committed
+    is always whole batches of valid vectors, and the next run embeds exactly what is missing:
+    nothing twice, nothing left out, earlier vectors untouched."""
+    holder: list = []
+    first, first_ids = ingest_until_killed(holder, lambda v: v.embedded >= BATCH)
+    store = holder[0]
+    space = store.find_space(MODEL)
+    partial = store.integrity(space)
+    assert 0 < first < partial.chunks and first % BATCH == 0  # whole batches only
+    assert partial.wrong_dim == partial.nan == partial.stale == partial.orphans == 0
+
+    second, second_ids = ingest_until_killed(
+        holder, lambda v: v.embedded >= max(first + BATCH, v.chunks // 2)
     )
-    assert rerun.returncode == 0, rerun.stdout[-2000:] + rerun.stderr[-2000:]
+    assert first_ids < second_ids and second < partial.chunks and second % BATCH == 0
+    with store.engine.connect() as conn:
+        before = dict(conn.execute(sa.select(space.table.c.chunk_id, space.table.c.embedding)))
+
+    result = sync_embeddings(store, Embedder(), batch_size=BATCH)
     final = store.integrity(space)
-    assert final.missing == final.orphans == final.stale == 0
+    assert result.embedded == partial.chunks - second  # exactly the rest
+    assert final.missing == final.orphans == final.stale == final.wrong_dim == 0
     assert final.embedded == final.chunks == partial.chunks
     with store.engine.connect() as conn:
-        dupes = conn.execute(
-            sa.text(f"SELECT count(*) - count(DISTINCT chunk_id) FROM {space.table_name}")
-        ).scalar_one()
-    assert dupes == 0
+        after = dict(conn.execute(sa.select(space.table.c.chunk_id, space.table.c.embedding)))
+    assert all(np.array_equal(before[i], after[i]) for i in before)  # committed ones untouched
     store.engine.dispose()
     shutil.rmtree(fresh_home / "dagster" / "storage", ignore_errors=True)

@@ -35,7 +35,7 @@ from refinery.schema import create_schema
 from refinery.schema import traffic_log as traffic_table
 from serving.api.traffic import TrafficLog, TrafficSettings
 from serving.corpus.ingestion import corpus_changes, sync_documents
-from tests.unit.test_monitoring import SHIFTED, TOPICS, traffic
+from tests.integration.test_drift import SHIFTED, TOPICS, traffic
 from training.user_data import (
     Proposal,
     ReviewError,

@@ -68,8 +68,16 @@ def test_bad_arguments_are_refused_clearly(tmp_path):
 
 def test_ingest_then_query_json(tmp_path, small_corpus):
     home = tmp_path / "home"
-    out = refinery("ingest", "--corpus", str(small_corpus), home=home).stdout
+    proc = refinery("ingest", "--corpus", str(small_corpus), home=home)
+    out = proc.stdout
     assert "succeeded" in out and "hnsw_index_exists passed" in out
+    # A line per step and the assets' messages on the terminal, not Dagster's event stream;
+    # that goes, whole, to the run's log file under the home.
+    assert "▶ chunk_embeddings" in proc.stderr and "✓ chunk_embeddings" in proc.stderr
+    assert "embeddings: " in proc.stderr and "DEBUG" not in proc.stderr
+    assert "STEP_OUTPUT" not in proc.stderr and "bitsandbytes" not in proc.stderr
+    (log,) = (home / "logs").glob("*.log")
+    assert "STEP_OUTPUT" in log.read_text() and log.stem in out
     hits = json.loads(
         refinery(
             "query", "When does a virgin queen fly out to mate?", "-k", "3", "--json", home=home

@@ -3,6 +3,8 @@ tokens, validation, MLflow feedback, the aggregate, and the sensor that reacts t
 
 from __future__ import annotations
 
+import uuid
+
 import dagster as dg
 import pytest
 import sqlalchemy as sa
@@ -142,8 +144,9 @@ def test_sensor_starts_promotion_after_enough_new_ratings(store, mlflow_uri, que
     from orchestration.automation import MIN_NEW_RATINGS, human_ratings_sensor
 
     resources = {"postgres": PostgresResource(url=db_url)}
+    instance = dg.DagsterInstance.ephemeral()
     token = review.add_reviewer(store.engine, "dora")
-    with dg.build_sensor_context(cursor="0", resources=resources) as ctx:
+    with dg.build_sensor_context(cursor="0", resources=resources, instance=instance) as ctx:
         first = human_ratings_sensor(ctx)
     assert not first.run_requests and "0 new ratings" in first.skip_reason.skip_message
     item_ids = [
@@ -154,11 +157,23 @@ def test_sensor_starts_promotion_after_enough_new_ratings(store, mlflow_uri, que
     ]
     for item_id in item_ids[:MIN_NEW_RATINGS]:
         review.rate(store.engine, mlflow_uri, review.authenticate(store.engine, token), item_id, 4)
-    with dg.build_sensor_context(cursor="0", resources=resources) as ctx:
+    # A promote run in progress: the sensor waits and keeps its cursor (the ratings stay new).
+    busy = dg.DagsterRun(
+        job_name="promote", run_id=str(uuid.uuid4()), status=dg.DagsterRunStatus.STARTED
+    )
+    instance.add_run(busy)
+    with dg.build_sensor_context(cursor="0", resources=resources, instance=instance) as ctx:
+        waiting = human_ratings_sensor(ctx)
+    assert not waiting.run_requests and waiting.cursor == "0"
+    assert "in progress" in waiting.skip_reason.skip_message
+    instance.report_run_canceled(busy)  # the running promotion ends
+    with dg.build_sensor_context(cursor="0", resources=resources, instance=instance) as ctx:
         second = human_ratings_sensor(ctx)
     assert [r.run_key for r in second.run_requests] == [f"ratings-{MIN_NEW_RATINGS}"]
     assert second.cursor == str(MIN_NEW_RATINGS)
-    with dg.build_sensor_context(cursor=second.cursor, resources=resources) as ctx:
+    with dg.build_sensor_context(
+        cursor=second.cursor, resources=resources, instance=instance
+    ) as ctx:
         third = human_ratings_sensor(ctx)  # nothing new since: no flood of runs
     assert not third.run_requests
 
