@@ -16,7 +16,6 @@ the ``REFINERY_*`` batching variables at import; nothing else happens at import.
 
 import asyncio
 import base64
-import hmac
 import json
 import logging
 import os
@@ -37,6 +36,16 @@ from pydantic import BaseModel, ConfigDict, Field
 from serving.api.accounting import price_per_hour, request_cost
 from serving.api.bento import Pins, read_mlflow_model
 from serving.api.cache import cache_key, make_cache
+from serving.api.metrics import (
+    CACHE,
+    COST,
+    GUARD_BLOCKS,
+    REJECTED,
+    REQUEST_COST,
+    TOKENS,
+    TRAFFIC_DROPPED,
+)
+from serving.api.middleware import RETRY_AFTER_S, GatewayMiddleware
 from serving.api.openai_schema import (
     ApiError,
     ChatCompletionRequest,
@@ -61,7 +70,6 @@ EMBED_MAX_BATCH = int(_ENV.get("REFINERY_EMBED_MAX_BATCH", 32))
 EMBED_MAX_LATENCY_MS = int(_ENV.get("REFINERY_EMBED_MAX_LATENCY_MS", 5_000))
 CHAT_MAX_BATCH = int(_ENV.get("REFINERY_CHAT_MAX_BATCH", 16))
 CHAT_MAX_LATENCY_MS = int(_ENV.get("REFINERY_CHAT_MAX_LATENCY_MS", 60_000))
-RETRY_AFTER_S = "1"
 # Follow a registry alias (e.g. "champion"): load the version it points to when it moves
 # (serving/follow.py). Empty: serve the pinned version only.
 FOLLOW_ALIAS = _ENV.get("REFINERY_FOLLOW_ALIAS", "")
@@ -85,45 +93,6 @@ def _torch_threads() -> None:
         import torch
 
         torch.set_num_threads(int(threads))
-
-
-# --- metrics (BentoML's /metrics serves these beside its own) -------------------------------
-TOKENS = bentoml.metrics.Counter(
-    name="refinery_tokens_total",
-    documentation="Tokens in (prompt) and out (completion), by endpoint.",
-    labelnames=["endpoint", "direction"],
-)
-CACHE = bentoml.metrics.Counter(
-    name="refinery_cache_requests_total",
-    documentation="Response cache lookups: hit, miss, or error (cache unavailable).",
-    labelnames=["endpoint", "result"],
-)
-COST = bentoml.metrics.Counter(
-    name="refinery_cost_usd_total",
-    documentation="Estimated cost (compute seconds x REFINERY_PRICE_PER_HOUR / 3600).",
-    labelnames=["endpoint"],
-)
-REQUEST_COST = bentoml.metrics.Histogram(
-    name="refinery_request_cost_usd",
-    documentation="Estimated cost per request.",
-    labelnames=["endpoint"],
-    buckets=(1e-7, 1e-6, 1e-5, 5e-5, 1e-4, 5e-4, 1e-3, 1e-2),
-)
-GUARD_BLOCKS = bentoml.metrics.Counter(
-    name="refinery_guard_blocks_total",
-    documentation="Requests blocked by the prompt-injection guard, by reason.",
-    labelnames=["endpoint", "reason"],
-)
-TRAFFIC_DROPPED = bentoml.metrics.Counter(
-    name="refinery_traffic_log_dropped_total",
-    documentation="Traffic log rows dropped (queue full, database unavailable); requests are unaffected",
-    labelnames=["reason"],
-)
-REJECTED = bentoml.metrics.Counter(
-    name="refinery_rejected_requests_total",
-    documentation="Requests refused before any model ran, by reason.",
-    labelnames=["reason"],
-)
 
 
 # --- the model services ------------------------------------------------------------------
@@ -802,121 +771,6 @@ async def _call(method: Any, *args: Any) -> Any:
                 ) from err
             raise
     raise AssertionError("unreachable")
-
-
-class GatewayMiddleware:
-    """Before any route: API keys (401), body size (413) and requests in flight (503)."""
-
-    PROTECTED = ("/v1/", "/rag")
-    OPEN = ("/v1/openapi.json", "/v1/docs")
-
-    def __init__(self, app: Any) -> None:
-        env = dict(os.environ)
-        self.app = app
-        self.limits = Limits.from_env(env)
-        self.keys = [
-            k.strip().encode() for k in env.get("REFINERY_API_KEYS", "").split(",") if k.strip()
-        ]
-        self.inflight = 0
-
-    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
-        path = scope.get("path", "")
-        if scope["type"] != "http" or not path.startswith(self.PROTECTED) or path in self.OPEN:
-            await self.app(scope, receive, send)
-            return
-        headers = {k.decode().lower(): v for k, v in scope.get("headers", [])}
-        if self.keys and not self._authorized(headers):
-            REJECTED.labels(reason="unauthorized").inc()
-            await _send_error(
-                send,
-                ApiError(
-                    401,
-                    "missing or wrong API key: send 'Authorization: Bearer <key>'",
-                    type="authentication_error",
-                    code="invalid_api_key",
-                ),
-            )
-            return
-        if self.inflight >= self.limits.max_inflight:
-            REJECTED.labels(reason="overloaded").inc()
-            await _send_error(
-                send,
-                ApiError(
-                    503,
-                    f"{self.inflight} requests in progress; retry shortly",
-                    type="server_error",
-                    code="overloaded",
-                    headers={"Retry-After": RETRY_AFTER_S},
-                ),
-            )
-            return
-        body, too_large = await self._read_body(headers, receive)
-        if too_large:
-            REJECTED.labels(reason="body_too_large").inc()
-            await _send_error(
-                send,
-                ApiError(
-                    413,
-                    f"the request body is larger than {self.limits.max_body_bytes} bytes",
-                    code="body_too_large",
-                ),
-            )
-            return
-        self.inflight += 1
-        try:
-            await self.app(scope, _replay(body, receive), send)
-        finally:
-            self.inflight -= 1
-
-    def _authorized(self, headers: dict[str, bytes]) -> bool:
-        auth = headers.get("authorization", b"")
-        given = (
-            auth[7:].strip() if auth[:7].lower() == b"bearer " else headers.get("x-api-key", b"")
-        )
-        return any(hmac.compare_digest(given, key) for key in self.keys)
-
-    async def _read_body(self, headers: dict[str, bytes], receive: Any) -> tuple[bytes, bool]:
-        limit = self.limits.max_body_bytes
-        declared = headers.get("content-length")
-        if declared is not None and declared.isdigit() and int(declared) > limit:
-            return b"", True
-        parts, size = [], 0
-        while True:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                break
-            chunk = message.get("body", b"")
-            size += len(chunk)
-            if size > limit:
-                return b"", True
-            parts.append(chunk)
-            if not message.get("more_body", False):
-                break
-        return b"".join(parts), False
-
-
-def _replay(body: bytes, receive: Any) -> Any:
-    sent = False
-
-    async def replay() -> dict[str, Any]:
-        nonlocal sent
-        if not sent:
-            sent = True
-            return {"type": "http.request", "body": body, "more_body": False}
-        return await receive()
-
-    return replay
-
-
-async def _send_error(send: Any, err: ApiError) -> None:
-    payload = json.dumps(err.body()).encode()
-    headers = [
-        (b"content-type", b"application/json"),
-        (b"content-length", str(len(payload)).encode()),
-    ]
-    headers += [(k.lower().encode(), v.encode()) for k, v in err.headers.items()]
-    await send({"type": "http.response.start", "status": err.status, "headers": headers})
-    await send({"type": "http.response.body", "body": payload})
 
 
 Refinery.add_asgi_middleware(GatewayMiddleware)  # type: ignore[attr-defined]

@@ -173,7 +173,7 @@ def test_per_row_token_limits():
 
 # --- gateway middleware --------------------------------------------------------------------
 def _middleware(monkeypatch, **env):
-    from serving.api.service import GatewayMiddleware
+    from serving.api.middleware import GatewayMiddleware
 
     for key, value in env.items():
         monkeypatch.setenv(key, value)
