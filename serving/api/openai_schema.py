@@ -97,6 +97,8 @@ class ChatCompletionRequest(BaseModel):
     stream: bool = False
     stream_options: dict[str, Any] | None = None
     tools: list[Any] | None = None
+    stop: str | list[str] | None = None
+    seed: int | None = None
 
     @field_validator("temperature", "top_p", mode="before")
     @classmethod
@@ -113,6 +115,31 @@ class ChatCompletionRequest(BaseModel):
                 code="max_tokens_too_large",
             )
         return wanted
+
+    def stop_strings(self) -> list[str]:
+        stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+        if len(stops) > 4 or any(not s or len(s) > 100 for s in stops):
+            raise ApiError(
+                400,
+                "stop: at most 4 sequences of 1 to 100 characters",
+                param="stop",
+                code="invalid_value",
+            )
+        return stops
+
+    def engine_item(self, limits: Limits) -> dict[str, Any]:
+        """What the generation engine is asked: checked against the limits (400 otherwise)."""
+        item: dict[str, Any] = {
+            "messages": self.plain_messages(limits),
+            "max_tokens": self.token_limit(limits),
+            "temperature": self.temperature,
+            "top_p": self.top_p,
+        }
+        if self.stop is not None:
+            item["stop"] = self.stop_strings()
+        if self.seed is not None:
+            item["seed"] = self.seed
+        return item
 
     def plain_messages(self, limits: Limits) -> list[dict[str, str]]:
         if self.n != 1:

@@ -1,81 +1,67 @@
-"""The Refinery service: three small BentoML services over the library code.
+"""The Refinery service: two BentoML services over the library code.
 
-- ``Embeddings`` (``refinery-embedder``): the sentence model; adaptive batching for ``encode``
-  and for the prompt-injection scorer (``screen``).
-- ``ChatModel`` (``refinery-chat``): the pinned chat model; adaptive batching over padded
-  ``generate``; ``stream`` for token streaming.
+- ``ChatModel`` (``refinery-chat``): the pinned chat model in a generation engine with
+  continuous batching (``serving.runtime.engine``); its ``generate`` API streams one JSON line
+  per piece of text, so chat, RAG and streamed requests share the engine's running batch.
 - ``Refinery`` (``refinery``, the entry point): the OpenAI-compatible API under ``/v1``
-  (a FastAPI app), the RAG endpoint ``POST /rag`` (a BentoML API, so BentoML's client calls it),
-  cache, guard, limits, API keys and metrics. It calls the other two through ``bentoml.depends``:
-  their dispatchers gather concurrent calls into batches.
+  (a FastAPI app), the RAG endpoint ``POST /rag`` (a BentoML API, so BentoML's client calls
+  it), the embedding model and the guard in-process, cache, single flight, limits, API keys
+  and metrics. Its logic is ``serving.api.gateway.Gateway``; this module wires routes to it.
 
-What a Bento serves is pinned in ``serving/pins.json`` (written by ``serving.api.bento``). BentoML
-fixes models and batching parameters when a class is defined, so this module reads its pins and
-the ``REFINERY_*`` batching variables at import; nothing else happens at import.
+What a Bento serves is pinned in ``serving/pins.json`` (written by ``serving.api.bento``).
+BentoML fixes models when a class is defined, so this module reads its pins at import;
+nothing else happens at import.
 """
 
+from __future__ import annotations
+
 import asyncio
-import base64
+import contextlib
 import json
 import logging
 import os
+import threading
 import time
-import uuid
 from collections.abc import AsyncGenerator, AsyncIterator
 from pathlib import Path
 from typing import Annotated, Any
 
 import aiohttp  # BentoML's client for calls between services
 import bentoml
-import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
-from serving.api.accounting import price_per_hour, request_cost
 from serving.api.bento import Pins, read_mlflow_model
-from serving.api.cache import cache_key, make_cache
+from serving.api.gateway import RAG_DEFAULT_TOKENS, RETRY_AFTER_S, Gateway, unb64
 from serving.api.metrics import (
-    CACHE,
-    COST,
-    GUARD_BLOCKS,
+    ENGINE_RUNNING,
+    ENGINE_TOKENS,
+    ENGINE_WAITING,
     REJECTED,
-    REQUEST_COST,
-    TOKENS,
+    SPEC_TOKENS,
     TRAFFIC_DROPPED,
 )
-from serving.api.middleware import RETRY_AFTER_S, GatewayMiddleware
+from serving.api.middleware import GatewayMiddleware
 from serving.api.openai_schema import (
     ApiError,
     ChatCompletionRequest,
     EmbeddingRequest,
     Limits,
-    chat_chunk,
-    chat_response,
     embedding_response,
 )
-from serving.api.traffic import TrafficLog, TrafficSettings
 
 log = logging.getLogger("refinery.service")
 
 PINS = Pins.load()
 _ENV = dict(os.environ)
-BATCHING = _ENV.get("REFINERY_BATCHING", "on") != "off"
-# From measurements on 2 CPU cores: MiniLM reaches its in-process limit at batch 32
-# (ENVIRONMENT.md); padded batches of 16 generate 5.8x as many answers per second as one at a
-# time (benchmarks/results/serving.md). Latency budgets: at 32 concurrent clients, 5 s let
-# the embedding dispatcher take every request, while 0.5 s made it shed 22 of 640 (503).
-EMBED_MAX_BATCH = int(_ENV.get("REFINERY_EMBED_MAX_BATCH", 32))
-EMBED_MAX_LATENCY_MS = int(_ENV.get("REFINERY_EMBED_MAX_LATENCY_MS", 5_000))
-CHAT_MAX_BATCH = int(_ENV.get("REFINERY_CHAT_MAX_BATCH", 16))
-CHAT_MAX_LATENCY_MS = int(_ENV.get("REFINERY_CHAT_MAX_LATENCY_MS", 60_000))
+ENGINE = _ENV.get("REFINERY_ENGINE", "auto")  # auto | openvino | hf | static
+MAX_BATCH = int(_ENV.get("REFINERY_CHAT_MAX_BATCH", 32))  # sequences in the running batch
 # Follow a registry alias (e.g. "champion"): load the version it points to when it moves
-# (serving/follow.py). Empty: serve the pinned version only.
+# (serving/runtime/follow.py). Empty: serve the pinned version only.
 FOLLOW_ALIAS = _ENV.get("REFINERY_FOLLOW_ALIAS", "")
 FOLLOW_INTERVAL_S = float(_ENV.get("REFINERY_FOLLOW_INTERVAL_S", 30))
-LABEL_REFRESH_S = 2.0  # how often the entry service asks which model version answers
-RAG_DEFAULT_TOKENS = 96  # (capped at REFINERY_MAX_TOKENS)
 
 
 def _pins() -> Pins:
@@ -87,50 +73,18 @@ def _pins() -> Pins:
     return PINS
 
 
-def _torch_threads() -> None:
+def _threads() -> int | None:
     threads = _ENV.get("REFINERY_TORCH_THREADS")
-    if threads:
-        import torch
-
-        torch.set_num_threads(int(threads))
+    return int(threads) if threads else None
 
 
-# --- the model services ------------------------------------------------------------------
-@bentoml.service(name="refinery-embedder", workers=1, traffic={"timeout": 120})
-class Embeddings:
-    if PINS is not None:
-        model = bentoml.models.BentoModel(PINS.embedding_model_tag)
-
-    def __init__(self) -> None:
-        from serving.corpus.embedding import Embedder
-        from serving.guard import InjectionGuard
-
-        _torch_threads()
-        pins = _pins()
-        self.embedder = Embedder(pins.embedding_model, location=self.model.path)
-        self.tokenizer = self.embedder.tokenizer()
-        self.guard = InjectionGuard(self.embedder.encode)  # embeds its exemplars: a warm-up too
-
-    @bentoml.api(
-        batchable=BATCHING, max_batch_size=EMBED_MAX_BATCH, max_latency_ms=EMBED_MAX_LATENCY_MS
-    )
-    def encode(self, texts: list[str]) -> list[dict[str, Any]]:
-        t0 = time.perf_counter()
-        vectors = self.embedder.encode(texts)  # (n, dim)
-        share = (time.perf_counter() - t0) / max(1, len(texts))
-        tokens = [sum(e.attention_mask) for e in self.tokenizer.encode_batch(texts)]  # no padding
-        return [
-            {"embedding": _b64(v), "tokens": n, "compute_s": share}
-            for v, n in zip(vectors, tokens, strict=True)
-        ]
-
-    @bentoml.api(
-        batchable=BATCHING, max_batch_size=EMBED_MAX_BATCH, max_latency_ms=EMBED_MAX_LATENCY_MS
-    )
-    def screen(self, texts: list[str]) -> list[dict[str, Any]]:
-        return [v.to_dict() for v in self.guard.check(texts)]
+def _quiet_optional_kernels() -> None:
+    # bitsandbytes warns on CPUs with AVX-512 BF16 that an optional hub-downloading package is
+    # missing; it is not needed.
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
 
 
+# --- the model service -------------------------------------------------------------------
 @bentoml.service(name="refinery-chat", workers=1, traffic={"timeout": 300})
 class ChatModel:
     if PINS is not None:
@@ -139,11 +93,12 @@ class ChatModel:
     def __init__(self) -> None:
         import torch
 
-        _torch_threads()
-        self.cuda = torch.cuda.is_available()
+        _quiet_optional_kernels()
+        self.device = "cuda" if torch.cuda.is_available() else "cpu"
         pins = _pins()
-        # (generator, "name/version"): one attribute, so a swap is one assignment and a batch
-        # never pairs one version's generator with another's label.
+        self._exported: dict[str, int] = {}  # engine counters already added to the metrics
+        # (engine, "name/version"): one attribute, so a swap is one assignment and a request
+        # never pairs one version's engine with another's label.
         self.active: tuple[Any, str] = (self._load(Path(self.model.path)), pins.model_label)
         self.follower = None
         if FOLLOW_ALIAS:
@@ -165,84 +120,167 @@ class ChatModel:
             ).start()
 
     def _load(self, folder: Path) -> Any:
-        from serving.runtime.generation import load_generator
+        from serving.runtime.engine.loader import load_engine
 
         weights, variant = read_mlflow_model(folder)
-        device = "cuda" if self.cuda and variant == "none" else "cpu"
-        generator = load_generator(weights, variant=variant, device=device)
-        generator.generate(["Hello"], max_new_tokens=2)  # warm-up: first call is slow
-        return generator
+        device = self.device if variant == "none" else "cpu"
+        engine = load_engine(
+            weights, variant, backend=ENGINE, device=device, threads=_threads(), max_batch=MAX_BATCH
+        )
+        engine.generate(["Hello"], max_new_tokens=2)  # warm-up: the first call is slow
+        return engine
 
-    def _swap(self, ref: Any, generator: Any) -> None:
-        # A batch already running holds the old generator until it ends.
-        self.active = (generator, ref.label)
+    def _swap(self, ref: Any, engine: Any) -> None:
+        old = self.active[0]
+        self.active = (engine, ref.label)  # new requests go to the new engine from now on
+        threading.Thread(target=_retire, args=(old,), daemon=True).start()
 
     @bentoml.api
     def current_model(self) -> str:
         """The "name/version" that answers now (moves when the followed alias moves)."""
         return self.active[1]
 
-    @bentoml.api(
-        batchable=BATCHING, max_batch_size=CHAT_MAX_BATCH, max_latency_ms=CHAT_MAX_LATENCY_MS
-    )
-    def generate(self, requests: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        """Each request: messages, max_tokens, temperature, top_p. Requests with the same
-        sampling settings share one padded generate call."""
-        generator, label = self.active  # one model for the whole batch
-        out: list[dict[str, Any] | None] = [None] * len(requests)
-        groups: dict[tuple[float, float], list[int]] = {}
-        for i, r in enumerate(requests):
-            groups.setdefault((float(r["temperature"]), float(r["top_p"])), []).append(i)
-        for (temperature, top_p), idx in groups.items():
-            completions = generator.generate(
-                [requests[i]["messages"] for i in idx],
-                max_new_tokens=[int(requests[i]["max_tokens"]) for i in idx],
-                temperature=temperature,
-                top_p=top_p,
-            )
-            for i, c in zip(idx, completions, strict=True):
-                out[i] = {
-                    "text": c.text,
-                    "prompt_tokens": c.prompt_tokens,
-                    "completion_tokens": c.completion_tokens,
-                    "finish_reason": c.finish_reason,
-                    "compute_s": c.seconds / len(idx),
-                    "model": label,
-                }
-        return [o for o in out if o is not None]
+    @bentoml.api
+    def stats(self) -> dict[str, Any]:
+        s = self.active[0].stats()
+        return {**vars(s), "mean_batch": s.mean_batch, "acceptance_rate": s.acceptance_rate}
 
     @bentoml.api
-    def count_tokens(self, messages: list[dict[str, str]]) -> int:
-        generator = self.active[0]
-        return len(generator.tokenizer(generator.chat_text(messages)).input_ids)
+    async def generate(self, item: dict[str, Any]) -> AsyncGenerator[str, None]:
+        """One request (messages, max_tokens, temperature, top_p, stop, seed, speculation);
+        one JSON line per piece of text as the engine produces it, the last with
+        ``finished``. A request the engine refuses gives one line with ``status`` and
+        ``error``. Leaving early (the caller went away) cancels the request in the engine."""
+        from serving.runtime.engine.base import EngineBusy, PromptTooLong, SamplingParams
 
-    @bentoml.api
-    async def stream(
-        self, messages: list[dict[str, str]], max_tokens: int, temperature: float, top_p: float
-    ) -> AsyncGenerator[str, None]:
-        generator = self.active[0]
-        async for piece in _aiter(generator.stream(messages, max_tokens, temperature, top_p)):
-            yield piece
+        engine, label = self.active
+        params = SamplingParams(
+            max_tokens=int(item["max_tokens"]),
+            temperature=float(item.get("temperature", 0.0)),
+            top_p=float(item.get("top_p", 1.0)),
+            seed=item.get("seed"),
+            stop=tuple(item.get("stop") or ()),
+            speculation=item.get("speculation"),
+        )
+        try:
+            async for delta in engine.stream(item["messages"], params):
+                event = {"text": delta.text}
+                if delta.finished:
+                    event.update(
+                        finished=True, finish_reason=delta.finish_reason, error=delta.error,
+                        prompt_tokens=delta.prompt_tokens, completion_tokens=delta.completion_tokens,
+                        compute_s=delta.compute_s, model=label,
+                    )  # fmt: skip
+                yield json.dumps(event) + "\n"
+        except EngineBusy as err:
+            yield json.dumps({"status": 503, "error": str(err), "finished": True}) + "\n"
+        except PromptTooLong as err:
+            yield json.dumps({"status": 400, "error": str(err), "finished": True}) + "\n"
+        finally:
+            self._export(engine)
+
+    def _export(self, engine: Any) -> None:
+        s = engine.stats()
+        ENGINE_WAITING.set(s.waiting)
+        ENGINE_RUNNING.set(s.running)
+        for name, value, total in (
+            ("generated", s.generated_tokens, ENGINE_TOKENS),
+            ("proposed", s.draft_proposed, SPEC_TOKENS.labels(outcome="proposed")),
+            ("accepted", s.draft_accepted, SPEC_TOKENS.labels(outcome="accepted")),
+        ):
+            seen = self._exported.get(name, 0)
+            if value > seen:
+                total.inc(value - seen)
+                self._exported[name] = value
 
 
-def _b64(vector: np.ndarray) -> str:
-    """A vector as OpenAI's base64 encoding: little-endian float32 bytes. Compact between the
-    services and in the cache, and what the openai client asks for by default."""
-    return base64.b64encode(np.asarray(vector, dtype="<f4").tobytes()).decode()
+def _retire(engine: Any, grace_s: float = 300.0) -> None:
+    """Close an engine the service swapped out once its last requests ended."""
+    deadline = time.monotonic() + grace_s
+    while time.monotonic() < deadline:
+        s = engine.stats()
+        if s.running == 0 and s.waiting == 0:
+            break
+        time.sleep(0.5)
+    engine.close()
 
 
-def _unb64(text: str) -> np.ndarray:
-    return np.frombuffer(base64.b64decode(text), dtype="<f4")  # (dim,)
+class ChatServiceClient:
+    """The chat service as the gateway wants it: events as dicts, errors as ``ApiError``."""
+
+    def __init__(self, remote: Any) -> None:
+        self.remote = remote
+
+    async def current_model(self) -> str:
+        return str(await _call(self.remote.to_async.current_model))
+
+    async def generate(self, item: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
+        stream: Any = None
+        lines: Any = None
+        for attempt in range(CONNECTION_RETRIES + 1):
+            stream = self.remote.to_async.generate(item)
+            lines = _lines(stream)
+            try:
+                line = await anext(lines)
+                break
+            except (aiohttp.ClientError, bentoml.exceptions.BentoMLException) as err:
+                await _close(lines, stream)
+                if attempt == CONNECTION_RETRIES:
+                    raise _unavailable(err) from err
+            except StopAsyncIteration:
+                await _close(lines, stream)
+                raise _ended_early() from None
+        try:
+            while True:
+                event = json.loads(line)
+                if "status" in event:  # refused by the engine before it started
+                    raise _refused(int(event["status"]), str(event["error"]))
+                yield event
+                if event.get("finished"):
+                    return
+                try:
+                    line = await anext(lines)
+                except StopAsyncIteration:
+                    raise _ended_early() from None
+        finally:
+            await _close(lines, stream)
 
 
-async def _aiter(pieces: Any) -> AsyncIterator[str]:
-    """A blocking iterator as an async one (each next() in a thread)."""
-    done = object()
-    while True:
-        piece = await asyncio.to_thread(next, pieces, done)
-        if piece is done:
-            return
-        yield str(piece)
+async def _lines(stream: Any) -> AsyncIterator[str]:
+    """The JSON lines of a streamed answer, whatever the chunk boundaries."""
+    buffer = ""
+    async for piece in stream:
+        buffer += piece if isinstance(piece, str) else piece.decode()
+        while "\n" in buffer:
+            line, buffer = buffer.split("\n", 1)
+            yield line
+    if buffer.strip():
+        yield buffer
+
+
+async def _close(*streams: Any) -> None:
+    for stream in streams:
+        if stream is not None and hasattr(stream, "aclose"):
+            # Closing a connection that is already gone may raise: nothing left to do then.
+            with contextlib.suppress(Exception):
+                await stream.aclose()
+
+
+def _refused(status: int, message: str) -> ApiError:
+    if status == 503:
+        REJECTED.labels(reason="engine_busy").inc()
+        return ApiError(
+            503, message, type="server_error", code="overloaded",
+            headers={"Retry-After": RETRY_AFTER_S},
+        )  # fmt: skip
+    return ApiError(status, message, param="messages", code="prompt_too_long")
+
+
+def _ended_early() -> ApiError:
+    return ApiError(
+        503, "the model service ended the answer early; retry", type="server_error",
+        code="model_unavailable", headers={"Retry-After": RETRY_AFTER_S},
+    )  # fmt: skip
 
 
 # --- the gateway -------------------------------------------------------------------------
@@ -292,132 +330,68 @@ class RagFilters(BaseModel):
 )
 @bentoml.asgi_app(openai_app, path="/v1")
 class Refinery:
-    embedder = bentoml.depends(Embeddings)
     chat = bentoml.depends(ChatModel)
+    if PINS is not None:
+        embedding = bentoml.models.BentoModel(PINS.embedding_model_tag)
 
     def __init__(self) -> None:
+        from serving.api.accounting import price_per_hour
+        from serving.api.cache import make_cache
+        from serving.api.traffic import TrafficLog, TrafficSettings
+        from serving.corpus.embedding import Embedder
+        from serving.guard import InjectionGuard
+
+        _quiet_optional_kernels()
         env = dict(os.environ)
         self.pins = _pins()
         self.limits = Limits.from_env(env)
-        self.hourly_price = price_per_hour(env)
-        self.guard_mode = env.get("REFINERY_GUARD", "block")  # block | off
-        if self.guard_mode not in ("block", "off"):
-            raise ValueError(f"REFINERY_GUARD must be 'block' or 'off', got {self.guard_mode!r}")
-        self.cache = make_cache(
-            env.get("REFINERY_REDIS_URL") or None,
-            ttl_s=float(env.get("REFINERY_CACHE_TTL_S", 600)),
-        )
-        self.model_id = self.pins.registered_model
-        self.model_label = self.pins.model_label  # moves when the chat service follows an alias
-        self._label_checked = 0.0
+        guard_mode = env.get("REFINERY_GUARD", "block")  # block | off
+        if guard_mode not in ("block", "off"):
+            raise ValueError(f"REFINERY_GUARD must be 'block' or 'off', got {guard_mode!r}")
+        embedder = Embedder(self.pins.embedding_model, location=self.embedding.path)
+        tokenizer = embedder.tokenizer()
+        guard = InjectionGuard(embedder.encode) if guard_mode == "block" else None
         self._retrieval: tuple[Any, Any] | None = None
-        self.traffic = TrafficLog(
-            self._new_engine,
-            TrafficSettings.from_env(env),
-            on_drop=lambda reason, n: TRAFFIC_DROPPED.labels(reason=reason).inc(n),
+        self.gateway = Gateway(
+            chat=ChatServiceClient(self.chat),
+            encode=embedder.encode,
+            count_tokens=lambda texts: [
+                sum(e.attention_mask) for e in tokenizer.encode_batch(texts)
+            ],
+            screen=(lambda texts: [v.to_dict() for v in guard.check(texts)]) if guard else None,
+            cache=make_cache(
+                env.get("REFINERY_REDIS_URL") or None,
+                ttl_s=float(env.get("REFINERY_CACHE_TTL_S", 600)),
+            ),
+            traffic=TrafficLog(
+                self._new_engine,
+                TrafficSettings.from_env(env),
+                on_drop=lambda reason, n: TRAFFIC_DROPPED.labels(reason=reason).inc(n),
+            ),
+            limits=self.limits,
+            hourly_price=price_per_hour(env),
+            model_id=self.pins.registered_model,
+            model_label=self.pins.model_label,
+            embedding_model=self.pins.embedding_model,
+            follow=bool(FOLLOW_ALIAS),
+            embed_batch=int(env.get("REFINERY_EMBED_MAX_BATCH", 32)),
         )
-        log.info(
-            "serving %s (variant %s), cache %s",
-            self.pins.model_label,
-            self.pins.variant,
-            self.cache.backend,
-        )
-
-    # -- helpers --
-    def _account(self, endpoint: str, prompt: int, completion: int, compute_s: float) -> float:
-        cost = request_cost(compute_s, self.hourly_price)
-        TOKENS.labels(endpoint=endpoint, direction="in").inc(prompt)
-        if completion:
-            TOKENS.labels(endpoint=endpoint, direction="out").inc(completion)
-        COST.labels(endpoint=endpoint).inc(cost)
-        REQUEST_COST.labels(endpoint=endpoint).observe(cost)
-        return cost
-
-    async def _refresh_label(self) -> None:
-        """When the chat service follows an alias, learn (every few seconds) which version answers,
-        so that cache keys and headers name the model that will answer."""
-        now = time.monotonic()
-        if FOLLOW_ALIAS and now - self._label_checked > LABEL_REFRESH_S:
-            self._label_checked = now
-            self.model_label = await _call(self.chat.to_async.current_model)
-
-    def _answered_by(self, out: dict[str, Any]) -> str:
-        self.model_label = out.get("model", self.model_label)
-        return self.model_label
-
-    def _log(self, endpoint: str, prompt: str, t0: float, **fields: Any) -> None:
-        """One traffic-log row (sampled, queued; written by a background thread)."""
-        fields.setdefault("guard", "off" if self.guard_mode == "off" else "passed")
-        self.traffic.record(
-            endpoint=endpoint,
-            model=fields.pop("model", self.model_label),
-            prompt=prompt,
-            latency_s=time.perf_counter() - t0,
-            **fields,
-        )
-
-    async def _cache_io(self, method: Any, *args: Any) -> Any:
-        if self.cache.backend == "memory":  # a dict lookup: no thread hop
-            return method(*args)
-        return await asyncio.to_thread(method, *args)  # Redis: network I/O off the loop
-
-    async def _cached(self, endpoint: str, key: str | None) -> Any:
-        if key is None:
-            return None
-        outcome, value = await self._cache_io(self.cache.get, key)
-        CACHE.labels(endpoint=endpoint, result=outcome).inc()
-        return value
-
-    async def _remember(self, key: str | None, value: Any) -> None:
-        if key is not None:
-            await self._cache_io(self.cache.set, key, value)
-
-    async def _screen(self, endpoint: str, texts: list[str], t0: float) -> None:
-        if self.guard_mode == "off" or not texts:
-            return
-        verdicts = await _call(self.embedder.to_async.screen, texts)
-        for v in verdicts:
-            if v["blocked"]:
-                for reason in v["reasons"]:
-                    GUARD_BLOCKS.labels(endpoint=endpoint, reason=reason).inc()
-                self._log(endpoint, "\n".join(texts), t0, answer=None, status=400, guard="blocked")
-                raise ApiError(
-                    400,
-                    "the request looks like a prompt injection and was blocked "
-                    f"({', '.join(v['reasons'])})",
-                    type="invalid_request_error",
-                    code="prompt_injection",
-                )
-
-    def _check_model(self, model: str | None) -> None:
-        if model and model not in (self.model_id, self.model_label, "refinery", "default"):
-            raise ApiError(
-                404,
-                f"model {model!r} is not served here; GET /v1/models lists {self.model_id!r}",
-                param="model",
-                code="model_not_found",
-            )
-
-    def _headers(self, cache: str, cost: float, label: str | None = None) -> dict[str, str]:
-        return {
-            "x-refinery-model-version": label or self.model_label,
-            "x-refinery-cache": cache,
-            "x-refinery-cost-usd": f"{cost:.8f}",
-        }
+        embedder.encode(["warm up"])
+        log.info("serving %s (variant %s)", self.pins.model_label, self.pins.variant)
 
     # -- OpenAI-compatible API --
     @openai_app.get("/models")
     async def models(self) -> dict[str, Any]:
-        await self._refresh_label()
+        await self.gateway.refresh_label()
         return {
             "object": "list",
             "data": [
                 {
-                    "id": self.model_id,
+                    "id": self.pins.registered_model,
                     "object": "model",
                     "created": 0,
                     "owned_by": "refinery",
-                    "version": self.model_label.rsplit("/", 1)[-1],
+                    "version": self.gateway.model_label.rsplit("/", 1)[-1],
                     "variant": self.pins.variant,
                 },
                 {
@@ -434,136 +408,29 @@ class Refinery:
         self, body: ChatCompletionRequest
     ) -> JSONResponse | StreamingResponse:
         t0 = time.perf_counter()
-        await self._refresh_label()
-        self._check_model(body.model)
-        messages = body.plain_messages(self.limits)
-        max_tokens = body.token_limit(self.limits)
-        item = {
-            "messages": messages,
-            "max_tokens": max_tokens,
-            "temperature": body.temperature,
-            "top_p": body.top_p,
-        }
-        user_turns = [m["content"] for m in messages if m["role"] == "user"]
-        if body.stream:
-            await self._screen("chat", user_turns, t0)
-            return StreamingResponse(
-                self._stream(item, body.stream_options or {}, t0),
-                media_type="text/event-stream",
-                headers={"x-refinery-model-version": self.model_label},
-            )
-        key = cache_key("chat", self.model_label, item) if body.temperature == 0 else None
-        hit = await self._cached("chat", key)
-        prompt = user_turns[-1] if user_turns else ""
-        if hit is not None:  # cached answers passed the guard when they were made
-            self._log("chat", prompt, t0, answer=hit["text"], cache_hit=True, guard="cached")
-            return JSONResponse(
-                chat_response(self.model_id, **hit), headers=self._headers("hit", 0.0)
-            )
-        await self._screen("chat", user_turns, t0)
-        (out,) = await _call(self.chat.to_async.generate, [item])
-        label = self._answered_by(out)
-        result = {
-            "text": out["text"],
-            "finish": out["finish_reason"],
-            "prompt_tokens": out["prompt_tokens"],
-            "completion_tokens": out["completion_tokens"],
-        }
-        cost = self._account(
-            "chat", out["prompt_tokens"], out["completion_tokens"], out["compute_s"]
+        gw = self.gateway
+        await gw.refresh_label()
+        gw.check_model(body.model)
+        item = body.engine_item(self.limits)
+        if not body.stream:
+            payload, headers = await gw.chat_completion(item, t0)
+            return JSONResponse(payload, headers=headers)
+        await gw.screen("chat", [m["content"] for m in item["messages"] if m["role"] == "user"], t0)
+        events = await gw.open_stream(item)  # refusals (busy, too long) still get their status
+        return StreamingResponse(
+            gw.chat_stream(events, item, body.stream_options or {}, t0),
+            media_type="text/event-stream",
+            headers={"x-refinery-model-version": gw.model_label},
         )
-        await self._remember(key, result)
-        self._log(
-            "chat",
-            prompt,
-            t0,
-            answer=out["text"],
-            prompt_tokens=out["prompt_tokens"],
-            completion_tokens=out["completion_tokens"],
-            cost_usd=cost,
-            model=label,
-        )
-        return JSONResponse(
-            chat_response(self.model_id, **result), headers=self._headers("miss", cost, label)
-        )
-
-    async def _stream(
-        self, item: dict[str, Any], options: dict[str, Any], t_start: float
-    ) -> AsyncIterator[str]:
-        chunk_id = f"chatcmpl-{uuid.uuid4().hex}"
-
-        def sse(payload: dict[str, Any]) -> str:
-            return f"data: {json.dumps(payload)}\n\n"
-
-        yield sse(chat_chunk(chunk_id, self.model_id, {"role": "assistant", "content": ""}))
-        t0, pieces = time.perf_counter(), []
-        try:
-            prompt_tokens = await _call(self.chat.to_async.count_tokens, item["messages"])
-            stream = self.chat.to_async.stream(
-                item["messages"], item["max_tokens"], item["temperature"], item["top_p"]
-            )
-            async for piece in stream:
-                pieces.append(piece)
-                yield sse(chat_chunk(chunk_id, self.model_id, {"content": piece}))
-        except (ApiError, bentoml.exceptions.BentoMLException, aiohttp.ClientError) as err:
-            # Headers are gone once a stream has started: report the error in-band, as an
-            # SSE event with OpenAI's error body, and end the stream.
-            error = (
-                err if isinstance(err, ApiError) else ApiError(503, str(err), type="server_error")
-            )
-            yield sse(error.body())
-            return
-        text = "".join(pieces)
-        completion_tokens = await _call(
-            self.chat.to_async.count_tokens, [{"role": "assistant", "content": text}]
-        )
-        # The streamed answer runs alone on the model: all its wall time is its compute time.
-        cost = self._account("chat", prompt_tokens, completion_tokens, time.perf_counter() - t0)
-        turns = [m["content"] for m in item["messages"] if m["role"] == "user"]
-        self._log(
-            "chat",
-            turns[-1] if turns else "",
-            t_start,
-            answer=text,
-            prompt_tokens=prompt_tokens,
-            completion_tokens=completion_tokens,
-            cost_usd=cost,
-        )
-        finish = "length" if completion_tokens >= item["max_tokens"] else "stop"
-        yield sse(chat_chunk(chunk_id, self.model_id, {}, finish))
-        if options.get("include_usage"):
-            usage = {
-                "prompt_tokens": prompt_tokens,
-                "completion_tokens": completion_tokens,
-                "total_tokens": prompt_tokens + completion_tokens,
-            }
-            payload = chat_chunk(chunk_id, self.model_id, {}, None, usage)
-            payload["choices"] = []
-            yield sse(payload)
-        yield "data: [DONE]\n\n"
 
     @openai_app.post("/embeddings")
     async def embeddings(self, body: EmbeddingRequest) -> JSONResponse:
-        if body.model and body.model not in (self.pins.embedding_model, self.model_id):
-            self._check_model(body.model)
+        gw = self.gateway
+        if body.model and body.model not in (self.pins.embedding_model, gw.model_id):
+            gw.check_model(body.model)
         t0 = time.perf_counter()
-        texts = body.texts(self.limits)
-        key = cache_key("embeddings", self.pins.embedding_model, {"input": texts})
-        hit = await self._cached("embeddings", key)
-        cost = 0.0
-        if hit is None:
-            rows = await _call(self.embedder.to_async.encode, texts)
-            hit = {
-                "vectors": [r["embedding"] for r in rows],
-                "tokens": sum(r["tokens"] for r in rows),
-            }
-            cost = self._account("embeddings", hit["tokens"], 0, sum(r["compute_s"] for r in rows))
-            await self._remember(key, hit)
-            state = "miss"
-        else:
-            state = "hit"
-        vectors = hit["vectors"]  # base64 float32: what the openai client asks for by default
-        dim = len(base64.b64decode(vectors[0])) // 4
+        vectors, tokens, state, cost = await gw.embeddings(body.texts(self.limits), t0)
+        dim = len(unb64(vectors[0]))
         if body.dimensions is not None and body.dimensions != dim:
             raise ApiError(
                 400,
@@ -571,22 +438,12 @@ class Refinery:
                 f"dimensions={body.dimensions} is not supported",
                 param="dimensions",
             )
-        self._log(
-            "embeddings",
-            "\n".join(texts),
-            t0,
-            answer=None,
-            prompt_tokens=hit["tokens"],
-            cost_usd=cost,
-            cache_hit=state == "hit",
-            guard="off",  # embeddings are not screened
-        )
-        data: list[Any] = vectors
+        data: list[Any] = vectors  # base64 float32: what the openai client asks for by default
         if body.encoding_format == "float":
-            data = [_unb64(v).tolist() for v in vectors]
+            data = [unb64(v).tolist() for v in vectors]
         return JSONResponse(
-            embedding_response(self.pins.embedding_model, data, hit["tokens"]),
-            headers=self._headers(state, cost),
+            embedding_response(self.pins.embedding_model, data, tokens),
+            headers=gw.headers(state, cost),
         )
 
     # -- RAG --
@@ -603,7 +460,9 @@ class Refinery:
         score) and a confidence in [0, 1] (see serving/rag.py for how it is computed)."""
         try:
             limit = max_tokens or min(RAG_DEFAULT_TOKENS, self.limits.max_tokens)
-            return await self._rag(question, k, filters, limit, ctx)
+            answer, headers = await self._rag(question, k, filters, limit)
+            ctx.response.headers.update(headers)
+            return answer
         except ApiError as err:
             ctx.response.status_code = err.status
             for name, value in err.headers.items():
@@ -611,13 +470,12 @@ class Refinery:
             return err.body()
 
     async def _rag(
-        self, question: str, k: int, filters: RagFilters | None, max_tokens: int, ctx: Any
-    ) -> dict[str, Any]:
+        self, question: str, k: int, filters: RagFilters | None, max_tokens: int
+    ) -> tuple[dict[str, Any], dict[str, str]]:
         from serving.corpus.retrieval import Filters, search_vector
-        from serving.rag import build_messages, make_answer
 
         t0 = time.perf_counter()
-        await self._refresh_label()
+        await self.gateway.refresh_label()
         question = question.strip()
         if not question:
             raise ApiError(400, "the question is empty", param="question")
@@ -635,77 +493,22 @@ class Refinery:
             "filters": f.model_dump(),
             "max_tokens": max_tokens,
         }
-        key = cache_key("rag", self.model_label, request)
-        hit = await self._cached("rag", key)
-        if hit is not None:  # cached answers passed the guard when they were made
-            ctx.response.headers.update(self._headers("hit", 0.0))
-            self._log(
-                "rag",
-                question,
-                t0,
-                answer=hit["answer"],
-                cache_hit=True,
-                guard="cached",
-                retrieval_scores=[s["score"] for s in hit["sources"]],
-            )
-            return hit
-        await self._screen("rag", [question], t0)
         engine, space = await asyncio.to_thread(self._retrieval_state)
-        (row,) = await _call(self.embedder.to_async.encode, [question])
-        hits = await asyncio.to_thread(
-            search_vector,
-            engine,
-            space,
-            _unb64(row["embedding"]),
-            k,
-            Filters(tuple(f.sources), tuple(f.formats), tuple(f.doc_ids)),
-        )
-        item = {
-            "messages": build_messages(question, hits),
-            "max_tokens": max_tokens,
-            "temperature": 0.0,
-            "top_p": 1.0,
-        }
-        (out,) = await _call(self.chat.to_async.generate, [item])
-        answer = make_answer(
-            question, hits, out["text"], out["prompt_tokens"], out["completion_tokens"]
-        ).to_dict()
-        answer["model"] = self._answered_by(out)
-        cost = self._account(
-            "rag",
-            out["prompt_tokens"] + row["tokens"],
-            out["completion_tokens"],
-            out["compute_s"] + row["compute_s"],
-        )
-        await self._remember(key, answer)
-        ctx.response.headers.update(self._headers("miss", cost, answer["model"]))
-        self._log(
-            "rag",
-            question,
-            t0,
-            answer=answer["answer"],
-            prompt_tokens=out["prompt_tokens"] + row["tokens"],
-            completion_tokens=out["completion_tokens"],
-            cost_usd=cost,
-            retrieval_scores=[h.score for h in hits],
-            model=answer["model"],
-        )
-        return answer
+
+        def search(vector: Any, k: int, flt: Any) -> list[Any]:
+            return search_vector(engine, space, vector, k, flt)
+
+        flt = Filters(tuple(f.sources), tuple(f.formats), tuple(f.doc_ids))
+        return await self.gateway.rag(request, search, flt, t0)
 
     def _new_engine(self) -> Any:
         """An engine on Refinery's database (REFINERY_DATABASE_URL, else the embedded one)."""
-        import sqlalchemy as sa
-
         from refinery.settings import Settings
-        from refinery.stores import database_url
+        from refinery.stores import make_engine
 
         env = dict(os.environ)
         env.setdefault("REFINERY_HOME", self.pins.refinery_home)
-        return sa.create_engine(
-            database_url(Settings.from_env(env)),
-            pool_pre_ping=True,
-            connect_args={"connect_timeout": 3},
-        )
+        return make_engine(settings=Settings.from_env(env))
 
     def _retrieval_state(self) -> tuple[Any, Any]:
         """The database engine and the embedding space (once; the space must exist)."""
@@ -738,6 +541,18 @@ class Refinery:
 CONNECTION_RETRIES = 2
 
 
+def _unavailable(err: Exception) -> ApiError:
+    status = int(getattr(err, "error_code", 503))
+    REJECTED.labels(reason="model_overloaded" if status == 503 else "model_unreachable").inc()
+    return ApiError(
+        503,
+        f"the model service did not answer ({type(err).__name__}); retry shortly",
+        type="server_error",
+        code="overloaded" if status == 503 else "model_unavailable",
+        headers={"Retry-After": RETRY_AFTER_S},
+    )
+
+
 async def _call(method: Any, *args: Any) -> Any:
     """Call a dependency; its overload (503) becomes ours, with Retry-After.
 
@@ -750,25 +565,10 @@ async def _call(method: Any, *args: Any) -> Any:
             return await method(*args)
         except aiohttp.ClientError as err:
             if attempt == CONNECTION_RETRIES:
-                REJECTED.labels(reason="model_unreachable").inc()
-                raise ApiError(
-                    503,
-                    f"the model service did not answer ({type(err).__name__}); retry shortly",
-                    type="server_error",
-                    code="model_unavailable",
-                    headers={"Retry-After": RETRY_AFTER_S},
-                ) from err
+                raise _unavailable(err) from err
         except bentoml.exceptions.BentoMLException as err:
-            status = int(getattr(err, "error_code", 500))
-            if status == 503:
-                REJECTED.labels(reason="model_overloaded").inc()
-                raise ApiError(
-                    503,
-                    "the model is busy; retry shortly",
-                    type="server_error",
-                    code="overloaded",
-                    headers={"Retry-After": RETRY_AFTER_S},
-                ) from err
+            if int(getattr(err, "error_code", 500)) == 503:
+                raise _unavailable(err) from err
             raise
     raise AssertionError("unreachable")
 

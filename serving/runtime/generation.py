@@ -79,6 +79,16 @@ class _ChatLM:
             )
         )
 
+    def prompt_ids(self, prompt: str | list[Message]) -> list[int]:
+        return list(self.tokenizer(self.chat_text(prompt), add_special_tokens=False)["input_ids"])
+
+    def _pad_left(self, prompt_ids: list[list[int]]) -> tuple[list[list[int]], list[list[int]]]:
+        width = max(len(i) for i in prompt_ids)
+        pad = self.tokenizer.pad_token_id
+        ids = [[pad] * (width - len(i)) + list(i) for i in prompt_ids]
+        mask = [[0] * (width - len(i)) + [1] * len(i) for i in prompt_ids]
+        return ids, mask
+
     def _completion(self, generated: list[int], prompt_tokens: int, seconds: float) -> Completion:
         stop_at = next((j for j, t in enumerate(generated) if t in self.eos_ids), None)
         kept = generated if stop_at is None else generated[:stop_at]
@@ -136,28 +146,37 @@ class Generator(_ChatLM):
         seed: int | None = None,
     ) -> list[Completion]:
         """One padded batch. Greedy when temperature == 0."""
-        import torch
-
         if not prompts:
             return []
         limits = per_row(max_new_tokens, len(prompts))
-        texts = [self.chat_text(p) for p in prompts]
-        enc = self.tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(
-            self.device
-        )
+        ids = [self.prompt_ids(p) for p in prompts]
+        t0 = time.perf_counter()
+        generated = self.generate_ids(ids, limits, temperature, top_p, seed)
+        seconds = time.perf_counter() - t0
+        return [self._completion(g, len(i), seconds) for g, i in zip(generated, ids, strict=True)]
+
+    def generate_ids(
+        self,
+        prompt_ids: list[list[int]],
+        limits: list[int],
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        seed: int | None = None,
+    ) -> list[list[int]]:
+        """Token ids in, generated ids out (each cut to its own limit): one left-padded batch."""
+        import torch
+
+        ids, mask = self._pad_left(prompt_ids)
         if seed is not None:
             torch.manual_seed(seed)
-        t0 = time.perf_counter()
         with torch.inference_mode():
-            out = self.model.generate(**enc, **self._decoding(max(limits), temperature, top_p))
-        seconds = time.perf_counter() - t0
-        new = out[:, enc["input_ids"].shape[1] :]  # (batch, generated)
-        return [
-            self._completion(
-                new[i, : limits[i]].tolist(), int(enc["attention_mask"][i].sum()), seconds
+            out = self.model.generate(
+                input_ids=torch.tensor(ids, device=self.device),
+                attention_mask=torch.tensor(mask, device=self.device),
+                **self._decoding(max(limits), temperature, top_p),
             )
-            for i in range(len(prompts))
-        ]
+        new = out[:, len(ids[0]) :]  # (batch, generated)
+        return [new[i, : limits[i]].tolist() for i in range(len(prompt_ids))]
 
     def stream(
         self,
@@ -266,18 +285,31 @@ class OnnxGenerator(_ChatLM):
         top_p: float = 1.0,
         seed: int | None = None,
     ) -> list[Completion]:
-        import numpy as np
-
         if not prompts:
             return []
         limits = per_row(max_new_tokens, len(prompts))
-        rng = np.random.default_rng(seed)
-        texts = [self.chat_text(p) for p in prompts]
-        enc = self.tokenizer(texts, return_tensors="np", padding=True, add_special_tokens=False)
-        ids, mask = enc["input_ids"].astype(np.int64), enc["attention_mask"].astype(np.int64)
-        n_prompt = ids.shape[1]
-        done = np.zeros(len(prompts), dtype=bool)
+        ids = [self.prompt_ids(p) for p in prompts]
         t0 = time.perf_counter()
+        generated = self.generate_ids(ids, limits, temperature, top_p, seed)
+        seconds = time.perf_counter() - t0
+        return [self._completion(g, len(i), seconds) for g, i in zip(generated, ids, strict=True)]
+
+    def generate_ids(
+        self,
+        prompt_ids: list[list[int]],
+        limits: list[int],
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        seed: int | None = None,
+    ) -> list[list[int]]:
+        import numpy as np
+
+        rng = np.random.default_rng(seed)
+        padded, pad_mask = self._pad_left(prompt_ids)
+        ids = np.asarray(padded, dtype=np.int64)
+        mask = np.asarray(pad_mask, dtype=np.int64)
+        n_prompt = ids.shape[1]
+        done = np.zeros(len(prompt_ids), dtype=bool)
         for _ in range(max(limits)):
             # No KV cache in this export: every step runs the whole sequence.
             (logits,) = self.session.run(None, {"input_ids": ids, "attention_mask": mask})
@@ -295,15 +327,7 @@ class OnnxGenerator(_ChatLM):
             done |= just_done
             if done.all():
                 break
-        seconds = time.perf_counter() - t0
-        return [
-            self._completion(
-                ids[i, n_prompt : n_prompt + limits[i]].tolist(),
-                int(enc["attention_mask"][i].sum()),
-                seconds,
-            )
-            for i in range(len(prompts))
-        ]
+        return [ids[i, n_prompt : n_prompt + limits[i]].tolist() for i in range(len(prompt_ids))]
 
 
 def _nucleus(probs: Any, top_p: float) -> Any:

@@ -1,0 +1,1 @@
+"""The generation engine: one interface (``base.Engine``) over continuous-batching backends."""

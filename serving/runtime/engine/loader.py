@@ -1,0 +1,83 @@
+"""Pick and build the backend for a model folder (``REFINERY_ENGINE`` overrides the choice)."""
+
+from __future__ import annotations
+
+import enum
+import logging
+from pathlib import Path
+from typing import Any
+
+from serving.runtime.engine.base import Engine, stop_token_ids
+
+log = logging.getLogger(__name__)
+
+OPENVINO_DIR = (
+    "openvino"  # an OpenVINO export beside the safetensors (see serving.runtime.openvino)
+)
+
+
+class BackendName(enum.StrEnum):
+    auto = "auto"
+    openvino = "openvino"  # OpenVINO GenAI continuous batching (CPU, int8/int4 weights)
+    hf = "hf"  # transformers' continuous batching (CUDA; CPU without an OpenVINO export)
+    static = "static"  # fixed padded batches: every variant; the benchmark's baseline
+
+
+def choose_backend(model_dir: Path, variant: str, device: str, wanted: str = "auto") -> BackendName:
+    choice = BackendName(wanted)
+    if variant != "none":
+        return BackendName.static  # quantized variants have no continuous-batching runtime here
+    if choice != BackendName.auto:
+        return choice
+    if not device.startswith("cuda") and (model_dir / OPENVINO_DIR).is_dir() and _has_openvino():
+        return BackendName.openvino
+    return BackendName.hf
+
+
+def _has_openvino() -> bool:
+    try:
+        import openvino_genai  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def load_engine(
+    model_dir: str | Path,
+    variant: str = "none",
+    *,
+    backend: str = "auto",
+    device: str = "cpu",
+    threads: int | None = None,
+    max_batch: int = 32,
+    **options: Any,
+) -> Engine:
+    """An engine over the model in ``model_dir`` (safetensors, or a variant's folder)."""
+    from transformers import AutoTokenizer
+
+    model_dir = Path(model_dir)
+    name = choose_backend(model_dir, variant, device, backend)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    eos = stop_token_ids(tokenizer)
+    log.info("generation engine: %s backend on %s (%s)", name.value, device, model_dir)
+    if name == BackendName.openvino:
+        from serving.runtime.engine.ov import OpenVINOBackend
+
+        return Engine(
+            OpenVINOBackend(
+                model_dir / OPENVINO_DIR, eos, threads=threads, max_batch=max_batch, **options
+            ),
+            tokenizer,
+        )
+    if name == BackendName.hf:
+        from serving.runtime.engine.hf import HFBackend
+
+        return Engine(
+            HFBackend(model_dir, eos, device=device, threads=threads, max_requests=max_batch),
+            tokenizer,
+        )
+    from serving.runtime.engine.static import StaticBackend
+    from serving.runtime.generation import load_generator
+
+    generator = load_generator(model_dir, variant=variant, device=device, threads=threads)
+    return Engine(StaticBackend(generator, max_batch=max_batch), tokenizer)

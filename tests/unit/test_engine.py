@@ -1,0 +1,183 @@
+"""The engine's shared layer (detokenization, stop strings, limits, cancellation, the queue)
+on a scripted backend, and the real backends on the tiny random Llama."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+
+import pytest
+
+from serving.runtime.engine.base import (
+    Delta,
+    Engine,
+    EngineBusy,
+    EngineStats,
+    PromptTooLong,
+    SamplingParams,
+    Speculation,
+)
+
+
+class WordTokenizer:
+    """Token i is word i of a fixed vocabulary; 0 is the end of a turn."""
+
+    vocab = ("<|im_end|>", "Bees", " make", " honey", " and", " wax", ".", " STOP", " é")
+    eos_token_id = 0
+    unk_token_id = None
+
+    def apply_chat_template(self, messages, tokenize=False, add_generation_prompt=True):
+        return " ".join(m["content"] for m in messages)
+
+    def __call__(self, text, add_special_tokens=False):
+        return {"input_ids": [1] * len(text.split())}
+
+    def convert_tokens_to_ids(self, token):
+        return 0 if token == "<|im_end|>" else None
+
+    def decode(self, ids, skip_special_tokens=True):
+        return "".join(self.vocab[i] for i in ids if not (skip_special_tokens and i == 0))
+
+
+class ScriptedBackend:
+    """Emits a fixed script of token ids, one per tick of a background thread."""
+
+    name = "scripted"
+    max_context = 64
+    speculation = Speculation.none
+
+    def __init__(self, script: list[int], tick_s: float = 0.002) -> None:
+        self.script, self.tick_s = script, tick_s
+        self.active: dict[str, int] = {}
+        self.cancelled: list[str] = []
+        self.waiting = 0
+        self.lock = threading.Lock()
+        self.stop = threading.Event()
+
+    def start(self, sink) -> None:
+        self.sink = sink
+        threading.Thread(target=self.run, daemon=True).start()
+
+    def add(self, rid, prompt_ids, params) -> None:
+        with self.lock:
+            self.active[rid] = 0
+            self.limit = params.max_tokens
+
+    def cancel(self, rid) -> None:
+        with self.lock:
+            if self.active.pop(rid, None) is not None:
+                self.cancelled.append(rid)
+
+    def stats(self) -> EngineStats:
+        return EngineStats(waiting=self.waiting, running=len(self.active))
+
+    def close(self) -> None:
+        self.stop.set()
+
+    def run(self) -> None:
+        while not self.stop.wait(self.tick_s):
+            with self.lock:
+                items = list(self.active.items())
+            for rid, pos in items:
+                token = self.script[pos]
+                done = token == 0 or pos + 1 >= len(self.script)
+                with self.lock:
+                    if rid not in self.active:
+                        continue
+                    if done:
+                        self.active.pop(rid)
+                    else:
+                        self.active[rid] = pos + 1
+                self.sink(rid, [token], done, "stop" if token == 0 else "length" if done else None)
+
+
+SCRIPT = [1, 2, 3, 4, 5, 6, 0]  # "Bees make honey and wax." then end of turn
+
+
+def collect(engine: Engine, params: SamplingParams, prompt: str = "Tell me") -> list[Delta]:
+    async def run():
+        return [d async for d in engine.stream(prompt, params)]
+
+    return asyncio.run(run())
+
+
+def test_stream_hands_out_text_as_it_comes_and_ends_with_usage():
+    engine = Engine(ScriptedBackend(SCRIPT), WordTokenizer())
+    deltas = collect(engine, SamplingParams(max_tokens=32))
+    assert "".join(d.text for d in deltas) == "Bees make honey and wax."
+    assert len(deltas) >= 5  # piece by piece, not one blob
+    last = deltas[-1]
+    assert last.finished and last.finish_reason == "stop"
+    assert (last.prompt_tokens, last.completion_tokens) == (2, 6)  # the end of turn is not counted
+
+
+def test_max_tokens_and_stop_strings_are_honoured():
+    engine = Engine(ScriptedBackend(SCRIPT), WordTokenizer())
+    short = collect(engine, SamplingParams(max_tokens=3))
+    assert "".join(d.text for d in short) == "Bees make honey"
+    assert short[-1].finish_reason == "length" and short[-1].completion_tokens == 3
+    stopped = collect(engine, SamplingParams(max_tokens=32, stop=(" and",)))
+    assert "".join(d.text for d in stopped) == "Bees make honey"  # nothing of the stop string
+    assert stopped[-1].finish_reason == "stop"
+    assert not any(" an" in d.text for d in stopped)  # held back until it could be ruled out
+    assert engine.backend.cancelled  # the engine stopped the backend's request
+
+
+def test_leaving_early_cancels_the_request_in_the_backend():
+    backend = ScriptedBackend(SCRIPT * 20, tick_s=0.01)
+    engine = Engine(backend, WordTokenizer())
+
+    async def run():
+        async for _ in engine.stream("Tell me", SamplingParams(max_tokens=50)):
+            break  # the client went away
+
+    asyncio.run(run())
+    time.sleep(0.05)
+    assert len(backend.cancelled) == 1 and not backend.active and engine.cancelled == 1
+
+
+def test_full_queue_and_long_prompts_are_refused_before_anything_runs():
+    backend = ScriptedBackend(SCRIPT)
+    engine = Engine(backend, WordTokenizer(), max_waiting=2)
+    backend.waiting = 2
+    with pytest.raises(EngineBusy):
+        engine.submit("Tell me", SamplingParams(max_tokens=8), lambda d: None)
+    backend.waiting = 0
+    with pytest.raises(PromptTooLong, match="context of 64 tokens"):
+        engine.submit("word " * 40, SamplingParams(max_tokens=30), lambda d: None)
+    with pytest.raises(ValueError):
+        engine.submit("Tell me", SamplingParams(max_tokens=0), lambda d: None)
+    assert not backend.active
+
+
+def test_generate_answers_many_prompts_through_the_batch():
+    engine = Engine(ScriptedBackend(SCRIPT), WordTokenizer())
+    outs = engine.generate(["a", "b c", "d"], max_new_tokens=[2, 32, 4])
+    assert [o.text for o in outs] == [
+        "Bees make",
+        "Bees make honey and wax.",
+        "Bees make honey and",
+    ]
+    assert [o.finish_reason for o in outs] == ["length", "stop", "length"]
+
+
+@pytest.fixture(scope="module")
+def tiny_engines(tiny_base):
+    from serving.runtime.engine.loader import load_engine
+
+    engines = {name: load_engine(tiny_base, backend=name, max_batch=8) for name in ("static", "hf")}
+    yield engines
+    for e in engines.values():
+        e.close()
+
+
+def test_continuous_batching_gives_the_same_greedy_tokens_as_fixed_batches(tiny_engines):
+    prompts = ["How do bees fly?", "What is a drone?", "Why do bees swarm in spring?"]
+    limits = [6, 11, 3]
+    static = tiny_engines["static"].generate(prompts, max_new_tokens=limits)
+    continuous = tiny_engines["hf"].generate(prompts, max_new_tokens=limits)
+    assert [c.completion_tokens for c in static] == limits  # random weights: never an end token
+    assert [c.text for c in continuous] == [c.text for c in static]
+    assert [c.completion_tokens for c in continuous] == limits
+    assert tiny_engines["hf"].stats().requests >= 3

@@ -1,0 +1,171 @@
+"""The entry service's logic (``serving.api.gateway``) around a scripted chat service: the
+cache never leaves the process, identical requests share one generation, refusals keep their
+status, streams stop the generation when the client leaves, embeddings batch in-process."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import numpy as np
+import pytest
+
+from serving.api.cache import InProcessCache
+from serving.api.gateway import Gateway, unb64
+from serving.api.openai_schema import ApiError, Limits
+from serving.api.traffic import TrafficLog, TrafficSettings
+
+
+class ScriptedChat:
+    def __init__(self, words=("Bees", " make", " honey."), refuse: int | None = None):
+        self.words, self.refuse = words, refuse
+        self.calls = 0
+        self.closed = 0
+        self.gate = asyncio.Event()
+
+    async def current_model(self) -> str:
+        return "chat/1"
+
+    async def generate(self, item):
+        self.calls += 1
+        if self.refuse:
+            raise ApiError(self.refuse, "refused", code="overloaded")
+        try:
+            await self.gate.wait()
+            for i, word in enumerate(self.words):
+                last = i == len(self.words) - 1
+                event = {"text": word}
+                if last:
+                    event.update(finished=True, finish_reason="stop", prompt_tokens=5,
+                                 completion_tokens=len(self.words), compute_s=0.5, model="chat/1")  # fmt: skip
+                yield event
+                await asyncio.sleep(0)
+        finally:
+            self.closed += 1
+
+
+def gateway(chat, screen=None) -> Gateway:
+    return Gateway(
+        chat=chat,
+        encode=lambda texts: np.eye(len(texts), 4, dtype=np.float32),
+        count_tokens=lambda texts: [len(t.split()) for t in texts],
+        screen=screen,
+        cache=InProcessCache(),
+        traffic=TrafficLog(lambda: None, TrafficSettings(sample_rate=0.0)),  # type: ignore[arg-type,return-value]
+        limits=Limits(),
+        hourly_price=3.6,
+        model_id="chat",
+        model_label="chat/1",
+        embedding_model="mini",
+        follow=False,
+    )
+
+
+ITEM = {"messages": [{"role": "user", "content": "What do bees make?"}], "max_tokens": 8,
+        "temperature": 0.0, "top_p": 1.0}  # fmt: skip
+
+
+def test_identical_requests_share_one_generation_and_repeats_hit_the_cache():
+    chat = ScriptedChat()
+    gw = gateway(chat)
+
+    async def run():
+        tasks = [asyncio.create_task(gw.chat_completion(dict(ITEM), 0.0)) for _ in range(5)]
+        await asyncio.sleep(0.01)
+        chat.gate.set()
+        first = await asyncio.gather(*tasks)
+        again = await gw.chat_completion(dict(ITEM), 0.0)
+        return first, again
+
+    first, (payload, headers) = asyncio.run(run())
+    assert chat.calls == 1  # five callers, one generation, then the cache
+    assert {p["choices"][0]["message"]["content"] for p, _ in first} == {"Bees make honey."}
+    assert sorted(h["x-refinery-cache"] for _, h in first) == ["miss"] + ["shared"] * 4
+    assert headers["x-refinery-cache"] == "hit" and headers["x-refinery-cost-usd"] == "0.00000000"
+    assert float(first[0][1]["x-refinery-cost-usd"]) == pytest.approx(0.5 * 3.6 / 3600)
+    assert payload["usage"] == {"prompt_tokens": 5, "completion_tokens": 3, "total_tokens": 8}
+    gw.close()
+
+
+def test_sampled_requests_are_neither_cached_nor_shared():
+    chat = ScriptedChat()
+    chat.gate.set()
+    gw = gateway(chat)
+    item = {**ITEM, "temperature": 0.7}
+
+    async def run():
+        return await asyncio.gather(*(gw.chat_completion(dict(item), 0.0) for _ in range(3)))
+
+    asyncio.run(run())
+    assert chat.calls == 3
+    gw.close()
+
+
+def test_a_refusal_keeps_its_status_and_a_blocked_prompt_never_reaches_the_model():
+    gw = gateway(ScriptedChat(refuse=503))
+    with pytest.raises(ApiError) as err:
+        asyncio.run(gw.chat_completion(dict(ITEM), 0.0))
+    assert err.value.status == 503
+    chat = ScriptedChat()
+    guarded = gateway(chat, screen=lambda texts: [{"blocked": True, "reasons": ["override"],
+                                                    "message": "Rephrase it."}] * len(texts))  # fmt: skip
+    with pytest.raises(ApiError) as blocked:
+        asyncio.run(guarded.chat_completion(dict(ITEM), 0.0))
+    assert blocked.value.code == "prompt_injection" and "Rephrase it." in blocked.value.message
+    assert chat.calls == 0
+    gw.close()
+    guarded.close()
+
+
+def test_a_stream_that_the_client_leaves_closes_the_generation():
+    chat = ScriptedChat(words=tuple(f" w{i}" for i in range(50)))
+    chat.gate.set()
+    gw = gateway(chat)
+
+    async def run():
+        events = await gw.open_stream(dict(ITEM))
+        sse = gw.chat_stream(events, dict(ITEM), {}, 0.0)
+        got = [await anext(sse) for _ in range(3)]
+        await sse.aclose()  # what Starlette does when the client disconnects
+        return got
+
+    got = asyncio.run(run())
+    assert json.loads(got[0][6:])["choices"][0]["delta"]["role"] == "assistant"
+    assert json.loads(got[1][6:])["choices"][0]["delta"]["content"] == " w0"
+    assert chat.closed == 1
+    gw.close()
+
+
+def test_a_complete_stream_ends_with_finish_reason_usage_and_done():
+    chat = ScriptedChat()
+    chat.gate.set()
+    gw = gateway(chat)
+
+    async def run():
+        events = await gw.open_stream(dict(ITEM))
+        return [c async for c in gw.chat_stream(events, dict(ITEM), {"include_usage": True}, 0.0)]
+
+    chunks = asyncio.run(run())
+    assert chunks[-1] == "data: [DONE]\n\n"
+    payloads = [json.loads(c[6:]) for c in chunks[:-1]]
+    text = "".join(p["choices"][0]["delta"].get("content", "") for p in payloads if p["choices"])
+    assert text == "Bees make honey."
+    assert payloads[-2]["choices"][0]["finish_reason"] == "stop"
+    assert payloads[-1]["usage"]["completion_tokens"] == 3
+    gw.close()
+
+
+def test_embeddings_are_batched_in_process_and_cached():
+    gw = gateway(ScriptedChat())
+
+    async def run():
+        many = await asyncio.gather(*(gw.embeddings([f"text {i}"], 0.0) for i in range(6)))
+        again = await gw.embeddings(["text 0"], 0.0)
+        return many, again
+
+    many, again = asyncio.run(run())
+    assert all(state == "miss" for _, _, state, _ in many)
+    assert again[2] == "hit" and again[0] == many[0][0]
+    assert unb64(many[0][0][0]).shape == (4,)
+    assert gw.embedder.items == 6 and gw.embedder.batches < 6  # concurrent texts shared batches
+    gw.close()
