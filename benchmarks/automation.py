@@ -73,7 +73,6 @@ def react(n: int) -> list[object]:
     from serving.corpus.vectorstore import VectorStore
 
     with fresh_home(f"automation-{n}") as settings:
-
         corpus = make_corpus(settings.home / "corpus", n)
         os.environ["REFINERY_CORPUS_DIR"] = str(corpus)
         store = VectorStore(make_engine(settings=settings))
