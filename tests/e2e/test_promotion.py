@@ -46,12 +46,14 @@ HUMANS = {
 }
 
 
-def run(job: str, ops: dict, resources: dict | None = None) -> dg.ExecuteInProcessResult:
+def run(
+    job: str, ops: dict, resources: dict | None = None, tags: dict | None = None
+) -> dg.ExecuteInProcessResult:
     from orchestration.definitions import defs
 
     config = {"ops": ops, **({"resources": resources} if resources else {})}
     return defs.resolve_job_def(job).execute_in_process(
-        run_config=config, instance=dg.DagsterInstance.get(), raise_on_error=False
+        run_config=config, instance=dg.DagsterInstance.get(), raise_on_error=False, tags=tags
     )
 
 
@@ -213,9 +215,16 @@ def test_refuse_worse_promote_better_after_human_review_and_roll_back(fresh_home
         tick = retraining_sensor(ctx)
     (request,) = tick.run_requests
     assert "approved user examples" in request.tags["refinery/reason"]
+    # The run the sensor asked for: its job, its tags (trigger, reason) and its run key; the
+    # test adds only the small training config and the waived human gate.
     lora = {"lora_adapter": {"config": {"learning_rate": 5e-4, "max_steps": 8, "eval_every": 8,
                                         "save_every": 8, "warmup_steps": 0}}}  # fmt: skip
-    retrained = run("retrain", {**SMALL_TRAINING, **lora, **SMALL_EVAL}, WAIVED)
+    job = request.job_name or retraining_sensor.job_name
+    tags = {**request.tags, "dagster/run_key": request.run_key}
+    retrained = run(job, {**SMALL_TRAINING, **lora, **SMALL_EVAL}, WAIVED, tags=tags)
+    stored = instance.get_run_by_id(retrained.run_id)
+    assert stored.job_name == "retrain" and stored.tags["refinery/trigger"] == "retraining_sensor"
+    assert stored.tags["dagster/run_key"] == request.run_key
     metadata = {
         e.asset_key.to_user_string(): e.event_specific_data.materialization.metadata
         for e in retrained.get_asset_materialization_events()
