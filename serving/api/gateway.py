@@ -31,6 +31,16 @@ RETRY_AFTER_S = "1"
 RAG_DEFAULT_TOKENS = 96  # (capped at the service's max_tokens)
 
 
+def timed_out(what: str, seconds: float) -> ApiError:
+    return ApiError(
+        504,
+        f"{what} took longer than {seconds:.0f} s; retry, or ask for fewer tokens",
+        type="server_error",
+        code="timeout",
+        headers={"Retry-After": RETRY_AFTER_S},
+    )
+
+
 class ChatClient(Protocol):
     """The chat service as the gateway sees it: a stream of events per request."""
 
@@ -71,11 +81,15 @@ class Gateway:
         embedding_model: str,
         follow: bool,
         embed_batch: int = 32,
+        timeout_s: float = 120.0,
     ) -> None:
         self.chat, self.cache, self.traffic, self.limits = chat, cache, traffic, limits
         self.hourly_price, self.model_id, self.model_label = hourly_price, model_id, model_label
         self.embedding_model, self.follow = embedding_model, follow
         self.screen_fn = screen
+        # Every request ends within this: a generation, an embedding, a retrieval that takes
+        # longer answers 504 (the engine request is cancelled), never a hang.
+        self.timeout_s = timeout_s
         self.flight = SingleFlight()
         self._label_checked = 0.0
 
@@ -166,10 +180,15 @@ class Gateway:
 
     async def generate(self, item: dict[str, Any]) -> dict[str, Any]:
         """The whole answer of one generation request (events of the chat service folded)."""
-        text, last = [], {}
-        async for event in self.chat.generate(item):
-            text.append(event.get("text", ""))
-            last = event
+        text: list[str] = []
+        last: dict[str, Any] = {}
+        try:
+            async with asyncio.timeout(self.timeout_s):
+                async for event in self.chat.generate(item):
+                    text.append(event.get("text", ""))
+                    last = event
+        except TimeoutError:
+            raise timed_out("the answer", self.timeout_s) from None
         if last.get("finish_reason") == "error":
             raise ApiError(
                 503, f"generation failed: {last.get('error')}", type="server_error",
@@ -224,7 +243,11 @@ class Gateway:
         """The events of one generation, its first one already there: a request the engine
         refuses (busy, prompt too long) raises here, while its HTTP status can still say so."""
         events: Any = self.chat.generate(item)
-        first = await anext(events)
+        try:
+            first = await asyncio.wait_for(anext(events), self.timeout_s)
+        except TimeoutError:
+            await events.aclose()
+            raise timed_out("the first token", self.timeout_s) from None
 
         async def all_events() -> AsyncGenerator[dict[str, Any], None]:
             try:
@@ -291,7 +314,10 @@ class Gateway:
 
     # -- embeddings --------------------------------------------------------------------------
     async def embed(self, texts: list[str]) -> list[Embedded]:
-        return await self.embedder.submit_many(texts)
+        try:
+            return await asyncio.wait_for(self.embedder.submit_many(texts), self.timeout_s)
+        except TimeoutError:
+            raise timed_out("the embedding", self.timeout_s) from None
 
     async def embeddings(self, texts: list[str], t0: float) -> tuple[list[str], int, str, float]:
         """(base64 vectors, tokens, cache state, cost)."""
@@ -339,7 +365,12 @@ class Gateway:
 
         async def make() -> dict[str, Any]:
             (emb,) = await self.embed([question])
-            hits = await asyncio.to_thread(search, emb.vector, request["k"], filters)
+            try:
+                hits = await asyncio.wait_for(
+                    asyncio.to_thread(search, emb.vector, request["k"], filters), self.timeout_s
+                )
+            except TimeoutError:
+                raise timed_out("retrieval", self.timeout_s) from None
             item = {
                 "messages": build_messages(question, hits),
                 "max_tokens": request["max_tokens"],

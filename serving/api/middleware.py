@@ -1,10 +1,12 @@
-"""Before any route: API keys (401), body size (413) and requests in flight (503)."""
+"""Before any route: the service still starting (503), API keys (401), body size (413) and
+requests in flight (503)."""
 
 from __future__ import annotations
 
 import hmac
 import json
 import os
+from collections.abc import Callable
 from typing import Any
 
 from serving.api.metrics import REJECTED
@@ -14,14 +16,16 @@ RETRY_AFTER_S = "1"
 
 
 class GatewayMiddleware:
-    """Before any route: API keys (401), body size (413) and requests in flight (503)."""
+    """Before any route: the service still starting (503 + Retry-After, at once), API keys
+    (401), body size (413) and requests in flight (503)."""
 
     PROTECTED = ("/v1/", "/rag")
     OPEN = ("/v1/openapi.json", "/v1/docs")
 
-    def __init__(self, app: Any) -> None:
+    def __init__(self, app: Any, ready: Callable[[], bool] = lambda: True) -> None:
         env = dict(os.environ)
         self.app = app
+        self.ready = ready
         self.limits = Limits.from_env(env)
         self.keys = [
             k.strip().encode() for k in env.get("REFINERY_API_KEYS", "").split(",") if k.strip()
@@ -32,6 +36,19 @@ class GatewayMiddleware:
         path = scope.get("path", "")
         if scope["type"] != "http" or not path.startswith(self.PROTECTED) or path in self.OPEN:
             await self.app(scope, receive, send)
+            return
+        if not self.ready():
+            REJECTED.labels(reason="starting").inc()
+            await _send_error(
+                send,
+                ApiError(
+                    503,
+                    "the service is starting (models are loading); retry shortly",
+                    type="server_error",
+                    code="starting",
+                    headers={"Retry-After": "5"},
+                ),
+            )
             return
         headers = {k.decode().lower(): v for k, v in scope.get("headers", [])}
         if self.keys and not self._authorized(headers):

@@ -62,6 +62,8 @@ MAX_BATCH = int(_ENV.get("REFINERY_CHAT_MAX_BATCH", 32))  # sequences in the run
 # (serving/runtime/follow.py). Empty: serve the pinned version only.
 FOLLOW_ALIAS = _ENV.get("REFINERY_FOLLOW_ALIAS", "")
 FOLLOW_INTERVAL_S = float(_ENV.get("REFINERY_FOLLOW_INTERVAL_S", 30))
+TIMEOUT_S = float(_ENV.get("REFINERY_REQUEST_TIMEOUT_S", 120))  # every request ends by then
+ENTRY_READY = threading.Event()  # the entry's models are loaded (the middleware checks it)
 
 
 def _pins() -> Pins:
@@ -95,12 +97,24 @@ class ChatModel:
 
         _quiet_optional_kernels()
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
-        pins = _pins()
         self._exported: dict[str, int] = {}  # engine counters already added to the metrics
         # (engine, "name/version"): one attribute, so a swap is one assignment and a request
-        # never pairs one version's engine with another's label.
-        self.active: tuple[Any, str] = (self._load(Path(self.model.path)), pins.model_label)
-        self.follower = None
+        # never pairs one version's engine with another's label. None until the model is
+        # loaded: the service answers (503, not ready) at once meanwhile instead of holding
+        # connections while it loads.
+        self.active: tuple[Any, str] | None = None
+        self.load_error: str | None = None
+        self.follower: Any = None
+        threading.Thread(target=self._start, name="load-model", daemon=True).start()
+
+    def _start(self) -> None:
+        pins = _pins()
+        try:
+            self.active = (self._load(Path(self.model.path)), pins.model_label)
+        except Exception as err:
+            log.exception("loading the chat model failed")
+            self.load_error = f"{type(err).__name__}: {err}"
+            return
         if FOLLOW_ALIAS:
             from refinery.settings import Settings
             from serving.runtime.follow import AliasFollower
@@ -131,17 +145,26 @@ class ChatModel:
         return engine
 
     def _swap(self, ref: Any, engine: Any) -> None:
+        assert self.active is not None
         old = self.active[0]
         self.active = (engine, ref.label)  # new requests go to the new engine from now on
         threading.Thread(target=_retire, args=(old,), daemon=True).start()
 
+    def __is_ready__(self) -> bool:
+        return self.active is not None
+
+    def __is_alive__(self) -> bool:
+        return self.load_error is None
+
     @bentoml.api
     def current_model(self) -> str:
         """The "name/version" that answers now (moves when the followed alias moves)."""
-        return self.active[1]
+        return self.active[1] if self.active else _pins().model_label
 
     @bentoml.api
     def stats(self) -> dict[str, Any]:
+        if self.active is None:
+            return {"loading": True}
         s = self.active[0].stats()
         return {**vars(s), "mean_batch": s.mean_batch, "acceptance_rate": s.acceptance_rate}
 
@@ -153,6 +176,9 @@ class ChatModel:
         ``error``. Leaving early (the caller went away) cancels the request in the engine."""
         from serving.runtime.engine.base import EngineBusy, PromptTooLong, SamplingParams
 
+        if self.active is None:
+            yield json.dumps({"status": 503, "error": "the model is loading", "finished": True})
+            return
         engine, label = self.active
         params = SamplingParams(
             max_tokens=int(item["max_tokens"]),
@@ -335,6 +361,28 @@ class Refinery:
         embedding = bentoml.models.BentoModel(PINS.embedding_model_tag)
 
     def __init__(self) -> None:
+
+        env = dict(os.environ)
+        self.pins = _pins()
+        self.limits = Limits.from_env(env)
+        self.guard_mode = env.get("REFINERY_GUARD", "block")  # block | off
+        if self.guard_mode not in ("block", "off"):
+            raise ValueError(f"REFINERY_GUARD must be 'block' or 'off', got {self.guard_mode!r}")
+        self._retrieval: tuple[Any, Any] | None = None
+        self.gateway: Gateway | None = None
+        self.load_error: str | None = None
+        # The models load in the background: until they are, every API answers 503 at once
+        # (the middleware), and /readyz says not ready.
+        threading.Thread(target=self._start, args=(env,), name="load-entry", daemon=True).start()
+
+    def _start(self, env: dict[str, str]) -> None:
+        try:
+            self._load(env)
+        except Exception as err:
+            log.exception("starting the entry service failed")
+            self.load_error = f"{type(err).__name__}: {err}"
+
+    def _load(self, env: dict[str, str]) -> None:
         from serving.api.accounting import price_per_hour
         from serving.api.cache import make_cache
         from serving.api.traffic import TrafficLog, TrafficSettings
@@ -342,16 +390,9 @@ class Refinery:
         from serving.guard import InjectionGuard
 
         _quiet_optional_kernels()
-        env = dict(os.environ)
-        self.pins = _pins()
-        self.limits = Limits.from_env(env)
-        guard_mode = env.get("REFINERY_GUARD", "block")  # block | off
-        if guard_mode not in ("block", "off"):
-            raise ValueError(f"REFINERY_GUARD must be 'block' or 'off', got {guard_mode!r}")
         embedder = Embedder(self.pins.embedding_model, location=self.embedding.path)
         tokenizer = embedder.tokenizer()
-        guard = InjectionGuard(embedder.encode) if guard_mode == "block" else None
-        self._retrieval: tuple[Any, Any] | None = None
+        guard = InjectionGuard(embedder.encode) if self.guard_mode == "block" else None
         self.gateway = Gateway(
             chat=ChatServiceClient(self.chat),
             encode=embedder.encode,
@@ -375,14 +416,29 @@ class Refinery:
             embedding_model=self.pins.embedding_model,
             follow=bool(FOLLOW_ALIAS),
             embed_batch=int(env.get("REFINERY_EMBED_MAX_BATCH", 32)),
+            timeout_s=TIMEOUT_S,
         )
         embedder.encode(["warm up"])
+        ENTRY_READY.set()
         log.info("serving %s (variant %s)", self.pins.model_label, self.pins.variant)
+
+    def __is_ready__(self) -> bool:
+        return ENTRY_READY.is_set()
+
+    def __is_alive__(self) -> bool:
+        return self.load_error is None
+
+    @property
+    def gw(self) -> Gateway:
+        if self.gateway is None:  # the middleware refuses requests before this can happen
+            raise ApiError(503, "the service is starting", type="server_error", code="starting",
+                           headers={"Retry-After": "5"})  # fmt: skip
+        return self.gateway
 
     # -- OpenAI-compatible API --
     @openai_app.get("/models")
     async def models(self) -> dict[str, Any]:
-        await self.gateway.refresh_label()
+        await self.gw.refresh_label()
         return {
             "object": "list",
             "data": [
@@ -391,7 +447,7 @@ class Refinery:
                     "object": "model",
                     "created": 0,
                     "owned_by": "refinery",
-                    "version": self.gateway.model_label.rsplit("/", 1)[-1],
+                    "version": self.gw.model_label.rsplit("/", 1)[-1],
                     "variant": self.pins.variant,
                 },
                 {
@@ -408,7 +464,7 @@ class Refinery:
         self, body: ChatCompletionRequest
     ) -> JSONResponse | StreamingResponse:
         t0 = time.perf_counter()
-        gw = self.gateway
+        gw = self.gw
         await gw.refresh_label()
         gw.check_model(body.model)
         item = body.engine_item(self.limits)
@@ -425,7 +481,7 @@ class Refinery:
 
     @openai_app.post("/embeddings")
     async def embeddings(self, body: EmbeddingRequest) -> JSONResponse:
-        gw = self.gateway
+        gw = self.gw
         if body.model and body.model not in (self.pins.embedding_model, gw.model_id):
             gw.check_model(body.model)
         t0 = time.perf_counter()
@@ -475,7 +531,7 @@ class Refinery:
         from serving.corpus.retrieval import Filters, search_vector
 
         t0 = time.perf_counter()
-        await self.gateway.refresh_label()
+        await self.gw.refresh_label()
         question = question.strip()
         if not question:
             raise ApiError(400, "the question is empty", param="question")
@@ -496,10 +552,13 @@ class Refinery:
         engine, space = await asyncio.to_thread(self._retrieval_state)
 
         def search(vector: Any, k: int, flt: Any) -> list[Any]:
-            return search_vector(engine, space, vector, k, flt)
+            try:
+                return search_vector(engine, space, vector, k, flt)
+            except sa_errors() as err:  # the database went away: retry once it is back
+                raise store_unavailable(err) from err
 
         flt = Filters(tuple(f.sources), tuple(f.formats), tuple(f.doc_ids))
-        return await self.gateway.rag(request, search, flt, t0)
+        return await self.gw.rag(request, search, flt, t0)
 
     def _new_engine(self) -> Any:
         """An engine on Refinery's database (REFINERY_DATABASE_URL, else the embedded one)."""
@@ -508,7 +567,8 @@ class Refinery:
 
         env = dict(os.environ)
         env.setdefault("REFINERY_HOME", self.pins.refinery_home)
-        return make_engine(settings=Settings.from_env(env))
+        # Queries give up after 5 s; connections after CONNECT_TIMEOUT_S.
+        return make_engine(settings=Settings.from_env(env), statement_timeout_s=5)
 
     def _retrieval_state(self) -> tuple[Any, Any]:
         """The database engine and the embedding space (once; the space must exist)."""
@@ -518,13 +578,8 @@ class Refinery:
             try:
                 store = VectorStore(self._new_engine())
                 space = store.find_space(self.pins.embedding_model)
-            except Exception as err:
-                raise ApiError(
-                    503,
-                    f"the document store is unavailable: {err}",
-                    type="server_error",
-                    headers={"Retry-After": "5"},
-                ) from err
+            except sa_errors() as err:
+                raise store_unavailable(err) from err
             if space is None:
                 raise ApiError(
                     503,
@@ -539,6 +594,23 @@ class Refinery:
 
 
 CONNECTION_RETRIES = 2
+
+
+def sa_errors() -> tuple[type[Exception], ...]:
+    import sqlalchemy.exc
+
+    return (sqlalchemy.exc.OperationalError, sqlalchemy.exc.InterfaceError, OSError)
+
+
+def store_unavailable(err: Exception) -> ApiError:
+    REJECTED.labels(reason="store_unavailable").inc()
+    return ApiError(
+        503,
+        f"the document store is unavailable ({type(err).__name__}); retry shortly",
+        type="server_error",
+        code="store_unavailable",
+        headers={"Retry-After": "5"},
+    )
 
 
 def _unavailable(err: Exception) -> ApiError:
@@ -573,4 +645,4 @@ async def _call(method: Any, *args: Any) -> Any:
     raise AssertionError("unreachable")
 
 
-Refinery.add_asgi_middleware(GatewayMiddleware)  # type: ignore[attr-defined]
+Refinery.add_asgi_middleware(GatewayMiddleware, ready=ENTRY_READY.is_set)  # type: ignore[attr-defined]

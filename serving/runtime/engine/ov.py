@@ -49,7 +49,9 @@ class OpenVINOBackend:
         scheduler.max_num_seqs = max_batch
         scheduler.max_num_batched_tokens = max_batch_tokens
         scheduler.cache_size = max(1, round(cache_gb))
-        scheduler.dynamic_split_fuse = True  # long prompts are prefilled in slices between decode steps
+        scheduler.dynamic_split_fuse = (
+            True  # long prompts are prefilled in slices between decode steps
+        )
         scheduler.enable_prefix_caching = True  # a shared system prompt is prefilled once
         properties: dict[str, Any] = {}
         if threads:
@@ -120,8 +122,8 @@ class OpenVINOBackend:
         return cfg
 
     def _admit(self) -> bool:
-        import openvino as ov
         import numpy as np
+        import openvino as ov
 
         while True:
             try:
