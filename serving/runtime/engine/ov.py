@@ -45,6 +45,11 @@ class OpenVINOBackend:
         self.eos_ids = eos_ids
         self.max_context = int(_max_positions(model_dir))
         self.speculation = Speculation(speculation)
+        self._spec_tokens = {
+            Speculation.none: 0,
+            Speculation.prompt_lookup: PROMPT_LOOKUP_TOKENS,
+            Speculation.draft_model: DRAFT_TOKENS,
+        }[self.speculation]
         scheduler = ov_genai.SchedulerConfig()
         scheduler.max_num_seqs = max_batch
         scheduler.max_num_batched_tokens = max_batch_tokens
@@ -150,7 +155,7 @@ class OpenVINOBackend:
             handle = self._handles.pop(rid, None)
             self._counts.pop(rid, None)
             if handle is not None:
-                handle.drop()
+                handle.cancel()
 
     def _run(self) -> None:
         assert self._sink is not None
@@ -169,7 +174,6 @@ class OpenVINOBackend:
                 self._stats.batch_tokens += running
             for rid, handle in list(self._handles.items()):
                 self._read(rid, handle)
-            self._spec_metrics()
 
     def _read(self, rid: str, handle: Any) -> None:
         status = handle.get_status()
@@ -182,6 +186,11 @@ class OpenVINOBackend:
             return
         with self._lock:
             self._stats.generated_tokens += len(new)
+            if self._spec_tokens and new:
+                # The pipeline does not report acceptance: a step that gave this request n
+                # tokens accepted n - 1 drafts of the ``_spec_tokens`` it could propose.
+                self._stats.draft_proposed += self._spec_tokens
+                self._stats.draft_accepted += len(new) - 1
         self._counts[rid] = self._counts.get(rid, 0) + len(new)
         reason = None
         if finished:
@@ -195,20 +204,6 @@ class OpenVINOBackend:
                 reason = f"error: the pipeline dropped the request ({status})"
         assert self._sink is not None
         self._sink(rid, new, finished, reason)
-
-    def _spec_metrics(self) -> None:
-        if self.speculation == Speculation.none:
-            return
-        try:
-            metrics = self.pipe.get_metrics()
-            proposed = int(getattr(metrics, "num_draft_tokens", 0) or 0)
-            accepted = int(getattr(metrics, "num_accepted_tokens", 0) or 0)
-        except Exception:  # noqa: BLE001 - statistics are best effort across versions
-            return
-        with self._lock:
-            if proposed:
-                self._stats.draft_proposed = proposed
-                self._stats.draft_accepted = accepted
 
 
 def _max_positions(model_dir: Path) -> int:

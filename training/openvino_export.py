@@ -1,0 +1,128 @@
+"""The chat model as an OpenVINO model with int8 weights, for the CPU generation engine
+(OpenVINO GenAI's continuous batching, ``serving.runtime.engine.ov``).
+
+The exporter (``optimum-intel``) pins ``transformers<5.6`` and declares ``torchvision``, which
+the project's environment must not get (it pulls a CUDA build of torch; see ENVIRONMENT.md).
+So the export runs in an environment of its own: ``.venv-openvino`` beside the checkout's
+``.venv``, made on first use (about two minutes; then reused) from the pins below, or any
+Python given by ``REFINERY_OPENVINO_PYTHON`` that has them. The serving side needs only the
+OpenVINO runtime packages, which are in the project's own dependencies at the same versions.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from refinery.lineage import sha256_hex
+from refinery.settings import OFFLINE_ENV, REPO_ROOT
+
+EXPORT_VENV = REPO_ROOT / ".venv-openvino"
+OPENVINO_VERSION = "2026.4.1"  # the runtime in pyproject.toml must be the same release
+EXPORT_PACKAGES = [
+    "torch==2.13.0",  # the CPU build on local disk; any other pulls CUDA wheels
+    "transformers>=5.4,<5.6",  # what optimum-intel 2.2 supports
+    "nncf==3.4.0",
+    f"openvino=={OPENVINO_VERSION}",
+    f"openvino-tokenizers=={OPENVINO_VERSION}.0",
+    "requests",
+]
+# Installed without their dependencies: optimum-intel declares torchvision.
+EXPORT_PACKAGES_NO_DEPS = ["optimum-intel==2.2.0", "optimum==2.3.0"]
+WEIGHT_FORMATS = ("int8", "int4", "fp16")
+STAMP = "refinery_export.json"
+
+
+class ExportError(RuntimeError):
+    pass
+
+
+def export_python(progress: Callable[[str], None] | None = None) -> Path:
+    """The interpreter of the export environment, made if it does not exist yet."""
+    given = os.environ.get("REFINERY_OPENVINO_PYTHON")
+    if given:
+        return Path(given)
+    python = EXPORT_VENV / "bin" / "python"
+    cli = EXPORT_VENV / "bin" / "optimum-cli"
+    EXPORT_VENV.parent.mkdir(parents=True, exist_ok=True)
+    with open(REPO_ROOT / ".venv-openvino.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # two runs at once make it once
+        if cli.exists():
+            return python
+        if progress:
+            progress(f"creating the OpenVINO export environment in {EXPORT_VENV} (once)")
+        t0 = time.perf_counter()
+        shutil.rmtree(EXPORT_VENV, ignore_errors=True)
+        _run([sys.executable, "-m", "venv", str(EXPORT_VENV)])
+        pip = [str(python), "-m", "pip", "install", "-q"]
+        constraints = EXPORT_VENV / "constraints.txt"
+        constraints.write_text("torch==2.13.0\n")
+        _run([*pip, "torch==2.13.0"])
+        _run([*pip, "-c", str(constraints), *EXPORT_PACKAGES])
+        _run([*pip, "--no-deps", *EXPORT_PACKAGES_NO_DEPS])
+        if progress:
+            progress(f"export environment ready in {time.perf_counter() - t0:.0f} s")
+    return python
+
+
+def export_openvino(
+    model_dir: Path,
+    out_dir: Path,
+    weight_format: str = "int8",
+    progress: Callable[[str], None] | None = None,
+) -> tuple[Path, bool]:
+    """``model_dir`` (safetensors) as an OpenVINO model in ``out_dir``; reused when it was made
+    from the same weights with the same format. Returns (folder, reused)."""
+    if weight_format not in WEIGHT_FORMATS:
+        raise ExportError(f"weight_format must be one of {WEIGHT_FORMATS}, got {weight_format!r}")
+    weights = sorted(model_dir.glob("*.safetensors"))
+    if not weights:
+        raise ExportError(f"{model_dir} holds no safetensors weights to export")
+    key = sha256_hex(
+        json.dumps(
+            {
+                "weights": [sha256_hex(w.read_bytes()) for w in weights],
+                "format": weight_format,
+                "openvino": OPENVINO_VERSION,
+            }
+        )
+    )[:20]
+    stamp = out_dir / STAMP
+    if stamp.exists() and json.loads(stamp.read_text()).get("key") == key:
+        return out_dir, True
+    python = export_python(progress)
+    tmp = out_dir.with_name(out_dir.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    cli = [str(python.parent / "optimum-cli"), "export", "openvino"]
+    args = ["--model", str(model_dir), "--task", "text-generation-with-past"]
+    args += ["--weight-format", weight_format]
+    if weight_format == "int4":
+        args += ["--sym", "--group-size", "64", "--ratio", "1.0"]
+    if progress:
+        progress(f"exporting {model_dir.name} to OpenVINO ({weight_format} weights)")
+    t0 = time.perf_counter()
+    _run([*cli, *args, str(tmp)])
+    if not (tmp / "openvino_model.xml").exists():
+        raise ExportError(f"the export wrote no openvino_model.xml in {tmp}")
+    (tmp / STAMP).write_text(json.dumps({"key": key, "weight_format": weight_format}))
+    shutil.rmtree(out_dir, ignore_errors=True)
+    tmp.rename(out_dir)  # whole, or not at all
+    if progress:
+        progress(f"OpenVINO export done in {time.perf_counter() - t0:.0f} s")
+    return out_dir, False
+
+
+def _run(cmd: list[str]) -> None:
+    env = {**os.environ, **OFFLINE_ENV}
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
+    if proc.returncode != 0:
+        raise ExportError(
+            f"{' '.join(cmd[:6])} … failed ({proc.returncode}):\n{proc.stderr[-3000:]}"
+        )
