@@ -31,9 +31,9 @@ class HandoffIOManager(dg.ConfigurableIOManager):
         return _settings(self.home).home / "handoffs" / "__".join(key.path)
 
     def handle_output(self, context: dg.OutputContext, obj: Any) -> None:
-        if obj is None:  # an asset that hands nothing on (its data lives in Postgres)
-            return
-        if not dataclasses.is_dataclass(obj) or isinstance(obj, type):
+        if obj is None and not _optional(context.dagster_type.typing_type):
+            return  # an asset that hands nothing on (its data lives in Postgres)
+        if obj is not None and (not dataclasses.is_dataclass(obj) or isinstance(obj, type)):
             raise TypeError(
                 f"{context.asset_key.to_user_string()} must return a dataclass instance to hand "
                 f"on, got {type(obj).__name__}"
@@ -79,7 +79,7 @@ class HandoffIOManager(dg.ConfigurableIOManager):
         stored = json.loads(path.read_text())
         cls = context.dagster_type.typing_type
         try:
-            value = from_record(cls, stored["value"])
+            value = from_record(cls, stored["value"])  # type: ignore[arg-type]
         except RecordError as err:
             raise dg.Failure(
                 description=f"the stored output of {name} does not fit {cls.__name__} "
@@ -89,3 +89,13 @@ class HandoffIOManager(dg.ConfigurableIOManager):
         context.log.info(f"{name}: the output of run {stored['run_id']} ({how})")
         context.add_input_metadata({"from_run": stored["run_id"], "chosen_by": how})
         return value
+
+
+def _optional(tp: Any) -> bool:
+    """``X | None``: an asset that may hand on nothing (a skipped optional step)."""
+    import types
+    import typing
+
+    return typing.get_origin(tp) in (typing.Union, types.UnionType) and type(
+        None
+    ) in typing.get_args(tp)

@@ -19,7 +19,8 @@ from training import pipeline
 from training.base_model import BaseModelError, BaseModelInfo, resolve_base_model
 from training.lora import Device, LoraTrainingConfig, Optimizer, Quantization, TrainingConfigError
 from training.merge import MergeCheckError
-from training.pipeline import AdapterRef, MergedModelRef, QuantizedModels
+from training.openvino_export import ExportError, WeightFormat
+from training.pipeline import AdapterRef, MergedModelRef, OpenVINOModelRef, QuantizedModels
 from training.quantize import QUANTIZED, QuantizationConfigError, QuantizeConfig
 from training.registry import CandidateRef, register_candidate
 from training.sft_data import (
@@ -249,6 +250,45 @@ def quantized_models(
     )
 
 
+class OpenVINOModelConfig(dg.Config):
+    enabled: bool = Field(
+        default=True,
+        description="Export for the CPU serving engine (OpenVINO continuous batching). Off: the "
+        "service runs the merged model with transformers' continuous batching.",
+    )
+    weight_format: WeightFormat = Field(
+        default=WeightFormat.int8,
+        description="int8 (default: measured fastest on CPU at 8+ clients), int4, or fp16.",
+    )
+
+
+@dg.asset(
+    group_name=GROUP,
+    kinds={"openvino"},
+    description="The merged model exported to OpenVINO with int8 weights, which the service's "
+    "CPU engine (continuous batching, speculative decoding) runs; registered with the version.",
+)
+def openvino_model(
+    context: dg.AssetExecutionContext,
+    config: OpenVINOModelConfig,
+    lora_adapter: AdapterRef,
+    merged_model: MergedModelRef,
+    mlflow: MLflowResource,
+) -> dg.MaterializeResult[OpenVINOModelRef | None]:
+    if not config.enabled:
+        return dg.MaterializeResult(value=None, metadata={"skipped": "disabled by config"})
+    run = mlflow.existing_run(lora_adapter.mlflow_run_id)
+    with fails_on(ExportError):
+        ref = pipeline.export_for_serving(
+            merged_model, lora_adapter, config.weight_format.value, run, context.log.info
+        )
+    return dg.MaterializeResult(
+        value=ref,
+        metadata={**as_metadata(vars(ref)), **mlflow_metadata(run)},
+        data_version=dg.DataVersion(f"{lora_adapter.training_key}-{ref.weight_format}"),
+    )
+
+
 class CandidateModelConfig(dg.Config):
     registered_model: str = Field(
         default="refinery-chat",
@@ -273,6 +313,7 @@ def candidate_model(
     lora_adapter: AdapterRef,
     merged_model: MergedModelRef,
     quantized_models: QuantizedModels,
+    openvino_model: OpenVINOModelRef | None,
     mlflow: MLflowResource,
     postgres: PostgresResource,
 ) -> dg.MaterializeResult[CandidateRef]:
@@ -284,6 +325,7 @@ def candidate_model(
     }
     ref = register_candidate(
         mlflow.resolved_tracking_uri, config.registered_model, merged_dir=Path(merged_model.path),
+        openvino_dir=Path(openvino_model.path) if openvino_model else None,
         variants=quantized_models.variants if config.register_variants else {},
         run_id=lora_adapter.mlflow_run_id, run_url=lora_adapter.mlflow_run_url,
         lineage_key=lora_adapter.training_key, tags=tags,

@@ -37,6 +37,7 @@ TRAINING_ASSETS = [
     training.lora_adapter,
     training.merged_model,
     training.quantized_models,
+    training.openvino_model,
     training.candidate_model,
 ]
 EVALUATION_ASSETS = [

@@ -10,9 +10,7 @@ from __future__ import annotations
 import dataclasses
 import types
 import typing
-from typing import Any, TypeVar
-
-T = TypeVar("T")
+from typing import Any
 
 
 class RecordError(TypeError):
@@ -32,9 +30,10 @@ def to_record(obj: Any) -> Any:
     raise RecordError(f"cannot store a {type(obj).__name__} in a record: {obj!r}")
 
 
-def from_record(cls: type[T], data: Any) -> T:
-    """``data`` (from ``to_record``) as an instance of the dataclass ``cls``."""
-    return _convert(cls, data, cls.__name__)
+def from_record(cls: Any, data: Any) -> Any:
+    """``data`` (from ``to_record``) as an instance of the dataclass ``cls`` (or ``None`` for
+    an optional one)."""
+    return _convert(cls, data, getattr(cls, "__name__", str(cls)))
 
 
 def _convert(tp: Any, value: Any, where: str) -> Any:

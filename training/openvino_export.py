@@ -11,6 +11,7 @@ OpenVINO runtime packages, which are in the project's own dependencies at the sa
 
 from __future__ import annotations
 
+import enum
 import fcntl
 import json
 import os
@@ -36,7 +37,15 @@ EXPORT_PACKAGES = [
 ]
 # Installed without their dependencies: optimum-intel declares torchvision.
 EXPORT_PACKAGES_NO_DEPS = ["optimum-intel==2.2.0", "optimum==2.3.0"]
-WEIGHT_FORMATS = ("int8", "int4", "fp16")
+
+
+class WeightFormat(enum.StrEnum):
+    int8 = "int8"  # weight-only int8 (the default: fastest on CPU at 8 or more clients)
+    int4 = "int4"  # symmetric, groups of 64
+    fp16 = "fp16"
+
+
+WEIGHT_FORMATS = tuple(f.value for f in WeightFormat)
 STAMP = "refinery_export.json"
 
 

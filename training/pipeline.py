@@ -350,3 +350,35 @@ def lineage_tags(
         "refinery.training_key": adapter.training_key,
         "refinery.eval_loss_after": str(round(adapter.eval_loss_after, 4)),
     }
+
+
+@dataclass(frozen=True)
+class OpenVINOModelRef:
+    """The hand-off of ``openvino_model``: the merged model exported for the CPU engine."""
+
+    path: str
+    weight_format: str
+    reused: bool
+    size_mb: float
+
+
+def export_for_serving(
+    merged: MergedModelRef,
+    adapter: AdapterRef,
+    weight_format: str,
+    run: TrackedRun,
+    progress: Progress | None = None,
+) -> OpenVINOModelRef:
+    """The merged model as an OpenVINO model (``<work dir>/openvino-<format>``), reused when it
+    was made from the same weights; its size goes to the training run."""
+    from training.openvino_export import export_openvino
+    from training.quantize import folder_mb
+
+    folder, reused = export_openvino(
+        Path(merged.path), Path(adapter.work_dir) / f"openvino-{weight_format}", weight_format,
+        progress,
+    )  # fmt: skip
+    size = folder_mb(folder)
+    if not reused:
+        run.log_metrics({f"openvino_{weight_format}_size_mb": size})
+    return OpenVINOModelRef(str(folder), weight_format, reused, round(size, 1))

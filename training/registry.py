@@ -88,6 +88,7 @@ def register(
     tags: Mapping[str, Any],
     alias: str | None = CHALLENGER,
     description: str = "",
+    extra_artifacts: Mapping[str, Path] | None = None,
 ) -> RegisteredVersion:
     """Log ``model_dir`` as a pyfunc model in run ``run_id`` and register it under ``name``.
 
@@ -118,7 +119,12 @@ def register(
         mlflow.pyfunc.save_model(
             str(local),
             python_model=str(PYFUNC_FILE),
-            artifacts={"model": str(model_dir)},
+            # "model": the weights MLflow's pyfunc loads; extra ones (an OpenVINO export for
+            # the CPU serving engine) travel with the version.
+            artifacts={
+                "model": str(model_dir),
+                **{k: str(v) for k, v in (extra_artifacts or {}).items()},
+            },
             code_paths=[str(GENERATION_FILE)],
             model_config={"variant": variant},
             signature=signature(),
@@ -201,6 +207,7 @@ def register_candidate(
     name: str,
     *,
     merged_dir: Path,
+    openvino_dir: Path | None = None,
     variants: Mapping[str, str],
     run_id: str,
     run_url: str,
@@ -218,7 +225,9 @@ def register_candidate(
         variant="none",
         lineage_key=lineage_key,
         tags=tags,
-        description="Merged LoRA fine-tune (fp32 safetensors).",
+        description="Merged LoRA fine-tune (fp32 safetensors)"
+        + (", with its OpenVINO export for CPU serving." if openvino_dir else "."),
+        extra_artifacts={"openvino": openvino_dir} if openvino_dir else None,
     )
     registered = {}
     for variant, path in variants.items():

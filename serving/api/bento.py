@@ -90,6 +90,13 @@ def bento_tag_part(text: str) -> str:
 def read_mlflow_model(folder: Path) -> tuple[Path, str]:
     """The weights folder and variant of a downloaded Refinery pyfunc model (from its MLmodel
     file: plain YAML, nothing to unpickle)."""
+    weights, variant, _ = read_mlflow_model_artifacts(folder)
+    return weights, variant
+
+
+def read_mlflow_model_artifacts(folder: Path) -> tuple[Path, str, dict[str, Path]]:
+    """Like ``read_mlflow_model``, with every artifact of the model by name (``openvino``:
+    the export the CPU engine serves, when the version has one)."""
     import yaml
 
     mlmodel = folder / "MLmodel"
@@ -98,9 +105,9 @@ def read_mlflow_model(folder: Path) -> tuple[Path, str]:
     flavor = (yaml.safe_load(mlmodel.read_text()) or {}).get("flavors", {}).get("python_function")
     if not flavor or "model" not in (flavor.get("artifacts") or {}):
         raise BentoBuildError(f"{mlmodel} is not a Refinery chat model (no 'model' artifact)")
-    weights = folder / flavor["artifacts"]["model"]["path"]
+    artifacts = {name: folder / a["path"] for name, a in flavor["artifacts"].items()}
     variant = str((flavor.get("model_config") or {}).get("variant", "none"))
-    return weights, variant
+    return artifacts["model"], variant, artifacts
 
 
 def sources_hash() -> str:

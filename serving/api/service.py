@@ -33,7 +33,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
-from serving.api.bento import Pins, read_mlflow_model
+from serving.api.bento import Pins, read_mlflow_model_artifacts
 from serving.api.gateway import RAG_DEFAULT_TOKENS, RETRY_AFTER_S, Gateway, unb64
 from serving.api.metrics import (
     ENGINE_RUNNING,
@@ -58,6 +58,10 @@ PINS = Pins.load()
 _ENV = dict(os.environ)
 ENGINE = _ENV.get("REFINERY_ENGINE", "auto")  # auto | openvino | hf | static
 MAX_BATCH = int(_ENV.get("REFINERY_CHAT_MAX_BATCH", 32))  # sequences in the running batch
+# Speculative decoding for the whole deployment (OpenVINO engine): none | prompt_lookup.
+SPECULATION = (
+    {"speculation": _ENV["REFINERY_SPECULATION"]} if _ENV.get("REFINERY_SPECULATION") else {}
+)
 # Follow a registry alias (e.g. "champion"): load the version it points to when it moves
 # (serving/runtime/follow.py). Empty: serve the pinned version only.
 FOLLOW_ALIAS = _ENV.get("REFINERY_FOLLOW_ALIAS", "")
@@ -136,11 +140,12 @@ class ChatModel:
     def _load(self, folder: Path) -> Any:
         from serving.runtime.engine.loader import load_engine
 
-        weights, variant = read_mlflow_model(folder)
+        weights, variant, artifacts = read_mlflow_model_artifacts(folder)
         device = self.device if variant == "none" else "cpu"
         engine = load_engine(
-            weights, variant, backend=ENGINE, device=device, threads=_threads(), max_batch=MAX_BATCH
-        )
+            weights, variant, backend=ENGINE, device=device, threads=_threads(),
+            max_batch=MAX_BATCH, openvino_dir=artifacts.get("openvino"), **SPECULATION,
+        )  # fmt: skip
         engine.generate(["Hello"], max_new_tokens=2)  # warm-up: the first call is slow
         return engine
 

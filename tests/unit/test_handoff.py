@@ -140,3 +140,24 @@ def test_assets_are_thin_and_read_values_not_metadata():
     for name, _, source in bodies:
         assert "get_latest_materialization_event" not in source, name
         assert "Settings.from_env" not in source, f"{name}: settings come through resources"
+
+
+def test_an_optional_step_that_hands_on_nothing_gives_none(tmp_path: Path):
+    seen: list[object] = []
+
+    @dg.asset
+    def maybe() -> dg.MaterializeResult[Made | None]:
+        return dg.MaterializeResult(value=None)
+
+    @dg.asset
+    def after(maybe: Made | None) -> None:
+        seen.append(maybe)
+
+    dg.materialize(
+        [maybe, after],
+        resources={"io_manager": HandoffIOManager(home=str(tmp_path))},
+        instance=dg.DagsterInstance.ephemeral(),
+    )
+    assert seen == [None]
+    stored = json.loads((tmp_path / "handoffs" / "maybe" / "latest.json").read_text())
+    assert stored["value"] is None

@@ -23,13 +23,19 @@ class BackendName(enum.StrEnum):
     static = "static"  # fixed padded batches: every variant; the benchmark's baseline
 
 
-def choose_backend(model_dir: Path, variant: str, device: str, wanted: str = "auto") -> BackendName:
+def choose_backend(
+    variant: str, device: str, openvino_dir: Path | None, wanted: str = "auto"
+) -> BackendName:
+    """``auto``: OpenVINO on a CPU when the version has an OpenVINO export, transformers'
+    continuous batching otherwise (and on CUDA); quantized variants run in fixed batches."""
     choice = BackendName(wanted)
     if variant != "none":
         return BackendName.static  # quantized variants have no continuous-batching runtime here
+    if choice == BackendName.openvino and openvino_dir is None:
+        raise ValueError("REFINERY_ENGINE=openvino, but this model version has no OpenVINO export")
     if choice != BackendName.auto:
         return choice
-    if not device.startswith("cuda") and (model_dir / OPENVINO_DIR).is_dir() and _has_openvino():
+    if not device.startswith("cuda") and openvino_dir is not None and _has_openvino():
         return BackendName.openvino
     return BackendName.hf
 
@@ -50,13 +56,16 @@ def load_engine(
     device: str = "cpu",
     threads: int | None = None,
     max_batch: int = 32,
+    openvino_dir: str | Path | None = None,
     **options: Any,
 ) -> Engine:
-    """An engine over the model in ``model_dir`` (safetensors, or a variant's folder)."""
+    """An engine over the model in ``model_dir`` (safetensors, or a variant's folder), or over
+    its OpenVINO export in ``openvino_dir`` (see ``choose_backend``)."""
     from transformers import AutoTokenizer
 
     model_dir = Path(model_dir)
-    name = choose_backend(model_dir, variant, device, backend)
+    ov_dir = Path(openvino_dir) if openvino_dir else None
+    name = choose_backend(variant, device, ov_dir, backend)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     eos = stop_token_ids(tokenizer)
     log.info("generation engine: %s backend on %s (%s)", name.value, device, model_dir)
