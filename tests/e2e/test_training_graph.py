@@ -3,8 +3,11 @@ lineage reaches back to the Dagster run, and a rerun that changes nothing."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import dagster as dg
 import pytest
+import yaml
 
 from refinery.settings import Settings
 from refinery.tracking import client_for
@@ -37,7 +40,7 @@ def metadata(result, asset: str) -> dict:
     return {k: v.value for k, v in event.event_specific_data.materialization.metadata.items()}
 
 
-def test_train_job_registers_a_challenger_with_its_lineage(fresh_home):
+def test_train_job_registers_a_challenger_with_its_lineage(fresh_home, tmp_path):
     ingest = run("ingest", {"source_documents": {"config": {"corpus_dir": str(SAMPLE_CORPUS)}}})
     assert ingest.success
     result = run("train", SMALL)
@@ -71,12 +74,20 @@ def test_train_job_registers_a_challenger_with_its_lineage(fresh_home):
         ]
         == "refinery-chat/1"
     )
+    # The OpenVINO export that the CPU serving engine runs travels with the version.
+    ov = metadata(result, "openvino_model")
+    assert ov["weight_format"] == "int8" and ov["reused"] is False and ov["size_mb"] > 50
+    local = client.download_artifacts(mv.run_id, "model-none/MLmodel", str(tmp_path))
+    mlmodel = yaml.safe_load(Path(local).read_text())
+    artifacts = mlmodel["flavors"]["python_function"]["artifacts"]
+    assert set(artifacts) == {"model", "openvino"}
 
     # Unchanged inputs: nothing is trained, merged, quantized or registered again.
     again = run("train", SMALL)
     assert again.success
     assert metadata(again, "lora_adapter")["reused"] is True
     assert metadata(again, "quantized_models")["reused"] is True
+    assert metadata(again, "openvino_model")["reused"] is True
     assert metadata(again, "candidate_model")["version"] == "1"
     assert len(client.search_model_versions("name = 'refinery-chat'")) == 1
 
