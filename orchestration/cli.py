@@ -483,8 +483,10 @@ def serve(bento_tag: str | None, host: str, port: int, follow: str) -> None:
     ]  # fmt: skip
     click.echo(f"serving {bento_tag} on http://{host}:{port} (OpenAI API under /v1, RAG at /rag)")
     proc = subprocess.Popen(cmd, env=env, start_new_session=True, preexec_fn=_default_signals)
+    received: list[signal.Signals] = []
 
-    def _stop(*_: Any) -> None:
+    def _stop(signum: int, _frame: Any) -> None:
+        received.append(signal.Signals(signum))
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, _stop)
@@ -494,7 +496,12 @@ def serve(bento_tag: str | None, host: str, port: int, follow: str) -> None:
     except KeyboardInterrupt:
         code = 0
     finally:
-        _stop_groups([proc])
+        from refinery.processes import stop_tree
+
+        # SIGTERM (Kubernetes, systemd) is passed on as SIGTERM: BentoML finishes the requests
+        # in flight; after the grace period, everything the service started is killed.
+        first = signal.SIGTERM if received and received[0] == signal.SIGTERM else signal.SIGINT
+        stop_tree(proc, timeout=float(os.environ.get("REFINERY_STOP_GRACE_S", 15)), first=first)
     sys.exit(code)
 
 

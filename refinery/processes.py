@@ -6,30 +6,49 @@ import contextlib
 import os
 import signal
 import subprocess
+import time
 
 
-def stop_tree(proc: subprocess.Popen, timeout: float = 20.0) -> None:
-    """SIGINT (what Ctrl-C sends) to ``proc``'s process group, wait up to ``timeout``, then
-    SIGKILL the group and every process that descended from ``proc``.
+def stop_tree(
+    proc: subprocess.Popen, timeout: float = 20.0, first: signal.Signals = signal.SIGINT
+) -> None:
+    """``first`` (SIGINT, what Ctrl-C sends, or SIGTERM, what Kubernetes and systemd send) to
+    ``proc``'s process group, up to ``timeout`` seconds for it to finish what it was doing,
+    then SIGKILL to the group and to every process that descended from ``proc``.
 
-    The descendants are listed before the signal: BentoML starts its workers in sessions of
-    their own, which a group signal misses and which outlive their parent when they hold a
-    connection open. ``proc`` must have been started with ``start_new_session=True``.
+    Descendants are listed before the signal and again after each kill: BentoML starts its
+    workers in sessions of their own, which a group signal misses, and its arbiter may start
+    one more while it shuts down. ``proc`` must have been started with
+    ``start_new_session=True``.
     """
     import psutil
 
-    try:
-        descendants = psutil.Process(proc.pid).children(recursive=True)
-    except psutil.NoSuchProcess:
-        descendants = []
+    known = _descendants(proc.pid)
     if proc.poll() is None:
         with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGINT)
+            os.killpg(proc.pid, first)
         with contextlib.suppress(subprocess.TimeoutExpired):
             proc.wait(timeout=timeout)
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(proc.pid, signal.SIGKILL)
-    for child in descendants:
-        with contextlib.suppress(psutil.NoSuchProcess):
-            child.kill()
+    for _ in range(5):
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        known |= _descendants(proc.pid)
+        alive = []
+        for child in known:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                child.kill()
+                alive.append(child)
+        psutil.wait_procs(alive, timeout=2)
+        if not any(c.is_running() and c.status() != psutil.STATUS_ZOMBIE for c in alive):
+            break
+        time.sleep(0.2)
     proc.wait()
+
+
+def _descendants(pid: int) -> set:
+    import psutil
+
+    try:
+        return set(psutil.Process(pid).children(recursive=True))
+    except psutil.NoSuchProcess:
+        return set()
