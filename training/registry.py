@@ -8,6 +8,7 @@ stages. Registering the same lineage twice returns the existing version.
 from __future__ import annotations
 
 import tempfile
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -114,7 +115,10 @@ def register(
         TAG_VARIANT: variant,
     }
     artifact_path = f"model-{variant}"
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
+        # MLflow warns that predict's type hints give no schema and that no input example
+        # was given: the signature below says what the model takes.
+        warnings.simplefilter("ignore", UserWarning)
         local = Path(tmp) / artifact_path
         mlflow.pyfunc.save_model(
             str(local),

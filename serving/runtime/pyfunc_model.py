@@ -28,8 +28,10 @@ class RefineryChatModel(PythonModel):
             context.artifacts["model"], variant=str(config.get("variant", "none"))
         )
 
+    # model_input has no annotation on purpose: MLflow reads predict's type hints as an input
+    # schema and warns on every load about one it cannot use (the signature says it instead).
     def predict(
-        self, context: Any, model_input: Any, params: dict[str, Any] | None = None
+        self, context, model_input, params: dict[str, Any] | None = None
     ) -> list[str]:
         params = params or {}
         if hasattr(model_input, "columns"):  # a DataFrame
