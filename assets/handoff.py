@@ -86,7 +86,7 @@ class HandoffIOManager(dg.ConfigurableIOManager):
                 f"({err}): materialize {name} again",
                 allow_retries=False,
             ) from err
-        context.log.info(f"{name}: the output of run {stored['run_id']} ({how})")
+        context.log.debug(f"{name}: the output of run {stored['run_id']} ({how})")
         context.add_input_metadata({"from_run": stored["run_id"], "chosen_by": how})
         return value
 
