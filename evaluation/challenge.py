@@ -23,9 +23,45 @@ from evaluation.review import HumanEvaluation
 from evaluation.tracing import log_traces
 from refinery.tracking import TrackedRun
 from serving.corpus.retrieval import Retriever
-from serving.runtime.models import ModelRef, load_python_model, resolve
+from serving.runtime.models import LocalModel, ModelRef, download, resolve
 
 Progress = Callable[[str], None]
+
+
+class ServedModel:
+    """A registered version as the service runs it: answers from the serving engine (the
+    OpenVINO export with continuous batching, when the version has one), likelihoods of the
+    reference answers from its weights."""
+
+    def __init__(self, scorer: Any, engine: Any | None) -> None:
+        self.scorer, self.engine = scorer, engine
+        self.tokenizer = scorer.tokenizer
+
+    @classmethod
+    def load(cls, local: LocalModel) -> ServedModel:
+        from serving.runtime.engine.loader import load_engine
+        from serving.runtime.generation import load_generator
+
+        scorer = load_generator(local.weights, variant=local.variant)
+        engine = None
+        if local.variant == "none" and local.openvino is not None:
+            engine = load_engine(local.weights, backend="openvino", openvino_dir=local.openvino)
+        return cls(scorer, engine)
+
+    def batch_size(self, configured: int) -> int:
+        # The engine batches whatever it is given; fixed batches keep the configured size.
+        return max(configured, 32) if self.engine is not None else configured
+
+    def generate(self, prompts: Any, max_new_tokens: Any = 64, **kw: Any) -> Any:
+        runner = self.engine if self.engine is not None else self.scorer
+        return runner.generate(prompts, max_new_tokens=max_new_tokens, **kw)
+
+    def logits(self, input_ids: Any, attention_mask: Any) -> Any:
+        return self.scorer.logits(input_ids, attention_mask)
+
+    def close(self) -> None:
+        if self.engine is not None:
+            self.engine.close()
 
 
 @dataclass(frozen=True)
@@ -130,12 +166,15 @@ def run_evaluation(
             progress(f"evaluating the {role}, {ref.label}")
         # The download (hundreds of MB) lives as long as the evaluation, not in /tmp forever.
         with tempfile.TemporaryDirectory(prefix="refinery-eval-") as tmp:
-            generator = load_python_model(tracking_uri, ref, Path(tmp)).generator
-            result = evaluate_model(
-                ref.label, generator, plan.heldout, plan.rag, retriever,
-                k=k, batch_size=batch_size, max_new_tokens=max_new_tokens, progress=progress,
-            )  # fmt: skip
-            del generator
+            model = ServedModel.load(download(tracking_uri, ref, Path(tmp)))
+            try:
+                result = evaluate_model(
+                    ref.label, model, plan.heldout, plan.rag, retriever, k=k,
+                    batch_size=model.batch_size(batch_size), max_new_tokens=max_new_tokens,
+                    progress=progress,
+                )  # fmt: skip
+            finally:
+                model.close()
         log_traces(tracking_uri, run.experiment_id, run.run_id, ref.label, result.examples)
         run.log_metrics({f"{role}.{m}": v for m, v in result.metrics.items()})
         run.client.log_table(run.run_id, examples_frame(result), f"examples_{role}.json")

@@ -25,7 +25,7 @@ from typing import Any
 
 from refinery.settings import OFFLINE_ENV, REPO_ROOT, Settings
 from serving.corpus.embedding import resolve_embedding_model
-from serving.runtime.models import CHAMPION, resolve
+from serving.runtime.models import CHAMPION, NotAChatModel, read_model_folder, resolve
 
 BENTOFILE = REPO_ROOT / "deploy" / "bentofile.yaml"
 SERVICE_NAME = "refinery"  # the @bentoml.service name, and so the Bento's name
@@ -88,26 +88,12 @@ def bento_tag_part(text: str) -> str:
 
 
 def read_mlflow_model(folder: Path) -> tuple[Path, str]:
-    """The weights folder and variant of a downloaded Refinery pyfunc model (from its MLmodel
-    file: plain YAML, nothing to unpickle)."""
-    weights, variant, _ = read_mlflow_model_artifacts(folder)
-    return weights, variant
-
-
-def read_mlflow_model_artifacts(folder: Path) -> tuple[Path, str, dict[str, Path]]:
-    """Like ``read_mlflow_model``, with every artifact of the model by name (``openvino``:
-    the export the CPU engine serves, when the version has one)."""
-    import yaml
-
-    mlmodel = folder / "MLmodel"
-    if not mlmodel.exists():
-        raise BentoBuildError(f"{folder} is not an MLflow model folder (no MLmodel file)")
-    flavor = (yaml.safe_load(mlmodel.read_text()) or {}).get("flavors", {}).get("python_function")
-    if not flavor or "model" not in (flavor.get("artifacts") or {}):
-        raise BentoBuildError(f"{mlmodel} is not a Refinery chat model (no 'model' artifact)")
-    artifacts = {name: folder / a["path"] for name, a in flavor["artifacts"].items()}
-    variant = str((flavor.get("model_config") or {}).get("variant", "none"))
-    return artifacts["model"], variant, artifacts
+    """The weights folder and variant of a downloaded Refinery pyfunc model."""
+    try:
+        local = read_model_folder(folder)
+    except NotAChatModel as err:
+        raise BentoBuildError(str(err)) from err
+    return local.weights, local.variant
 
 
 def sources_hash() -> str:

@@ -33,7 +33,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
-from serving.api.bento import Pins, read_mlflow_model_artifacts
+from serving.api.bento import Pins
 from serving.api.gateway import RAG_DEFAULT_TOKENS, RETRY_AFTER_S, Gateway, unb64
 from serving.api.metrics import (
     ENGINE_RUNNING,
@@ -139,12 +139,13 @@ class ChatModel:
 
     def _load(self, folder: Path) -> Any:
         from serving.runtime.engine.loader import load_engine
+        from serving.runtime.models import read_model_folder
 
-        weights, variant, artifacts = read_mlflow_model_artifacts(folder)
-        device = self.device if variant == "none" else "cpu"
+        local = read_model_folder(folder)
+        device = self.device if local.variant == "none" else "cpu"
         engine = load_engine(
-            weights, variant, backend=ENGINE, device=device, threads=_threads(),
-            max_batch=MAX_BATCH, openvino_dir=artifacts.get("openvino"), **SPECULATION,
+            local.weights, local.variant, backend=ENGINE, device=device, threads=_threads(),
+            max_batch=MAX_BATCH, openvino_dir=local.openvino, **SPECULATION,
         )  # fmt: skip
         engine.generate(["Hello"], max_new_tokens=2)  # warm-up: the first call is slow
         return engine

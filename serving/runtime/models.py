@@ -56,3 +56,47 @@ def load_python_model(tracking_uri: str, ref: ModelRef, dst: Path | None = None)
         artifact_uri=ref.source, tracking_uri=tracking_uri, dst_path=str(dst) if dst else None
     )
     return mlflow.pyfunc.load_model(local).unwrap_python_model()
+
+
+class NotAChatModel(ValueError):
+    """A folder that is not a downloaded Refinery chat model."""
+
+
+@dataclass(frozen=True)
+class LocalModel:
+    """A registered version on local disk: its weights folder, variant and artifacts."""
+
+    weights: Path
+    variant: str
+    artifacts: dict[str, Path]
+
+    @property
+    def openvino(self) -> Path | None:
+        """The OpenVINO export the CPU engine serves, when the version has one."""
+        return self.artifacts.get("openvino")
+
+
+def read_model_folder(folder: Path) -> LocalModel:
+    """Read a downloaded Refinery pyfunc model's MLmodel file (plain YAML: nothing to
+    unpickle) for its artifacts and variant."""
+    import yaml
+
+    mlmodel = folder / "MLmodel"
+    if not mlmodel.exists():
+        raise NotAChatModel(f"{folder} is not an MLflow model folder (no MLmodel file)")
+    flavor = (yaml.safe_load(mlmodel.read_text()) or {}).get("flavors", {}).get("python_function")
+    if not flavor or "model" not in (flavor.get("artifacts") or {}):
+        raise NotAChatModel(f"{mlmodel} is not a Refinery chat model (no 'model' artifact)")
+    artifacts = {name: folder / a["path"] for name, a in flavor["artifacts"].items()}
+    variant = str((flavor.get("model_config") or {}).get("variant", "none"))
+    return LocalModel(artifacts["model"], variant, artifacts)
+
+
+def download(tracking_uri: str, ref: ModelRef, dst: Path) -> LocalModel:
+    """The version's artifacts under ``dst``."""
+    import mlflow.artifacts
+
+    local = mlflow.artifacts.download_artifacts(
+        artifact_uri=ref.source, tracking_uri=tracking_uri, dst_path=str(dst)
+    )
+    return read_model_folder(Path(local))

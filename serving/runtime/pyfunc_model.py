@@ -30,9 +30,7 @@ class RefineryChatModel(PythonModel):
 
     # model_input has no annotation on purpose: MLflow reads predict's type hints as an input
     # schema and warns on every load about one it cannot use (the signature says it instead).
-    def predict(
-        self, context, model_input, params: dict[str, Any] | None = None
-    ) -> list[str]:
+    def predict(self, context, model_input, params: dict[str, Any] | None = None) -> list[str]:
         params = params or {}
         if hasattr(model_input, "columns"):  # a DataFrame
             column = "prompt" if "prompt" in model_input.columns else model_input.columns[0]
