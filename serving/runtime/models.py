@@ -5,7 +5,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from refinery.tracking import client_for
 
@@ -44,18 +43,6 @@ def resolve(tracking_uri: str, name: str, alias_or_version: str) -> ModelRef:
             f"no version {alias_or_version!r} of registered model {name!r}"
         ) from err
     return ModelRef(name, str(mv.version), mv.source or "", mv.run_id or "", dict(mv.tags or {}))
-
-
-def load_python_model(tracking_uri: str, ref: ModelRef, dst: Path | None = None) -> Any:
-    """Download the version's artifacts and load its pyfunc; return the Python model object
-    (``RefineryChatModel``, whose ``generator`` answers prompts)."""
-    import mlflow.artifacts
-    import mlflow.pyfunc
-
-    local = mlflow.artifacts.download_artifacts(
-        artifact_uri=ref.source, tracking_uri=tracking_uri, dst_path=str(dst) if dst else None
-    )
-    return mlflow.pyfunc.load_model(local).unwrap_python_model()
 
 
 class NotAChatModel(ValueError):
