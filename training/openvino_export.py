@@ -4,9 +4,10 @@
 The exporter (``optimum-intel``) pins ``transformers<5.6`` and declares ``torchvision``, which
 the project's environment must not get (it pulls a CUDA build of torch; see ENVIRONMENT.md).
 So the export runs in an environment of its own: ``.venv-openvino`` beside the checkout's
-``.venv``, made on first use (about two minutes; then reused) from the pins below, or any
-Python given by ``REFINERY_OPENVINO_PYTHON`` that has them. The serving side needs only the
-OpenVINO runtime packages, which are in the project's own dependencies at the same versions.
+``.venv``, built by ``scripts/openvino-export-env.sh`` (which holds its pins; ``make install``
+builds it alongside ``.venv``, and the export builds it on first use when it is missing), or
+any Python given by ``REFINERY_OPENVINO_PYTHON`` that has those packages. The serving side
+needs only the OpenVINO runtime, which is in the project's own dependencies, same release.
 """
 
 from __future__ import annotations
@@ -17,7 +18,6 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -26,17 +26,8 @@ from refinery.lineage import sha256_hex
 from refinery.settings import OFFLINE_ENV, REPO_ROOT
 
 EXPORT_VENV = REPO_ROOT / ".venv-openvino"
+EXPORT_ENV_SCRIPT = REPO_ROOT / "scripts" / "openvino-export-env.sh"  # its pins live there
 OPENVINO_VERSION = "2026.4.1"  # the runtime in pyproject.toml must be the same release
-EXPORT_PACKAGES = [
-    "torch==2.13.0",  # the CPU build on local disk; any other pulls CUDA wheels
-    "transformers>=5.4,<5.6",  # what optimum-intel 2.2 supports
-    "nncf==3.4.0",
-    f"openvino=={OPENVINO_VERSION}",
-    f"openvino-tokenizers=={OPENVINO_VERSION}.0",
-    "requests",
-]
-# Installed without their dependencies: optimum-intel declares torchvision.
-EXPORT_PACKAGES_NO_DEPS = ["optimum-intel==2.2.0", "optimum==2.3.0"]
 
 
 class WeightFormat(enum.StrEnum):
@@ -68,14 +59,7 @@ def export_python(progress: Callable[[str], None] | None = None) -> Path:
         if progress:
             progress(f"creating the OpenVINO export environment in {EXPORT_VENV} (once)")
         t0 = time.perf_counter()
-        shutil.rmtree(EXPORT_VENV, ignore_errors=True)
-        _run([sys.executable, "-m", "venv", str(EXPORT_VENV)])
-        pip = [str(python), "-m", "pip", "install", "-q"]
-        constraints = EXPORT_VENV / "constraints.txt"
-        constraints.write_text("torch==2.13.0\n")
-        _run([*pip, "torch==2.13.0"])
-        _run([*pip, "-c", str(constraints), *EXPORT_PACKAGES])
-        _run([*pip, "--no-deps", *EXPORT_PACKAGES_NO_DEPS])
+        _run(["bash", str(EXPORT_ENV_SCRIPT), str(EXPORT_VENV)])
         if progress:
             progress(f"export environment ready in {time.perf_counter() - t0:.0f} s")
     return python
