@@ -158,6 +158,7 @@ def register_folder(
     artifact_root: Path | None,
     experiment: str = "refinery-imports",
     tags: Mapping[str, Any] | None = None,
+    extra_artifacts: Mapping[str, Path] | None = None,
 ) -> RegisteredVersion:
     """Register a model folder as it is, in a run of its own (for serving tests, benchmarks,
     or a model trained elsewhere); the version gets ``alias``. ``artifact_root``: where a local
@@ -177,6 +178,7 @@ def register_folder(
             lineage_key=f"import:{model_dir}",
             tags=tags or {},
             alias=alias,
+            extra_artifacts=extra_artifacts,
         )
     finally:
         client.set_terminated(run.info.run_id)

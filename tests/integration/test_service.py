@@ -118,6 +118,7 @@ def served(settings, server_url, embedder, tmp_path_factory) -> Iterator[Served]
     from serving.corpus.ingestion import make_chunker, sync_chunks, sync_documents, sync_embeddings
     from serving.corpus.vectorstore import VectorStore
     from training.base_model import resolve_base_model
+    from training.openvino_export import export_openvino
     from training.registry import register_folder
 
     # The corpus, for RAG.
@@ -127,12 +128,15 @@ def served(settings, server_url, embedder, tmp_path_factory) -> Iterator[Served]
     sync_chunks(store, make_chunker(ChunkingConfig(), embedder))
     sync_embeddings(store, embedder, batch_size=32)
     store.engine.dispose()
-    # A champion: the packaged SmolLM2 as it comes (no training needed to test serving).
+    # A champion: the packaged SmolLM2 as it comes (no training needed to test serving), with
+    # its OpenVINO export, so the service runs its CPU engine as it does in production.
     uri = prepare_mlflow(settings)
     base = resolve_base_model(None, settings.models_dir)
+    openvino, _ = export_openvino(Path(base.path), settings.models_dir / "openvino-int8")
     register_folder(
-        uri, MODEL, Path(base.path), alias="champion", artifact_root=settings.mlflow_artifacts_dir
-    )
+        uri, MODEL, Path(base.path), alias="champion", artifact_root=settings.mlflow_artifacts_dir,
+        extra_artifacts={"openvino": openvino},
+    )  # fmt: skip
     built = build_bento(settings, uri, MODEL, "champion")
 
     redis = Redis(free_port())
@@ -465,8 +469,9 @@ def test_service_follows_a_new_champion_under_load_without_failing_requests(
         folder = tmp_path / "v2"
         shutil.copytree(base.path, folder, copy_function=os.link)
         v2 = register_folder(
-            uri, MODEL, folder, alias="champion", artifact_root=settings.mlflow_artifacts_dir
-        )
+            uri, MODEL, folder, alias="champion", artifact_root=settings.mlflow_artifacts_dir,
+            extra_artifacts={"openvino": settings.models_dir / "openvino-int8"},
+        )  # fmt: skip
         assert str(v2.version) == "2"
         wait_for(
             lambda: current_version(served) == f"{MODEL}/2",

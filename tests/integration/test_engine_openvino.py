@@ -1,0 +1,114 @@
+"""The CPU generation engine on the real model: SmolLM2-135M exported to OpenVINO (int8
+weights) by the project's exporter, run with continuous batching."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+
+import pytest
+
+from serving.runtime.engine.base import SamplingParams
+
+pytestmark = pytest.mark.integration
+
+RAG_PROMPT = [
+    {"role": "system", "content": "Answer using only the documents."},
+    {
+        "role": "user",
+        "content": "Documents:\n[1] Worker bees develop from egg to adult in 21 days. Queens "
+        "take 16 days and drones 24 days.\n\nQuestion: How many days does a worker bee take?",
+    },
+]
+
+
+@pytest.fixture(scope="module")
+def base(settings) -> Path:
+    from training.base_model import resolve_base_model
+
+    return Path(resolve_base_model(None, settings.models_dir).path)
+
+
+@pytest.fixture(scope="module")
+def exported(base, settings) -> Path:
+    from training.openvino_export import export_openvino
+
+    folder, _ = export_openvino(base, settings.models_dir / "openvino-int8")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def engine(exported):
+    from serving.runtime.engine.loader import load_engine
+
+    e = load_engine(exported.parent, backend="openvino", openvino_dir=exported, max_batch=8)
+    yield e
+    e.close()
+
+
+def test_the_export_is_reused_and_answers_like_the_model(base, exported, engine):
+    from training.openvino_export import export_openvino
+
+    assert export_openvino(base, exported) == (exported, True)  # same weights: not made again
+    assert (exported / "openvino_model.xml").exists()
+    (out,) = engine.generate(["What is the capital of France?"], max_new_tokens=16)
+    assert "Paris" in out.text and out.finish_reason == "stop"
+
+
+def test_requests_join_the_running_batch_and_each_keeps_its_limits(engine):
+    async def run():
+        async def one(i: int, delay: float):
+            await asyncio.sleep(delay)  # arrive while others are already generating
+            params = SamplingParams(max_tokens=[5, 12, 20, 3][i % 4])
+            return await engine.complete(f"Tell me fact {i} about honey bees.", params)
+
+        return await asyncio.gather(*(one(i, 0.05 * i) for i in range(8)))
+
+    outs = asyncio.run(run())
+    for i, out in enumerate(outs):
+        assert out.completion_tokens <= [5, 12, 20, 3][i % 4]
+        assert out.finish_reason in ("stop", "length") and out.text
+    stats = engine.stats()
+    assert stats.steps > 0 and stats.mean_batch > 1.5  # requests really shared steps
+
+
+def test_stop_strings_end_the_answer_inside_the_batch(engine):
+    (plain,) = engine.generate([RAG_PROMPT], max_new_tokens=32)
+    assert "21" in plain.text
+    cut = plain.text.split("21")[0]
+    out = asyncio.run(engine.complete(RAG_PROMPT, SamplingParams(max_tokens=32, stop=("21",))))
+    assert out.text == cut.strip() and out.finish_reason == "stop"
+
+
+def test_a_client_that_leaves_stops_using_the_engine(engine):
+    async def run():
+        async for _ in engine.stream(
+            "Write a long story about bees.", SamplingParams(max_tokens=400)
+        ):
+            return
+
+    asyncio.run(run())
+    deadline = time.monotonic() + 10
+    while engine.stats().running and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert engine.stats().running == 0 and engine.cancelled >= 1
+
+
+def test_prompt_lookup_gives_token_identical_greedy_answers(exported, engine):
+    from serving.runtime.engine.loader import load_engine
+
+    prompts = [RAG_PROMPT, "Repeat after me: the hive needs water, pollen and nectar every day."]
+    plain = engine.generate(prompts, max_new_tokens=40)
+    spec = load_engine(
+        exported.parent, backend="openvino", openvino_dir=exported, speculation="prompt_lookup"
+    )
+    try:
+        fast = spec.generate(prompts, max_new_tokens=40)
+        stats = spec.stats()
+    finally:
+        spec.close()
+    assert [o.text for o in fast] == [o.text for o in plain]
+    assert [o.completion_tokens for o in fast] == [o.completion_tokens for o in plain]
+    assert stats.draft_proposed > 0 and 0 < stats.acceptance_rate <= 1
+    assert stats.steps < stats.generated_tokens  # some steps produced more than one token
