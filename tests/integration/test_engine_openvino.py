@@ -39,10 +39,10 @@ def exported(base, settings) -> Path:
 
 
 @pytest.fixture(scope="module")
-def engine(exported):
+def engine(base, exported):
     from serving.runtime.engine.loader import load_engine
 
-    e = load_engine(exported.parent, backend="openvino", openvino_dir=exported, max_batch=8)
+    e = load_engine(base, backend="openvino", openvino_dir=exported, max_batch=8)
     yield e
     e.close()
 
@@ -95,14 +95,12 @@ def test_a_client_that_leaves_stops_using_the_engine(engine):
     assert engine.stats().running == 0 and engine.cancelled >= 1
 
 
-def test_prompt_lookup_gives_token_identical_greedy_answers(exported, engine):
+def test_prompt_lookup_gives_token_identical_greedy_answers(base, exported, engine):
     from serving.runtime.engine.loader import load_engine
 
     prompts = [RAG_PROMPT, "Repeat after me: the hive needs water, pollen and nectar every day."]
     plain = engine.generate(prompts, max_new_tokens=40)
-    spec = load_engine(
-        exported.parent, backend="openvino", openvino_dir=exported, speculation="prompt_lookup"
-    )
+    spec = load_engine(base, backend="openvino", openvino_dir=exported, speculation="prompt_lookup")
     try:
         fast = spec.generate(prompts, max_new_tokens=40)
         stats = spec.stats()

@@ -66,7 +66,8 @@ def load_engine(
     model_dir = Path(model_dir)
     ov_dir = Path(openvino_dir) if openvino_dir else None
     name = choose_backend(variant, device, ov_dir, backend)
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    # (the export carries the tokenizer too)
+    tokenizer = AutoTokenizer.from_pretrained(ov_dir if name == BackendName.openvino else model_dir)
     eos = stop_token_ids(tokenizer)
     log.info("generation engine: %s backend on %s (%s)", name.value, device, model_dir)
     if name == BackendName.openvino:
