@@ -289,6 +289,7 @@ def smoke(build: PeerBuild) -> Path:
     from benchmarks.chatload import ChatLoadResult, chat_prompts, run_chat_load, run_wrk
     from benchmarks.common import write_table
 
+    wrk_exe = ensure_wrk()
     prompts = chat_prompts()
     results: dict[str, dict[int, ChatLoadResult]] = {}
     stream: dict[str, ChatLoadResult] = {}
@@ -314,7 +315,7 @@ def smoke(build: PeerBuild) -> Path:
             stream[label] = r
             if threads is None:
                 body = {"content": "How long does a worker bee take to develop?"}
-                wrk = run_wrk(url + "/tokenize", body, connections=32, duration_s=10)
+                wrk = run_wrk(url + "/tokenize", body, connections=32, duration_s=10, wrk=wrk_exe)
                 print("wrk", wrk, flush=True)
 
     rows = []
