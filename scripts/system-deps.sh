@@ -1,10 +1,18 @@
 #!/usr/bin/env bash
 # System packages the tests need, from Debian: Chromium for the browser test of the review
 # page, and redis-server for the serving cache tests (the tests start and stop it themselves). Idempotent: does nothing when they are already there.
+# With --bench, also what the benchmarks need: wrk (a compiled load generator) and a C++
+# toolchain with cmake (benchmarks/peers.py builds the llama.cpp peers from source).
 set -euo pipefail
 missing=()
 command -v chromium >/dev/null 2>&1 || missing+=(chromium)
 command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
+if [ "${1:-}" = "--bench" ]; then
+  command -v wrk >/dev/null 2>&1 || missing+=(wrk)
+  command -v cmake >/dev/null 2>&1 || missing+=(cmake)
+  command -v c++ >/dev/null 2>&1 || missing+=(g++)
+  command -v make >/dev/null 2>&1 || missing+=(make)
+fi
 if [ ${#missing[@]} -eq 0 ]; then
   exit 0
 fi
