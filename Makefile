@@ -61,7 +61,9 @@ test-integration: $(STAMP)
 test-e2e: $(STAMP) system-deps
 	$(BIN)/pytest tests/e2e $(PYTEST_ARGS)
 
+# wrk and a C++ toolchain too: the serving benchmark builds llama.cpp's servers to compare with.
 bench: $(STAMP)
+	./scripts/system-deps.sh --bench
 	$(BIN)/python -m benchmarks
 
 lint: $(STAMP)

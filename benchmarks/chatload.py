@@ -292,6 +292,24 @@ def _lua_string(text: str) -> str:
     return f"[{eq}[{text}]{eq}]"
 
 
+# With ``vary``: every request's body differs (the placeholder in it becomes thread-counter),
+# so no cache can answer.
+_WRK_VARY_LUA = """
+local counter, thread_id = 0, 0
+local threads = {{}}
+setup = function(thread)
+  thread:set("tid", #threads + 1)
+  table.insert(threads, thread)
+end
+init = function(args) thread_id = tid or 0 end
+request = function()
+  counter = counter + 1
+  local body = {prefix} .. thread_id .. "-" .. counter .. {suffix}
+  return wrk.format("POST", nil, {{["Content-Type"] = "application/json"}}, body)
+end
+"""
+
+
 def run_wrk(
     url: str,
     body: dict[str, Any],
@@ -300,9 +318,11 @@ def run_wrk(
     duration_s: float = 10.0,
     timeout_s: float = 5.0,
     wrk: str | None = None,
+    vary: str | None = None,
 ) -> WrkResult:
     """POST ``body`` (JSON) to ``url`` as fast as ``connections`` connections allow for
-    ``duration_s``; requests/s and latency percentiles as wrk measured them."""
+    ``duration_s``; requests/s and latency percentiles as wrk measured them. ``vary``: a
+    placeholder in the body that each request replaces with its own number (unique bodies)."""
     exe = wrk or shutil.which("wrk")
     if exe is None:
         raise FileNotFoundError("wrk is not installed (scripts/system-deps.sh --bench installs it)")
@@ -310,7 +330,14 @@ def run_wrk(
         raise ValueError("wrk needs at least one connection per thread")
     with tempfile.TemporaryDirectory(prefix="refinery-wrk-") as tmp:
         script = Path(tmp) / "post.lua"
-        script.write_text(_WRK_LUA.format(body=_lua_string(json.dumps(body))))
+        text = json.dumps(body)
+        lua = _WRK_LUA.format(body=_lua_string(text))
+        if vary is not None:
+            if vary not in text:
+                raise ValueError(f"the placeholder {vary!r} is not in the body")
+            prefix, suffix = text.split(vary, 1)
+            lua += _WRK_VARY_LUA.format(prefix=_lua_string(prefix), suffix=_lua_string(suffix))
+        script.write_text(lua)
         proc = subprocess.run(
             [exe, "-t", str(threads), "-c", str(connections), "-d", f"{duration_s:g}s",
              "--timeout", f"{timeout_s:g}s", "-s", str(script), url],

@@ -10,7 +10,6 @@ Also: the writer's CPU per row, COPY against a multi-row INSERT, in one process.
 
 from __future__ import annotations
 
-import asyncio
 import statistics
 import time
 from datetime import UTC, datetime
@@ -18,8 +17,7 @@ from datetime import UTC, datetime
 from benchmarks.common import fresh_home, write_table
 
 CLIENTS = 32
-HIT_REQUESTS = 1500
-EMBED_REQUESTS = 320
+SECONDS = 10  # of load per server and kind of request
 ORDER = ["off", "on", "on", "off", "off", "on"]
 
 
@@ -59,32 +57,34 @@ def writer_cpu(database: str) -> dict[str, float]:
 
 
 def main() -> None:
-    from benchmarks.serving import _load, _serve, champion_bento
-    from refinery.processes import stop_tree
+    from benchmarks.chatload import run_wrk
+    from benchmarks.serving import champion_bento, serve
     from refinery.stores import database_url, make_engine
 
     runs: dict[str, list[dict[str, float]]] = {}
     with fresh_home("traffic") as settings:
-        tag, _, env = champion_bento(settings)
+        tag, _, _, env = champion_bento(settings)
         db = database_url(settings)
         hit = {"messages": [{"role": "user", "content": "Name a bee product."}], "max_tokens": 8}
         for n, mode in enumerate(ORDER):
             sample = "1" if mode == "on" else "0"
-            proc, url = _serve(tag, {**env, "REFINERY_TRAFFIC_SAMPLE": sample})
-            try:
-                asyncio.run(_load(url, "/v1/chat/completions", [hit] * CLIENTS))  # warm
-                hits = asyncio.run(_load(url, "/v1/chat/completions", [hit] * HIT_REQUESTS))
-                bodies = [
-                    {"input": f"round {n} ({mode}) text {i}: how do bees cool the hive?"}
-                    for i in range(EMBED_REQUESTS)
-                ]
-                asyncio.run(_load(url, "/v1/embeddings", bodies[:CLIENTS]))  # warm
-                emb = asyncio.run(_load(url, "/v1/embeddings", bodies[CLIENTS:]))
-            finally:
-                stop_tree(proc)
-            runs.setdefault(f"hit_{mode}", []).append(hits)
-            runs.setdefault(f"emb_{mode}", []).append(emb)
-            print(n, mode, hits, emb, flush=True)
+            with serve(tag, {**env, "REFINERY_TRAFFIC_SAMPLE": sample}) as url:
+                chat, emb = url + "/v1/chat/completions", url + "/v1/embeddings"
+                run_wrk(chat, hit, connections=CLIENTS, duration_s=3)  # warm (and cached)
+                hits = run_wrk(chat, hit, connections=CLIENTS, duration_s=SECONDS)
+                body = {"input": f"round {n} ({mode}) text @N: how do bees cool the hive?"}
+                run_wrk(emb, body, connections=CLIENTS, duration_s=3, vary="@N")  # warm
+                embs = run_wrk(emb, body, connections=CLIENTS, duration_s=SECONDS, vary="@N")
+            for key, r in (("hit", hits), ("emb", embs)):
+                runs.setdefault(f"{key}_{mode}", []).append(
+                    {
+                        "rps": r.requests_per_s,
+                        "p50": r.p50_ms / 1000,
+                        "p99": r.p99_ms / 1000,
+                        "errors": r.non_2xx + r.socket_errors,
+                    }  # fmt: skip
+                )
+            print(n, mode, hits, embs, flush=True)
             time.sleep(2)
         import sqlalchemy as sa
 
@@ -111,7 +111,7 @@ def main() -> None:
                     f"{med(k, 'p50') * 1000:.0f}",
                     f"{med(k, 'p99') * 1000:.0f}",
                     " / ".join(f"{r['p50'] * 1000:.0f}" for r in runs[k]),
-                    int(sum(r["5xx"] for r in runs[k])),
+                    int(sum(r["errors"] for r in runs[k])),
                 ]
             )
 
@@ -133,11 +133,12 @@ queue; ids, hashes and lengths are computed by the writer.
         "traffic",
         "Traffic log overhead at 32 concurrent clients",
         f"""
-Order of servers: {", ".join(ORDER)}; per server {HIT_REQUESTS} cache hits (one repeated chat
-request) and {EMBED_REQUESTS - CLIENTS} embeddings requests after a warm-up; SmolLM2-135M
-champion, MiniLM embeddings, in-process cache, embedded Postgres on the same 2 cores.
+Order of servers: {", ".join(ORDER)}; per server {SECONDS} s of cache hits (one repeated chat
+request) and {SECONDS} s of embeddings requests (a different text each), each after a warm-up,
+from {CLIENTS} wrk connections; SmolLM2-135M champion, MiniLM embeddings, in-process cache,
+embedded Postgres on the same 2 cores.
 """,
-        ["requests", "traffic log", "requests/s", "p50 ms", "p99 ms", "p50 per server", "5xx"],
+        ["requests", "traffic log", "requests/s", "p50 ms", "p99 ms", "p50 per server", "errors"],
         rows,
         notes,
     )

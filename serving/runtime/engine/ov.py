@@ -37,6 +37,7 @@ class OpenVINOBackend:
         cache_gb: float = 1.0,
         speculation: str = "none",
         draft_dir: str | Path | None = None,
+        lookup_tokens: int = PROMPT_LOOKUP_TOKENS,
     ) -> None:
         import openvino_genai as ov_genai
 
@@ -45,9 +46,10 @@ class OpenVINOBackend:
         self.eos_ids = eos_ids
         self.max_context = int(_max_positions(model_dir))
         self.speculation = Speculation(speculation)
+        self.lookup_tokens = lookup_tokens
         self._spec_tokens = {
             Speculation.none: 0,
-            Speculation.prompt_lookup: PROMPT_LOOKUP_TOKENS,
+            Speculation.prompt_lookup: lookup_tokens,
             Speculation.draft_model: DRAFT_TOKENS,
         }[self.speculation]
         scheduler = ov_genai.SchedulerConfig()
@@ -120,7 +122,7 @@ class OpenVINOBackend:
                 cfg.rng_seed = params.seed
         speculation = params.speculation or self.speculation
         if speculation == Speculation.prompt_lookup and self.speculation == speculation:
-            cfg.num_assistant_tokens = PROMPT_LOOKUP_TOKENS
+            cfg.num_assistant_tokens = self.lookup_tokens
             cfg.max_ngram_size = PROMPT_LOOKUP_NGRAM
         elif speculation == Speculation.draft_model and self.speculation == speculation:
             cfg.num_assistant_tokens = DRAFT_TOKENS
