@@ -82,7 +82,7 @@ def main() -> None:
                         "p50": r.p50_ms / 1000,
                         "p99": r.p99_ms / 1000,
                         "errors": r.non_2xx + r.socket_errors,
-                    }  # fmt: skip
+                    }
                 )
             print(n, mode, hits, embs, flush=True)
             time.sleep(2)
