@@ -11,10 +11,6 @@ from serving.runtime.engine.base import Engine, stop_token_ids
 
 log = logging.getLogger(__name__)
 
-OPENVINO_DIR = (
-    "openvino"  # an OpenVINO export beside the safetensors (see serving.runtime.openvino)
-)
-
 
 class BackendName(enum.StrEnum):
     auto = "auto"
@@ -73,10 +69,10 @@ def load_engine(
     if name == BackendName.openvino:
         from serving.runtime.engine.ov import OpenVINOBackend
 
+        assert ov_dir is not None  # choose_backend picks openvino only with an export
+
         return Engine(
-            OpenVINOBackend(
-                model_dir / OPENVINO_DIR, eos, threads=threads, max_batch=max_batch, **options
-            ),
+            OpenVINOBackend(ov_dir, eos, threads=threads, max_batch=max_batch, **options),
             tokenizer,
         )
     if name == BackendName.hf:
