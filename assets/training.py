@@ -260,6 +260,12 @@ class OpenVINOModelConfig(dg.Config):
         default=WeightFormat.int8,
         description="int8 (default: measured fastest on CPU at 8+ clients), int4, or fp16.",
     )
+    draft_layers: int = Field(
+        default=0,
+        ge=0,
+        description="> 0: also export a draft model for speculative decoding, the first N "
+        "layers of this one (REFINERY_SPECULATION=draft_model serves with it).",
+    )
 
 
 @dg.asset(
@@ -280,8 +286,9 @@ def openvino_model(
     run = mlflow.existing_run(lora_adapter.mlflow_run_id)
     with fails_on(ExportError):
         ref = pipeline.export_for_serving(
-            merged_model, lora_adapter, config.weight_format.value, run, context.log.info
-        )
+            merged_model, lora_adapter, config.weight_format.value, run, context.log.info,
+            draft_layers=config.draft_layers,
+        )  # fmt: skip
     return dg.MaterializeResult(
         value=ref,
         metadata={**as_metadata(vars(ref)), **mlflow_metadata(run)},
@@ -326,6 +333,9 @@ def candidate_model(
     ref = register_candidate(
         mlflow.resolved_tracking_uri, config.registered_model, merged_dir=Path(merged_model.path),
         openvino_dir=Path(openvino_model.path) if openvino_model else None,
+        openvino_draft_dir=Path(openvino_model.draft_path)
+        if openvino_model and openvino_model.draft_path
+        else None,
         variants=quantized_models.variants if config.register_variants else {},
         run_id=lora_adapter.mlflow_run_id, run_url=lora_adapter.mlflow_run_url,
         lineage_key=lora_adapter.training_key, tags=tags,

@@ -119,3 +119,34 @@ def _run(cmd: list[str]) -> None:
         raise ExportError(
             f"{' '.join(cmd[:6])} … failed ({proc.returncode}):\n{proc.stderr[-3000:]}"
         )
+
+
+def truncated_copy(model_dir: Path, out_dir: Path, layers: int) -> Path:
+    """A draft model for speculative decoding: the first ``layers`` decoder layers of the model
+    with its own embeddings, final norm and output head (same tokenizer), as safetensors.
+    Reused when made from the same weights with the same depth."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    weights = sorted(model_dir.glob("*.safetensors"))
+    key = sha256_hex(
+        json.dumps({"weights": [sha256_hex(w.read_bytes()) for w in weights], "layers": layers})
+    )[:20]
+    stamp = out_dir / STAMP
+    if stamp.exists() and json.loads(stamp.read_text()).get("key") == key:
+        return out_dir
+    model = AutoModelForCausalLM.from_pretrained(model_dir, use_safetensors=True)
+    total = int(model.config.num_hidden_layers)
+    if not 1 <= layers < total:
+        raise ExportError(f"draft_layers must be between 1 and {total - 1}, got {layers}")
+    model.model.layers = model.model.layers[:layers]
+    model.config.num_hidden_layers = layers
+    if getattr(model.config, "layer_types", None):
+        model.config.layer_types = model.config.layer_types[:layers]
+    tmp = out_dir.with_name(out_dir.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp, safe_serialization=True)
+    AutoTokenizer.from_pretrained(model_dir).save_pretrained(tmp)
+    (tmp / STAMP).write_text(json.dumps({"key": key, "layers": layers}))
+    shutil.rmtree(out_dir, ignore_errors=True)
+    tmp.rename(out_dir)
+    return out_dir

@@ -354,12 +354,15 @@ def lineage_tags(
 
 @dataclass(frozen=True)
 class OpenVINOModelRef:
-    """The hand-off of ``openvino_model``: the merged model exported for the CPU engine."""
+    """The hand-off of ``openvino_model``: the merged model exported for the CPU engine, and
+    optionally a layer-truncated draft of it for speculative decoding."""
 
     path: str
     weight_format: str
     reused: bool
     size_mb: float
+    draft_path: str = ""
+    draft_layers: int = 0
 
 
 def export_for_serving(
@@ -368,17 +371,26 @@ def export_for_serving(
     weight_format: str,
     run: TrackedRun,
     progress: Progress | None = None,
+    draft_layers: int = 0,
 ) -> OpenVINOModelRef:
     """The merged model as an OpenVINO model (``<work dir>/openvino-<format>``), reused when it
-    was made from the same weights; its size goes to the training run."""
-    from training.openvino_export import export_openvino
+    was made from the same weights; its size goes to the training run. ``draft_layers`` > 0:
+    also a draft for speculative decoding, the first that many layers, exported the same way."""
+    from training.openvino_export import export_openvino, truncated_copy
     from training.quantize import folder_mb
 
+    work = Path(adapter.work_dir)
     folder, reused = export_openvino(
-        Path(merged.path), Path(adapter.work_dir) / f"openvino-{weight_format}", weight_format,
-        progress,
-    )  # fmt: skip
+        Path(merged.path), work / f"openvino-{weight_format}", weight_format, progress
+    )
+    draft = ""
+    if draft_layers:
+        copy = truncated_copy(Path(merged.path), work / f"draft-{draft_layers}", draft_layers)
+        draft_folder, _ = export_openvino(
+            copy, work / f"openvino-draft-{draft_layers}-{weight_format}", weight_format, progress
+        )
+        draft = str(draft_folder)
     size = folder_mb(folder)
     if not reused:
         run.log_metrics({f"openvino_{weight_format}_size_mb": size})
-    return OpenVINOModelRef(str(folder), weight_format, reused, round(size, 1))
+    return OpenVINOModelRef(str(folder), weight_format, reused, round(size, 1), draft, draft_layers)

@@ -214,6 +214,7 @@ def register_candidate(
     *,
     merged_dir: Path,
     openvino_dir: Path | None = None,
+    openvino_draft_dir: Path | None = None,
     variants: Mapping[str, str],
     run_id: str,
     run_url: str,
@@ -233,7 +234,11 @@ def register_candidate(
         tags=tags,
         description="Merged LoRA fine-tune (fp32 safetensors)"
         + (", with its OpenVINO export for CPU serving." if openvino_dir else "."),
-        extra_artifacts={"openvino": openvino_dir} if openvino_dir else None,
+        extra_artifacts={
+            k: v
+            for k, v in (("openvino", openvino_dir), ("openvino_draft", openvino_draft_dir))
+            if v is not None
+        },
     )
     registered = {}
     for variant, path in variants.items():

@@ -143,9 +143,14 @@ class ChatModel:
 
         local = read_model_folder(folder)
         device = self.device if local.variant == "none" else "cpu"
+        options: dict[str, Any] = dict(SPECULATION)
+        if options.get("speculation") == "draft_model":
+            if local.openvino_draft is None:
+                raise ValueError("REFINERY_SPECULATION=draft_model, but this version has no draft")
+            options["draft_dir"] = local.openvino_draft
         engine = load_engine(
             local.weights, local.variant, backend=ENGINE, device=device, threads=_threads(),
-            max_batch=MAX_BATCH, openvino_dir=local.openvino, **SPECULATION,
+            max_batch=MAX_BATCH, openvino_dir=local.openvino, **options,
         )  # fmt: skip
         engine.generate(["Hello"], max_new_tokens=2)  # warm-up: the first call is slow
         return engine

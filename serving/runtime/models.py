@@ -62,6 +62,11 @@ class LocalModel:
         """The OpenVINO export the CPU engine serves, when the version has one."""
         return self.artifacts.get("openvino")
 
+    @property
+    def openvino_draft(self) -> Path | None:
+        """A draft model's export for speculative decoding, when the version has one."""
+        return self.artifacts.get("openvino_draft")
+
 
 def read_model_folder(folder: Path) -> LocalModel:
     """Read a downloaded Refinery pyfunc model's MLmodel file (plain YAML: nothing to

@@ -110,3 +110,27 @@ def test_prompt_lookup_gives_token_identical_greedy_answers(base, exported, engi
     assert [o.completion_tokens for o in fast] == [o.completion_tokens for o in plain]
     assert stats.draft_proposed > 0 and 0 < stats.acceptance_rate <= 1
     assert stats.steps < stats.generated_tokens  # some steps produced more than one token
+
+
+def test_a_layer_truncated_draft_model_keeps_greedy_answers_identical(
+    base, exported, engine, tmp_path
+):
+    from serving.runtime.engine.loader import load_engine
+    from training.openvino_export import export_openvino, truncated_copy
+
+    draft = truncated_copy(base, tmp_path / "draft", 8)
+    assert truncated_copy(base, tmp_path / "draft", 8) == draft  # reused
+    draft_ov, _ = export_openvino(draft, tmp_path / "draft-ov")
+    prompts = [RAG_PROMPT, "What is the capital of France?"]
+    plain = engine.generate(prompts, max_new_tokens=24)
+    spec = load_engine(
+        base, backend="openvino", openvino_dir=exported, speculation="draft_model",
+        draft_dir=draft_ov,
+    )  # fmt: skip
+    try:
+        fast = spec.generate(prompts, max_new_tokens=24)
+        stats = spec.stats()
+    finally:
+        spec.close()
+    assert [o.text for o in fast] == [o.text for o in plain]
+    assert stats.draft_proposed > 0 and 0 <= stats.acceptance_rate <= 1
