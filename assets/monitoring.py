@@ -1,6 +1,7 @@
 """Monitoring: what the service logged, as a drift report and a cost report (MLflow + Dagster)."""
 
 import base64
+import os
 from datetime import UTC, datetime, timedelta
 from typing import Literal
 
@@ -25,6 +26,7 @@ from evaluation.monitoring import (
 from evaluation.monitoring import (
     drift_report as run_drift_report,
 )
+from refinery.pushgateway import PUSHGATEWAY_ENV, drift_gauges, push
 from refinery.settings import Settings
 
 GROUP = "monitoring"
@@ -137,6 +139,7 @@ def drift_report(
         run.log_metrics(result.metrics())
         run.log_artifact(result.html)
         run.set_tags({"refinery.drift": "passed" if result.passed else "failed"})
+    _push_drift(context, result.passed)
     context.log.info(
         f"drift: {len(result.drifted_columns)}/{len(result.column_pvalues)} columns drifted, "
         f"embedding AUC {result.embedding_auc}; "
@@ -170,6 +173,16 @@ def drift_report(
             )
         ],
     )
+
+
+def _push_drift(context: dg.AssetExecutionContext, passed: bool) -> None:
+    """The outcome as a Prometheus gauge (REFINERY_PUSHGATEWAY_URL); a failed push only warns."""
+    url = os.environ.get(PUSHGATEWAY_ENV)
+    if url:
+        try:
+            push(url, "refinery_drift", drift_gauges(passed))
+        except OSError as err:
+            context.log.warning(f"could not push the drift result to {url}: {err}")
 
 
 class CostReportConfig(dg.Config):

@@ -199,6 +199,11 @@ class LoraAdapterConfig(dg.Config):
         description='"auto" (8-bit AdamW on CUDA, AdamW on CPU), "adamw" or "adamw_8bit".',
     )
     device: str = Field(default="auto", description='"auto", "cpu" or "cuda".')
+    processes: int = Field(
+        default=1,
+        description="Training processes, one per GPU on the node: > 1 runs `accelerate launch` "
+        "(training/distributed.py).",
+    )
 
     def to_training_config(self) -> LoraTrainingConfig:
         values = self.model_dump()

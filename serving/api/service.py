@@ -119,6 +119,12 @@ TRAFFIC_DROPPED = bentoml.metrics.Counter(
     documentation="Traffic log rows dropped (queue full, database unavailable); requests are unaffected",
     labelnames=["reason"],
 )
+MODEL_INFO = bentoml.metrics.Gauge(
+    name="refinery_model_info",
+    documentation="1 for the registry version (name/version) that answers now, 0 for the one before.",
+    labelnames=["model", "variant"],
+    multiprocess_mode="max",
+)
 REJECTED = bentoml.metrics.Counter(
     name="refinery_rejected_requests_total",
     documentation="Requests refused before any model ran, by reason.",
@@ -170,8 +176,12 @@ class ChatModel:
     def __init__(self) -> None:
         import torch
 
+        from serving.runtime.generation import select_device
+
         _torch_threads()
-        self.cuda = torch.cuda.is_available()
+        # REFINERY_DEVICE: auto | cpu | cuda (the gpu overlay in deploy/k8s sets cuda).
+        device = select_device(_ENV.get("REFINERY_DEVICE", "auto"), torch.cuda.is_available())
+        self.cuda = device == "cuda"
         pins = _pins()
         # (generator, "name/version"): one attribute, so a swap is one assignment and a batch
         # never pairs one version's generator with another's label.
@@ -340,6 +350,9 @@ class Refinery:
         )
         self.model_id = self.pins.registered_model
         self.model_label = self.pins.model_label  # moves when the chat service follows an alias
+        self._show_model(self.model_label)
+        for reason in ("queue_full", "db_error"):  # the series exist before the first drop
+            TRAFFIC_DROPPED.labels(reason=reason).inc(0)
         self._label_checked = 0.0
         self._retrieval: tuple[Any, Any] | None = None
         self.traffic = TrafficLog(
@@ -370,11 +383,18 @@ class Refinery:
         now = time.monotonic()
         if FOLLOW_ALIAS and now - self._label_checked > LABEL_REFRESH_S:
             self._label_checked = now
-            self.model_label = await _call(self.chat.to_async.current_model)
+            self._show_model(await _call(self.chat.to_async.current_model))
 
     def _answered_by(self, out: dict[str, Any]) -> str:
-        self.model_label = out.get("model", self.model_label)
+        self._show_model(out.get("model", self.model_label))
         return self.model_label
+
+    def _show_model(self, label: str) -> None:
+        """Move the answering model (and its refinery_model_info series) to ``label``."""
+        if label != self.model_label:
+            MODEL_INFO.labels(model=self.model_label, variant=self.pins.variant).set(0)
+        self.model_label = label
+        MODEL_INFO.labels(model=label, variant=self.pins.variant).set(1)
 
     def _log(self, endpoint: str, prompt: str, t0: float, **fields: Any) -> None:
         """One traffic-log row (sampled, queued; written by a background thread)."""
