@@ -440,3 +440,82 @@ def test_the_dagster_image_serves_the_code_location():
 def test_bentofile_pins_the_base_image():
     bentofile = yaml.safe_load((DEPLOY / "bentofile.yaml").read_text())
     assert re.fullmatch(r"python:\d+\.\d+\.\d+-slim-\w+", bentofile["docker"]["base_image"])
+
+
+# --- the Dagster Helm values against the chart's values schema ----------------------------------
+CHART_SCHEMA = DEPLOY / "dagster" / "chart-schema" / "values.schema.json"
+K8S_SCHEMA_URL = "https://kubernetesjsonschema.dev/"
+
+
+def without_required(node: Any) -> Any:
+    """Helm validates the chart's defaults merged with ours; without the defaults here, every
+    key and type we set is checked but nothing is required."""
+    if isinstance(node, dict):
+        return {k: without_required(v) for k, v in node.items() if k != "required"}
+    if isinstance(node, list):
+        return [without_required(v) for v in node]
+    return node
+
+
+def chart_validator() -> Any:
+    """The chart's schema, its references to kubernetesjsonschema.dev answered offline by the
+    Kubernetes schemas kubernetes-validate ships (strict: unknown fields refused)."""
+    import jsonschema
+    import kubernetes_validate
+    from referencing import Registry, Resource
+    from referencing.jsonschema import DRAFT7
+
+    schemas = Path(kubernetes_validate.__file__).parent / "kubernetes-json-schema"
+    k8s = json.loads(
+        (schemas / f"v{KUBE_VERSIONS[0]}-local-strict" / "_definitions.json").read_text()
+    )
+    # The chart points at `#/definitions/<type>`; these schemas keep the types under `$defs`
+    # and refer to each other there. Both names, and no `$id`: the chart's URL stays the base.
+    k8s = {"definitions": k8s["$defs"], "$defs": k8s["$defs"], "$schema": k8s["$schema"]}
+
+    def retrieve(uri: str) -> Resource:
+        assert uri.startswith(K8S_SCHEMA_URL) and uri.endswith("/_definitions.json"), uri
+        return Resource.from_contents(k8s, default_specification=DRAFT7)
+
+    schema = without_required(json.loads(CHART_SCHEMA.read_text()))
+    return jsonschema.Draft7Validator(schema, registry=Registry(retrieve=retrieve))
+
+
+def helm_merge(base: Any, extra: Any) -> Any:
+    """Helm's merge of values files: maps deep, everything else (lists too) replaced."""
+    if isinstance(base, dict) and isinstance(extra, dict):
+        return {k: helm_merge(base[k], v) if k in base else v for k, v in {**base, **extra}.items()}
+    return extra
+
+
+def test_dagster_values_match_the_charts_values_schema():
+    validator = chart_validator()
+    values = yaml.safe_load((DEPLOY / "dagster" / "values.yaml").read_text())
+    gpu = helm_merge(values, yaml.safe_load((DEPLOY / "dagster" / "values-gpu.yaml").read_text()))
+    for name, doc in (("values.yaml", values), ("values.yaml + values-gpu.yaml", gpu)):
+        errors = [
+            f"{'.'.join(map(str, e.absolute_path))}: {e.message}"
+            for e in validator.iter_errors(doc)
+        ]
+        assert not errors, f"{name}: {errors}"
+
+
+@pytest.mark.parametrize(
+    "mistake",
+    [
+        {"runLauncher": {"type": "K8sRunLaunch", "config": {}}},  # not an allowed launcher
+        {
+            "runLauncher": {
+                "type": "K8sRunLauncher",
+                "config": {"k8sRunLauncher": {"runK8sConfg": {}}},
+            }
+        },
+        {"postgresql": {"enabled": "no"}},  # a string for a boolean
+        {"dagster-user-deployments": {"deployments": [{"name": "x", "port": "3030"}]}},
+        # Kubernetes' own schema, reached through the chart's reference: resources has no `limit`.
+        {"dagsterWebserver": {"resources": {"limit": {"cpu": "1"}}}},
+    ],
+)
+def test_the_chart_schema_check_refuses_mistakes(mistake):
+    values = helm_merge(yaml.safe_load((DEPLOY / "dagster" / "values.yaml").read_text()), mistake)
+    assert list(chart_validator().iter_errors(values))
