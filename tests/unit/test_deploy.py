@@ -7,6 +7,7 @@ pass promtool's unit tests; the Dagster Helm values, the dashboard and the image
 from __future__ import annotations
 
 import json
+import math
 import re
 import shutil
 import subprocess
@@ -403,8 +404,17 @@ def test_model_jobs_get_run_pods_the_k8s_launcher_accepts():
     assert "nvidia.com/gpu" not in json.dumps(cpu)
     assert gpu["container_config"]["resources"]["limits"]["nvidia.com/gpu"] == "1"
     assert gpu["pod_spec_config"]["tolerations"][0]["key"] == "nvidia.com/gpu"
+    four = model_job_tags({"REFINERY_RUN_ACCELERATOR": "gpu", "REFINERY_RUN_GPUS": "4"})
+    assert (
+        json.loads(four[K8S_CONFIG_TAG])["container_config"]["resources"]["requests"][
+            "nvidia.com/gpu"
+        ]
+        == "4"
+    )
     with pytest.raises(ValueError, match="REFINERY_RUN_ACCELERATOR"):
         model_job_tags({"REFINERY_RUN_ACCELERATOR": "tpu"})
+    with pytest.raises(ValueError, match="REFINERY_RUN_GPUS"):
+        model_job_tags({"REFINERY_RUN_ACCELERATOR": "gpu", "REFINERY_RUN_GPUS": "two"})
 
 
 def test_the_model_jobs_carry_the_run_pod_tag():
@@ -519,3 +529,41 @@ def test_dagster_values_match_the_charts_values_schema():
 def test_the_chart_schema_check_refuses_mistakes(mistake):
     values = helm_merge(yaml.safe_load((DEPLOY / "dagster" / "values.yaml").read_text()), mistake)
     assert list(chart_validator().iter_errors(values))
+
+
+# --- the capacity plan --------------------------------------------------------------------------
+def test_the_capacity_plan_in_the_docs_is_computed_from_its_inputs():
+    from serving.api.capacity import BEGIN, DOC, END, load_inputs, render
+
+    doc = DOC.read_text()
+    section = doc[doc.index(BEGIN) : doc.index(END) + len(END)]
+    assert section == render(load_inputs()), "run: python -m serving.api.capacity --write"
+
+
+def test_the_capacity_plan_sizes_replicas_from_measured_throughput():
+    from serving.api.capacity import load_inputs, plan
+
+    inputs = load_inputs()
+    p = plan(inputs)
+    rows = {r.service.split()[0]: r for r in p["cpu"]["rows"]}
+    chat = inputs["replica"]["chat_cpu"]["rps"] * inputs["utilization"]
+    assert (
+        (rows["chat"].replicas - 1) * chat < rows["chat"].load_rps <= rows["chat"].replicas * chat
+    )
+    assert p["cpu"]["usd_per_request"] > p["gpu"]["usd_per_request"] > 0
+    doubled = {
+        **inputs,
+        "replica": {**inputs["replica"], "chat_cpu": {**inputs["replica"]["chat_cpu"], "rps": 7.8}},
+    }
+    assert plan(doubled)["cpu"]["rows"][2].replicas == math.ceil(rows["chat"].replicas / 2)
+
+
+def test_the_hpa_targets_follow_the_plan(rendered):
+    from serving.api.capacity import load_inputs
+
+    target = load_inputs()["entry_inflight_target"]
+    hpa = by_kind(rendered["cpu"], "HorizontalPodAutoscaler")["refinery"]
+    (pods,) = [m for m in hpa["spec"]["metrics"] if m["type"] == "Pods"]
+    assert int(pods["pods"]["target"]["averageValue"]) == target
+    config = by_kind(rendered["cpu"], "ConfigMap")["refinery-config"]["data"]
+    assert int(config["REFINERY_MAX_INFLIGHT"]) == 2 * target
