@@ -567,3 +567,29 @@ def test_the_hpa_targets_follow_the_plan(rendered):
     assert int(pods["pods"]["target"]["averageValue"]) == target
     config = by_kind(rendered["cpu"], "ConfigMap")["refinery-config"]["data"]
     assert int(config["REFINERY_MAX_INFLIGHT"]) == 2 * target
+
+
+# --- small pieces the manifests rely on ----------------------------------------------------------
+def test_the_device_switch_refuses_cuda_without_a_gpu():
+    from serving.runtime.generation import select_device
+
+    assert select_device("auto", cuda_available=False) == "cpu"
+    assert select_device("auto", cuda_available=True) == "cuda"
+    assert select_device("cpu", cuda_available=True) == "cpu"
+    assert select_device("cuda", cuda_available=True) == "cuda"
+    with pytest.raises(RuntimeError, match="no CUDA device"):
+        select_device("cuda", cuda_available=False)
+    with pytest.raises(ValueError, match="device must be one of"):
+        select_device("tpu", cuda_available=True)
+
+
+def test_pushgateway_body_is_prometheus_text():
+    from refinery.pushgateway import drift_gauges, exposition
+
+    text = exposition(drift_gauges(passed=False, at=1700000000.0))
+    assert "# TYPE refinery_drift_check_passed gauge\nrefinery_drift_check_passed 0.0\n" in text
+    assert "refinery_drift_check_timestamp_seconds 1700000000.0" in text
+    with pytest.raises(ValueError):
+        exposition({"bad name": (1.0, "x")})
+    with pytest.raises(ValueError):
+        exposition({"nan_gauge": (float("nan"), "x")})

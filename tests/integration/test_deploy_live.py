@@ -1,6 +1,8 @@
-"""deploy/prometheus and deploy/grafana against a real Prometheus (Debian's, a plain process
-on loopback with a temporary data folder) that scrapes a running Refinery Bento (the `served`
-fixture of test_service.py) and a Pushgateway the drift result is pushed to.
+"""deploy/ against live processes on loopback: the Bento's services run apart, one process each
+with its own home, the entry pointed at the others with --depends (the layout of deploy/k8s);
+and deploy/prometheus and deploy/grafana against a real Prometheus (Debian's, a plain process
+with a temporary data folder) that scrapes a running Refinery Bento (the `served` fixture of
+test_service.py) and a Pushgateway the drift result is pushed to.
 
 After two rounds of traffic (so that every counter has moved between scrapes), every dashboard
 panel's query, every recording rule, the Prometheus adapter's query and every alert's
@@ -15,6 +17,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 import shutil
 import subprocess
@@ -33,6 +36,7 @@ from refinery.processes import stop_tree
 from refinery.pushgateway import drift_gauges, push
 from refinery.settings import REPO_ROOT
 from tests.integration.test_service import (  # the module's server, built and served as there
+    API_KEY,
     MODEL,
     free_port,
     openai_client,
@@ -289,3 +293,112 @@ def test_deploy_render_writes_the_champions_image(served, settings, tmp_path):  
         check=False,
     )
     assert missing.returncode != 0 and "no-such-model" in missing.stderr
+
+
+# --- the services apart, as deploy/k8s runs them ------------------------------------------------
+@dataclass
+class Split:
+    urls: dict[str, str]  # BentoML service name -> URL
+
+
+@pytest.fixture(scope="module")
+def split(served, settings, server_url, tmp_path_factory) -> Iterator[Split]:  # noqa: F811
+    """`start-http-server` per service (what the pods run): each model service alone
+    (--service-name), the entry service with --depends naming their URLs. Each process gets its
+    own BENTOML_HOME (BentoML clears its metrics folder there at start), sharing the model store,
+    as each pod has its own file system."""
+    from refinery.settings import OFFLINE_ENV
+    from refinery.stores import environment
+
+    bento = newest_bento(settings)["path"]
+    env = {**os.environ, **OFFLINE_ENV, **environment(settings, server_url)}
+    env.update(REFINERY_API_KEYS=API_KEY, REFINERY_MAX_TOKENS="64", REFINERY_TRAFFIC_FLUSH_S="0.2")
+    start = [sys.executable, "-m", "bentoml_cli._internal.start", "start-http-server"]
+    ports = {name: free_port() for name in ("refinery-embedder", "refinery-chat", "refinery")}
+    urls = {name: f"http://127.0.0.1:{port}" for name, port in ports.items()}
+    procs: list[subprocess.Popen] = []
+    logs = tmp_path_factory.mktemp("split")
+
+    def launch(name: str, args: list[str]) -> None:
+        home = logs / f"home-{name}"
+        home.mkdir()
+        (home / "models").symlink_to(settings.bentoml_home / "models")
+        with (logs / f"{name}.log").open("w") as out:
+            procs.append(
+                subprocess.Popen(
+                    [*start, *args, "--host=127.0.0.1", f"--port={ports[name]}", bento],
+                    env={**env, "BENTOML_HOME": str(home)},
+                    stdout=out,
+                    stderr=subprocess.STDOUT,
+                    start_new_session=True,
+                )
+            )
+
+    def ready(name: str) -> None:
+        wait_for(
+            lambda: httpx.get(urls[name] + "/readyz", timeout=3).status_code == 200,
+            240,
+            f"{name} (log: {logs / (name + '.log')})",
+        )
+
+    try:
+        for name in ("refinery-embedder", "refinery-chat"):
+            launch(name, [f"--service-name={name}"])
+        for name in ("refinery-embedder", "refinery-chat"):
+            ready(name)
+        launch(
+            "refinery", [f"--depends={n}={urls[n]}" for n in ("refinery-embedder", "refinery-chat")]
+        )
+        ready("refinery")
+        yield Split(urls)
+    finally:
+        for proc in procs:
+            stop_tree(proc)
+
+
+def test_the_services_answer_when_they_run_apart(split):
+    entry = split.urls["refinery"]
+    headers = {"Authorization": f"Bearer {API_KEY}"}
+    chat = httpx.post(
+        entry + "/v1/chat/completions",
+        json={"messages": [{"role": "user", "content": "What do bees make?"}], "max_tokens": 8},
+        headers=headers,
+        timeout=120,
+    )
+    assert chat.status_code == 200, chat.text
+    assert chat.json()["choices"][0]["message"]["content"].strip()
+    rag = httpx.post(
+        entry + "/rag",
+        json={"question": "How do bees keep warm?", "k": 2},
+        headers=headers,
+        timeout=120,
+    )
+    assert rag.status_code == 200 and rag.json()["sources"], rag.text
+    # Each process serves its own metrics: generation batches on the chat service, tokens on the
+    # entry service, nothing of the model services in the entry's.
+    entry_metrics = httpx.get(entry + "/metrics", timeout=10).text
+    chat_metrics = httpx.get(split.urls["refinery-chat"] + "/metrics", timeout=10).text
+    assert "refinery_tokens_total" in entry_metrics
+    assert (
+        'method_name="generate"' in chat_metrics and 'method_name="generate"' not in entry_metrics
+    )
+    # The entry's own health says ready only with its dependencies reachable from it.
+    assert httpx.get(entry + "/readyz", timeout=5).status_code == 200
+
+
+def test_a_model_service_refuses_nothing_but_the_entry_may_call_it(split, rendered_policy):
+    """Why deploy/k8s has a NetworkPolicy: a model service answers any caller (it has no keys);
+    the entry service alone checks them."""
+    chat = split.urls["refinery-chat"]
+    direct = httpx.post(chat + "/current_model", json={}, timeout=30)
+    assert direct.status_code == 200  # no key asked: only the network keeps strangers out
+    (policy,) = [d for d in rendered_policy if d["kind"] == "NetworkPolicy"]
+    allowed = policy["spec"]["ingress"][0]["from"][0]["podSelector"]["matchLabels"]
+    assert allowed["app.kubernetes.io/component"] == "entry"
+
+
+@pytest.fixture(scope="module")
+def rendered_policy() -> list[dict[str, Any]]:
+    from serving.api.deploy import render
+
+    return [d for d in yaml.safe_load_all(render("cpu", "refinery:test")) if d]
