@@ -1,7 +1,6 @@
 """Monitoring: what the service logged, as a drift report and a cost report (MLflow + Dagster)."""
 
 import base64
-import os
 from datetime import UTC, datetime, timedelta
 from typing import Literal
 
@@ -26,7 +25,7 @@ from evaluation.monitoring import (
 from evaluation.monitoring import (
     drift_report as run_drift_report,
 )
-from refinery.pushgateway import PUSHGATEWAY_ENV, drift_gauges, push
+from refinery.pushgateway import push_drift
 from refinery.settings import Settings
 
 GROUP = "monitoring"
@@ -177,12 +176,10 @@ def drift_report(
 
 def _push_drift(context: dg.AssetExecutionContext, passed: bool) -> None:
     """The outcome as a Prometheus gauge (REFINERY_PUSHGATEWAY_URL); a failed push only warns."""
-    url = os.environ.get(PUSHGATEWAY_ENV)
-    if url:
-        try:
-            push(url, "refinery_drift", drift_gauges(passed))
-        except OSError as err:
-            context.log.warning(f"could not push the drift result to {url}: {err}")
+    try:
+        push_drift(passed)
+    except OSError as err:
+        context.log.warning(f"could not push the drift result to the Pushgateway: {err}")
 
 
 class CostReportConfig(dg.Config):

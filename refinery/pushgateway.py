@@ -9,6 +9,7 @@ Pushgateway named by ``REFINERY_PUSHGATEWAY_URL``; the alert "drift check failed
 from __future__ import annotations
 
 import math
+import os
 import re
 import time
 import urllib.request
@@ -53,3 +54,12 @@ def drift_gauges(passed: bool, at: float | None = None) -> dict[str, tuple[float
             "When the last drift check ran (Unix time)",
         ),
     }
+
+
+def push_drift(passed: bool, environ: Mapping[str, str] | None = None) -> str | None:
+    """Push a drift check's outcome to ``REFINERY_PUSHGATEWAY_URL``; the URL pushed to, or None
+    when the variable is unset. A failed push raises OSError."""
+    url = (os.environ if environ is None else environ).get(PUSHGATEWAY_ENV)
+    if url:
+        push(url, "refinery_drift", drift_gauges(passed))
+    return url or None

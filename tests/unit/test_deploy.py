@@ -593,3 +593,11 @@ def test_pushgateway_body_is_prometheus_text():
         exposition({"bad name": (1.0, "x")})
     with pytest.raises(ValueError):
         exposition({"nan_gauge": (float("nan"), "x")})
+
+
+def test_the_drift_result_is_pushed_only_where_a_pushgateway_is_named():
+    from refinery.pushgateway import push_drift
+
+    assert push_drift(False, {}) is None  # nothing configured: nothing sent
+    with pytest.raises(OSError):  # configured but unreachable: the caller warns
+        push_drift(False, {"REFINERY_PUSHGATEWAY_URL": "http://127.0.0.1:9"})
