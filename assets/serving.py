@@ -48,6 +48,8 @@ def bento(
     return dg.MaterializeResult(
         metadata={
             "bento": built.tag,
+            # What a deployment of this champion runs (`refinery deploy render` uses it).
+            "image": built.image,
             "bento_path": dg.MetadataValue.path(built.path),
             "model_version": pins.model_label,
             "variant": pins.variant,

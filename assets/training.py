@@ -144,6 +144,11 @@ class LoraAdapterConfig(dg.Config):
         description="auto (8-bit AdamW on CUDA, AdamW on CPU), adamw, adamw_8bit.",
     )
     device: Device = Device.auto
+    processes: int = Field(
+        default=1,
+        description="Training processes, one per GPU on the node: > 1 runs `accelerate launch` "
+        "(training/distributed.py).",
+    )
 
     def to_training_config(self) -> LoraTrainingConfig:
         values = self.model_dump()

@@ -24,6 +24,7 @@ import numpy as np
 import pandas as pd
 import sqlalchemy as sa
 
+from refinery.pushgateway import push_drift
 from refinery.schema import traffic_log
 from refinery.tracking import RunOpener
 
@@ -386,6 +387,11 @@ def drift_over_window(
     run.log_metrics(result.metrics())
     run.log_artifact(result.html)
     run.set_tags({"refinery.drift": "passed" if result.passed else "failed"})
+    try:  # the outcome as a Prometheus gauge (REFINERY_PUSHGATEWAY_URL): the alert reads it
+        push_drift(result.passed)
+    except OSError as err:
+        if log:
+            log(f"could not push the drift result to the Pushgateway: {err}")
     return DriftOutcome(used, len(current), result)
 
 

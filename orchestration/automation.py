@@ -9,6 +9,7 @@ import dagster as dg
 
 from assets.resources import HomeResource, PostgresResource
 from evaluation.review import count_ratings
+from orchestration.cluster import model_job_tags
 from serving.corpus.ingestion import corpus_changes
 from training.user_data import count_approved
 
@@ -65,6 +66,8 @@ IN_PROGRESS = [
     dg.DagsterRunStatus.STARTED,
 ]
 MODELS_POOL = {"refinery/pool": "models"}
+# Model jobs: one at a time (the pool) and, on Kubernetes, a bigger or a GPU pod (cluster.py).
+MODEL_JOB_TAGS = {**MODELS_POOL, **model_job_tags()}
 # Approved user examples that make a retraining worth it.
 MIN_NEW_APPROVED = 5
 DRIFT_CHECK_KEY = dg.AssetCheckKey(dg.AssetKey("drift_report"), "drift_within_thresholds")
@@ -77,7 +80,7 @@ monitor_job = dg.define_asset_job(
 retrain_job = dg.define_asset_job(
     "retrain",
     selection=dg.AssetSelection.groups("training", "evaluation"),
-    tags=MODELS_POOL,
+    tags=MODEL_JOB_TAGS,
     description="New SFT data (with approved user examples) → challenger → evaluation → gate.",
 )
 

@@ -453,6 +453,49 @@ def bento(config_file: Path | None) -> None:
         sys.exit(1)
 
 
+@main.group()
+def deploy() -> None:
+    """Kubernetes manifests for the champion (deploy/k8s)."""
+
+
+@deploy.command("render")
+@click.option("--overlay", type=click.Choice(["cpu", "gpu"]), default="cpu", show_default=True)
+@click.option(
+    "--out",
+    "out_dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="Write refinery-<overlay>.yaml here (default: print to stdout).",
+)
+@click.option("--bento", "bento_tag", default=None, help="A Bento tag instead of the champion's.")
+@click.option(
+    "--repository",
+    default=None,
+    help="Image repository the image was pushed to (e.g. registry.example/ml/refinery).",
+)
+@click.option("--model", default="refinery-chat", show_default=True, help="Registered model.")
+def deploy_render(
+    overlay: str, out_dir: Path | None, bento_tag: str | None, repository: str | None, model: str
+) -> None:
+    """Render an overlay with the image of the champion's Bento (`refinery bento` builds it)."""
+    from refinery.stores import prepare_mlflow
+    from serving.api.deploy import DeployError, champion_bento, image_tag, render, write_manifests
+    from serving.runtime.models import ModelNotFoundError
+
+    settings = _settings()
+    try:
+        if bento_tag is None:
+            bento_tag = str(champion_bento(settings, prepare_mlflow(settings), model)["tag"])
+        text = render(overlay, image_tag(bento_tag, repository))
+    except (DeployError, ModelNotFoundError) as err:
+        raise click.ClickException(str(err)) from err
+    if out_dir is None:
+        click.echo(text, nl=False)
+    else:
+        path = write_manifests(text, out_dir, overlay)
+        click.echo(f"{path} (image {image_tag(bento_tag, repository)})")
+
+
 @main.command()
 @click.argument("bento_tag", required=False)
 @click.option("--host", default="127.0.0.1", show_default=True)

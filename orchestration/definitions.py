@@ -14,7 +14,7 @@ from assets.resources import (
     PromotionPolicy,
 )
 from orchestration.automation import (
-    MODELS_POOL,
+    MODEL_JOB_TAGS,
     corpus_sensor,
     daily_drift_schedule,
     human_ratings_sensor,
@@ -63,14 +63,14 @@ ingest_job = dg.define_asset_job(
 train_job = dg.define_asset_job(
     "train",
     selection=dg.AssetSelection.groups(training.GROUP),
-    tags=MODELS_POOL,
+    tags=MODEL_JOB_TAGS,
     description="Base model → SFT data → LoRA → merged → quantized → registered challenger.",
 )
 # `refinery evaluate`: evaluate the challenger, queue it for review, gate, promote.
 evaluate_job = dg.define_asset_job(
     "evaluate",
     selection=dg.AssetSelection.groups(evaluation.GROUP),
-    tags=MODELS_POOL,
+    tags=MODEL_JOB_TAGS,
     description="Automatic and human evaluation, the promotion gate, the champion alias.",
 )
 # `refinery bento`: package the champion as a Bento. (A job may not share the asset's name.)

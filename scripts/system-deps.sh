@@ -1,12 +1,17 @@
 #!/usr/bin/env bash
 # System packages the tests need, from Debian: Chromium for the browser test of the review
-# page, and redis-server for the serving cache tests (the tests start and stop it themselves). Idempotent: does nothing when they are already there.
+# page, redis-server for the serving cache tests, and Prometheus (with promtool) and its
+# Pushgateway for the monitoring tests of deploy/prometheus (the tests start and stop the
+# servers themselves). kubectl, which renders deploy/k8s, is expected on the machine.
 # With --bench, also what the benchmarks need: wrk (a compiled load generator) and a C++
 # toolchain with cmake (benchmarks/peers.py builds the llama.cpp peers from source).
+# Idempotent: does nothing when they are already there.
 set -euo pipefail
 missing=()
 command -v chromium >/dev/null 2>&1 || missing+=(chromium)
 command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
+command -v promtool >/dev/null 2>&1 || missing+=(prometheus)
+command -v prometheus-pushgateway >/dev/null 2>&1 || missing+=(prometheus-pushgateway)
 if [ "${1:-}" = "--bench" ]; then
   command -v wrk >/dev/null 2>&1 || missing+=(wrk)
   command -v cmake >/dev/null 2>&1 || missing+=(cmake)

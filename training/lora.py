@@ -10,6 +10,7 @@ import enum
 import json
 import logging
 import math
+import os
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -80,6 +81,9 @@ class LoraTrainingConfig:
     quantization: Literal["none", "nf4"] = "none"  # nf4: QLoRA, LoRA on a 4-bit base
     optimizer: Literal["auto", "adamw", "adamw_8bit"] = "auto"  # auto: 8-bit AdamW on CUDA
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    # Training processes on this node, one per GPU: > 1 starts `accelerate launch` (DDP; the
+    # effective batch is batch_size x grad_accum x processes). Configuration, not code.
+    processes: int = 1
 
     def validate(self, cuda_available: bool) -> None:
         problems = []
@@ -95,6 +99,12 @@ class LoraTrainingConfig:
             problems.append("set max_steps > 0, or max_steps = 0 and epochs > 0")
         if self.batch_size < 1 or self.grad_accum < 1:
             problems.append("batch_size and grad_accum must be >= 1")
+        if self.processes < 1:
+            problems.append(f"processes must be >= 1 (got {self.processes})")
+        if self.processes > 1 and not cuda_available:
+            problems.append(
+                f"processes={self.processes} starts one process per GPU, and no CUDA device is present"
+            )
         if self.eval_every < 1 or self.save_every < 1:
             problems.append("eval_every and save_every must be >= 1")
         if not cuda_available:
@@ -111,7 +121,10 @@ class LoraTrainingConfig:
         return cuda_available and self.device != "cpu"
 
     def fingerprint(self) -> str:
-        return sha256_hex(json.dumps(asdict(self), sort_keys=True))
+        fields = asdict(self)
+        if fields["processes"] == 1:  # one process: the key of the runs before this field existed
+            del fields["processes"]
+        return sha256_hex(json.dumps(fields, sort_keys=True))
 
 
 def resolve_target_modules(model: Any, config: LoraTrainingConfig) -> list[str]:
@@ -178,6 +191,11 @@ class TrainingResult:
 MetricSink = Callable[[dict[str, float], int], None]
 
 
+def _local_rank() -> int:
+    """This process's GPU under `accelerate launch` / torchrun (0 in a single process)."""
+    return int(os.environ.get("LOCAL_RANK", "0"))
+
+
 def load_base_for_training(
     base_dir: str, config: LoraTrainingConfig, cuda: bool
 ) -> tuple[Any, Any]:
@@ -195,10 +213,10 @@ def load_base_for_training(
             bnb_4bit_use_double_quant=True,
             bnb_4bit_compute_dtype=torch.bfloat16 if cuda else torch.float32,
         )
-        kwargs["device_map"] = "cuda:0" if cuda else "cpu"
+        kwargs["device_map"] = f"cuda:{_local_rank()}" if cuda else "cpu"
     model: Any = AutoModelForCausalLM.from_pretrained(base_dir, **kwargs)
     if cuda and config.quantization == "none":
-        model = model.to("cuda")
+        model = model.to(f"cuda:{_local_rank()}")
     return model, tokenizer
 
 
@@ -336,8 +354,9 @@ def train_lora(
     else:
         # LoRA's B matrices start at zero: before training the model is exactly the base model.
         eval_before = float(trainer.evaluate()["eval_loss"])
-        work_dir.mkdir(parents=True, exist_ok=True)
-        before_file.write_text(json.dumps({"eval_loss": eval_before}))
+        if trainer.is_world_process_zero():  # one writer when several processes train
+            work_dir.mkdir(parents=True, exist_ok=True)
+            before_file.write_text(json.dumps({"eval_loss": eval_before}))
     if progress:
         progress(
             f"held-out loss before training: {eval_before:.4f}"
@@ -348,8 +367,9 @@ def train_lora(
     seconds = time.perf_counter() - t0
     eval_after = float(trainer.evaluate()["eval_loss"])
     adapter_dir = work_dir / "adapter"
-    peft_model.save_pretrained(str(adapter_dir), safe_serialization=True)
-    tokenizer.save_pretrained(str(adapter_dir))
+    if trainer.is_world_process_zero():
+        peft_model.save_pretrained(str(adapter_dir), safe_serialization=True)
+        tokenizer.save_pretrained(str(adapter_dir))
     rates = sorted(h["tokens_per_second"] for h in history if "tokens_per_second" in h)
     return TrainingResult(
         adapter_dir=str(adapter_dir),

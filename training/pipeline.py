@@ -59,10 +59,28 @@ def train(
     on_metrics: MetricSink | None = None,
     progress: Any = None,
 ) -> TrainingResult:
-    """Train (resuming any checkpoint in ``folder``) and record the result for reuse."""
-    result = train_lora(
-        base_dir, train_rows, eval_rows, config, folder, on_metrics=on_metrics, progress=progress
-    )
+    """Train (resuming any checkpoint in ``folder``) and record the result for reuse.
+
+    ``config.processes`` > 1: one process per GPU through ``accelerate launch``
+    (training/distributed.py); its per-step metrics reach ``on_metrics`` when it ends."""
+    if config.processes > 1:
+        from training.distributed import run
+
+        result = run(base_dir, train_rows, eval_rows, config, folder, progress=progress)
+        for row in result.history:
+            if on_metrics is not None:
+                skip = ("step", "epoch", "elapsed")
+                on_metrics({k: v for k, v in row.items() if k not in skip}, int(row["step"]))
+    else:
+        result = train_lora(
+            base_dir,
+            train_rows,
+            eval_rows,
+            config,
+            folder,
+            on_metrics=on_metrics,
+            progress=progress,
+        )
     (folder / RESULT).write_text(
         json.dumps({"result": asdict(result), "extra": extra or {}}, indent=2)
     )

@@ -80,6 +80,9 @@ class BuiltBento:
     path: str
     pins: Pins
     reused: bool
+    # The image a deployment of this Bento uses: `bentoml containerize <tag>` tags it so, and
+    # `refinery deploy render` puts it in the Kubernetes manifests (never `latest`).
+    image: str = ""
 
 
 def bento_tag_part(text: str) -> str:
@@ -176,7 +179,9 @@ def build_bento(
     labels = {**pins.labels(), "refinery.sources": code}
     existing = find_bento(settings, labels)
     if existing is not None:
-        return BuiltBento(existing["tag"], existing["path"], pins, reused=True)
+        return BuiltBento(
+            existing["tag"], existing["path"], pins, reused=True, image=existing["tag"]
+        )
     if not Path(emb.location).exists():
         raise BentoBuildError(
             f"embedding model {emb.name!r} is not a local folder ({emb.location}): a Bento "
@@ -210,7 +215,7 @@ def build_bento(
     if proc.returncode != 0:
         raise BentoBuildError(f"bentoml build failed:\n{proc.stderr[-4000:]}")
     out = json.loads(proc.stdout.strip().splitlines()[-1])
-    return BuiltBento(out["tag"], out["path"], pins, reused=False)
+    return BuiltBento(out["tag"], out["path"], pins, reused=False, image=out["tag"])
 
 
 def _package(job: dict[str, Any]) -> dict[str, str]:

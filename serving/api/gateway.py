@@ -23,7 +23,7 @@ import numpy as np
 from serving.api.accounting import request_cost
 from serving.api.cache import ResponseCache, cache_key
 from serving.api.concurrency import MicroBatcher, SingleFlight
-from serving.api.metrics import CACHE, COST, GUARD_BLOCKS, REQUEST_COST, SHARED, TOKENS
+from serving.api.metrics import CACHE, COST, GUARD_BLOCKS, MODEL_INFO, REQUEST_COST, SHARED, TOKENS
 from serving.api.openai_schema import ApiError, Limits, chat_chunk, chat_response
 from serving.api.traffic import TrafficLog
 
@@ -82,9 +82,12 @@ class Gateway:
         follow: bool,
         embed_batch: int = 32,
         timeout_s: float = 120.0,
+        variant: str = "none",
     ) -> None:
         self.chat, self.cache, self.traffic, self.limits = chat, cache, traffic, limits
-        self.hourly_price, self.model_id, self.model_label = hourly_price, model_id, model_label
+        self.hourly_price, self.model_id, self.variant = hourly_price, model_id, variant
+        self.model_label = ""
+        self.show_model(model_label)
         self.embedding_model, self.follow = embedding_model, follow
         self.screen_fn = screen
         # Every request ends within this: a generation, an embedding, a retrieval that takes
@@ -118,7 +121,16 @@ class Gateway:
         now = time.monotonic()
         if self.follow and now - self._label_checked > 2.0:
             self._label_checked = now
-            self.model_label = await self.chat.current_model()
+            self.show_model(await self.chat.current_model())
+
+    def show_model(self, label: str) -> None:
+        """Move the answering version (and its ``refinery_model_info`` series) to ``label``."""
+        if label == self.model_label:
+            return
+        if self.model_label:
+            MODEL_INFO.labels(model=self.model_label, variant=self.variant).set(0)
+        self.model_label = label
+        MODEL_INFO.labels(model=label, variant=self.variant).set(1)
 
     def log(self, endpoint: str, prompt: str, t0: float, **fields: Any) -> None:
         """One traffic-log row (sampled, queued; written by a background thread)."""
@@ -225,6 +237,7 @@ class Gateway:
 
         done, shared = await self.flight.run(key, make)
         result, label = done["result"], done["model"]
+        self.show_model(label)
         cost = 0.0
         if shared:
             SHARED.labels(endpoint="chat").inc()
@@ -389,6 +402,7 @@ class Gateway:
 
         done, shared = await self.flight.run(key, make)
         answer = done["answer"]
+        self.show_model(answer["model"])
         prompt_tokens = answer["prompt_tokens"] + done["embed_tokens"]
         cost = 0.0
         if shared:

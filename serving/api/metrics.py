@@ -64,3 +64,9 @@ SPEC_TOKENS = bentoml.metrics.Counter(
     documentation="Speculative decoding: draft tokens proposed and accepted.",
     labelnames=["outcome"],
 )
+MODEL_INFO = bentoml.metrics.Gauge(
+    name="refinery_model_info",
+    documentation="1 for the registry version (name/version) that answers now, 0 for the one before.",
+    labelnames=["model", "variant"],
+    multiprocess_mode="max",
+)

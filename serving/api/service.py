@@ -99,8 +99,12 @@ class ChatModel:
     def __init__(self) -> None:
         import torch
 
+        from serving.runtime.generation import select_device
+
         _quiet_optional_kernels()
-        self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        # REFINERY_DEVICE: auto | cpu | cuda (the gpu overlay in deploy/k8s sets cuda; it
+        # refuses to start without a GPU rather than serve slowly on the CPU).
+        self.device = select_device(_ENV.get("REFINERY_DEVICE", "auto"), torch.cuda.is_available())
         self._exported: dict[str, int] = {}  # engine counters already added to the metrics
         # (engine, "name/version"): one attribute, so a swap is one assignment and a request
         # never pairs one version's engine with another's label. None until the model is
@@ -428,7 +432,10 @@ class Refinery:
             follow=bool(FOLLOW_ALIAS),
             embed_batch=int(env.get("REFINERY_EMBED_MAX_BATCH", 32)),
             timeout_s=TIMEOUT_S,
+            variant=self.pins.variant,
         )
+        for reason in ("queue_full", "db_error"):  # the series exist before the first drop
+            TRAFFIC_DROPPED.labels(reason=reason).inc(0)
         embedder.encode(["warm up"])
         ENTRY_READY.set()
         log.info("serving %s (variant %s)", self.pins.model_label, self.pins.variant)

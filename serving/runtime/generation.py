@@ -358,6 +358,21 @@ def torch_int8(model: Any) -> Any:
     return quantize_dynamic(model, spec, dtype=torch.qint8)
 
 
+DEVICES = ("auto", "cpu", "cuda")
+
+
+def select_device(requested: str, cuda_available: bool) -> str:
+    """The device a served model runs on. ``auto``: CUDA where present; ``cuda``: refuse to
+    start without it (a GPU pod without a GPU should fail its start-up, not serve on CPU)."""
+    if requested not in DEVICES:
+        raise ValueError(f"device must be one of {DEVICES}, got {requested!r}")
+    if requested == "cuda" and not cuda_available:
+        raise RuntimeError(
+            "device 'cuda' was asked for (REFINERY_DEVICE) but no CUDA device is visible"
+        )
+    return "cuda" if cuda_available and requested != "cpu" else "cpu"
+
+
 def load_generator(
     model_dir: str | Path, variant: str = "none", device: str = "cpu", threads: int | None = None
 ) -> Generator | OnnxGenerator:

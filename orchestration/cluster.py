@@ -1,0 +1,63 @@
+"""Runs on Kubernetes: the pod each model job's run gets from Dagster's K8sRunLauncher.
+
+Every run is its own pod (deploy/dagster/values.yaml sets the launcher and the default pod
+size for all runs). The jobs that train or evaluate models (train, evaluate, retrain) carry
+the ``dagster-k8s/config`` tag built here: bigger CPU pods by default, or a pod on a GPU node
+with ``REFINERY_RUN_GPUS`` (default 1) ``nvidia.com/gpu`` when the code location runs with
+``REFINERY_RUN_ACCELERATOR=gpu`` (deploy/dagster/values-gpu.yaml sets both). Locally the tag is inert: runs execute in process.
+
+Job tags are fixed when a job is defined, so the accelerator is read once, when the
+definitions load (:func:`model_job_tags`); :func:`run_pod_config` itself is pure.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping
+from typing import Any, Literal
+
+K8S_CONFIG_TAG = "dagster-k8s/config"
+ACCELERATOR_ENV = "REFINERY_RUN_ACCELERATOR"
+GPUS_ENV = "REFINERY_RUN_GPUS"  # GPUs per model run (train with `processes` = this many)
+Accelerator = Literal["cpu", "gpu"]
+ACCELERATORS: tuple[Accelerator, ...] = ("cpu", "gpu")
+
+# What a model run needs (SmolLM2-135M LoRA peaks at 2.3 GiB on CPU; the evaluation loads
+# challenger and champion side by side); a larger base model needs larger figures.
+CPU_POD = {"requests": {"cpu": "4", "memory": "12Gi"}, "limits": {"cpu": "8", "memory": "16Gi"}}
+GPU_POD = {"requests": {"cpu": "4", "memory": "24Gi"}, "limits": {"cpu": "8", "memory": "32Gi"}}
+GPU_NODE_SELECTOR = {"refinery.dev/accelerator": "nvidia-gpu"}
+GPU_TOLERATIONS = [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
+
+
+def run_pod_config(accelerator: Accelerator, gpus: int = 1) -> dict[str, Any]:
+    """The K8sRunLauncher's per-run config (container and pod spec) for a model job."""
+    if accelerator not in ACCELERATORS:
+        raise ValueError(f"accelerator must be one of {ACCELERATORS}, got {accelerator!r}")
+    if accelerator == "cpu":
+        return {"container_config": {"resources": CPU_POD}}
+    if gpus < 1:
+        raise ValueError(f"a GPU run needs at least one GPU, got {gpus}")
+    # The training code picks CUDA when it sees it (LoRA `device: auto`).
+    resources = {k: {**v, "nvidia.com/gpu": str(gpus)} for k, v in GPU_POD.items()}
+    return {
+        "container_config": {"resources": resources},
+        "pod_spec_config": {
+            "node_selector": GPU_NODE_SELECTOR,
+            "tolerations": GPU_TOLERATIONS,
+        },
+    }
+
+
+def model_job_tags(environ: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The ``dagster-k8s/config`` tag for model jobs, for the accelerator the environment names
+    (``REFINERY_RUN_ACCELERATOR``: cpu, the default, or gpu; ``REFINERY_RUN_GPUS``: 1)."""
+    env = os.environ if environ is None else environ
+    accelerator = env.get(ACCELERATOR_ENV) or "cpu"
+    if accelerator != "cpu" and accelerator != "gpu":
+        raise ValueError(f"{ACCELERATOR_ENV} must be one of {ACCELERATORS}, got {accelerator!r}")
+    gpus = env.get(GPUS_ENV) or "1"
+    if not gpus.isdigit():
+        raise ValueError(f"{GPUS_ENV} must be a whole number, got {gpus!r}")
+    return {K8S_CONFIG_TAG: json.dumps(run_pod_config(accelerator, int(gpus)), sort_keys=True)}
