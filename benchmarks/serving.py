@@ -285,6 +285,13 @@ def main() -> None:
                 url + "/v1/embeddings", emb_body, duration_s=WRK_SECONDS, vary="@N"
             )
             agreement = embedding_agreement(url, SENTENCES[:16])
+        entry = {}  # cache hits by entry configuration: access log, workers
+        for label, extra in (("access log off", {"REFINERY_ACCESS_LOG": "off"}),
+                             ("2 entry workers", {"REFINERY_ENTRY_WORKERS": "2"})):  # fmt: skip
+            with serve(tag, {**env, **extra}) as url:
+                httpx.post(url + "/v1/chat/completions", json=body, timeout=120)
+                entry[label] = run_wrk(url + "/v1/chat/completions", body, duration_s=WRK_SECONDS)
+                print("cache hits,", label, entry[label], flush=True)
         with serve(tag, {**env, "REFINERY_ENGINE": "static"}) as url:
             chat["service before (fixed batches, fp32)"] = chat_loads(url, prompts, "static")
         with peers.llama_server(build) as url:
@@ -334,6 +341,8 @@ Targets, from this run:
   p99 {embeddings.p99_ms:.0f} ms, non-2xx {embeddings.non_2xx}; the bare model in-process (batches of 32)
   {bare_embed:.0f} texts/s: **{emb_ratio:.2f}×** (target ≥ 0.8 and ≥ 220/s: {met(emb_ratio >= 0.8 and embeddings.requests_per_s >= 220)});
   service vectors vs the model's in-process: max |difference| {agreement:.1e} (retrieval unchanged).
+- entry configuration, cache hits at 32 connections: default (1 worker, access log on)
+  {cache.requests_per_s:.0f}/s p99 {cache.p99_ms:.1f} ms; {"; ".join(f"{k} {r.requests_per_s:.0f}/s p99 {r.p99_ms:.1f} ms" for k, r in entry.items())}.
 """
     write_table(
         "serving",

@@ -67,6 +67,11 @@ SPECULATION = (
 FOLLOW_ALIAS = _ENV.get("REFINERY_FOLLOW_ALIAS", "")
 FOLLOW_INTERVAL_S = float(_ENV.get("REFINERY_FOLLOW_INTERVAL_S", 30))
 TIMEOUT_S = float(_ENV.get("REFINERY_REQUEST_TIMEOUT_S", 120))  # every request ends by then
+# Chosen from the serving benchmark (benchmarks/results/serving.md): access logging and the
+# entry's worker count, measured on cache hits at 32 connections.
+ACCESS_LOG = _ENV.get("REFINERY_ACCESS_LOG", "on") != "off"
+ENTRY_WORKERS = int(_ENV.get("REFINERY_ENTRY_WORKERS", 1))
+LOGGING = {"access": {"enabled": ACCESS_LOG}}
 ENTRY_READY = threading.Event()  # the entry's models are loaded (the middleware checks it)
 
 
@@ -91,7 +96,7 @@ def _quiet_optional_kernels() -> None:
 
 
 # --- the model service -------------------------------------------------------------------
-@bentoml.service(name="refinery-chat", workers=1, traffic={"timeout": 300})
+@bentoml.service(name="refinery-chat", workers=1, traffic={"timeout": 300}, logging=LOGGING)
 class ChatModel:
     if PINS is not None:
         model = bentoml.models.BentoModel(PINS.chat_model_tag)
@@ -365,9 +370,10 @@ class RagFilters(BaseModel):
 
 @bentoml.service(
     name="refinery",
-    workers=1,
+    workers=ENTRY_WORKERS,
     traffic={"timeout": 300},
     labels={"project": "refinery"},
+    logging=LOGGING,
 )
 @bentoml.asgi_app(openai_app, path="/v1")
 class Refinery:
