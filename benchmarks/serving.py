@@ -306,10 +306,10 @@ def main() -> None:
                         best[c] = r
         chat["llama-cpp-python server (one at a time)"] = best
         bare_embed = embeddings_in_process(SENTENCES)
-    report(chat, ttft, spec, cache, embeddings, bare_embed, agreement)
+    report(chat, ttft, spec, cache, embeddings, bare_embed, agreement, entry)
 
 
-def report(chat, ttft, spec, cache, embeddings, bare_embed, agreement) -> None:
+def report(chat, ttft, spec, cache, embeddings, bare_embed, agreement, entry) -> None:  # noqa: ANN001
     rows = []
     for name, by_clients in chat.items():
         for c, r in sorted(by_clients.items()):
