@@ -309,7 +309,7 @@ def main() -> None:
     report(chat, ttft, spec, cache, embeddings, bare_embed, agreement, entry)
 
 
-def report(chat, ttft, spec, cache, embeddings, bare_embed, agreement, entry) -> None:  # noqa: ANN001
+def report(chat, ttft, spec, cache, embeddings, bare_embed, agreement, entry) -> None:
     rows = []
     for name, by_clients in chat.items():
         for c, r in sorted(by_clients.items()):
