@@ -119,6 +119,16 @@ TRAFFIC_DROPPED = bentoml.metrics.Counter(
     documentation="Traffic log rows dropped (queue full, database unavailable); requests are unaffected",
     labelnames=["reason"],
 )
+SCREENED_CHUNKS = bentoml.metrics.Counter(
+    name="refinery_rag_chunks_screened_total",
+    documentation="Retrieved chunks dropped before the prompt because they instruct the model.",
+    labelnames=["endpoint"],
+)
+ANSWER_LEAKS = bentoml.metrics.Counter(
+    name="refinery_rag_answer_leaks_total",
+    documentation="RAG answers withheld because they repeated the system prompt, by how.",
+    labelnames=["endpoint", "how"],
+)
 REJECTED = bentoml.metrics.Counter(
     name="refinery_rejected_requests_total",
     documentation="Requests refused before any model ran, by reason.",
@@ -414,8 +424,7 @@ class Refinery:
                 self._log(endpoint, "\n".join(texts), t0, answer=None, status=400, guard="blocked")
                 raise ApiError(
                     400,
-                    "the request looks like a prompt injection and was blocked "
-                    f"({', '.join(v['reasons'])})",
+                    v.get("message") or "the request looks like a prompt injection and was blocked",
                     type="invalid_request_error",
                     code="prompt_injection",
                 )
@@ -645,7 +654,8 @@ class Refinery:
         self, question: str, k: int, filters: RagFilters | None, max_tokens: int, ctx: Any
     ) -> dict[str, Any]:
         from serving.corpus.retrieval import Filters, search_vector
-        from serving.rag import build_messages, make_answer
+        from serving.rag import make_answer, new_canary, prepare
+        from serving.screening.documents import document_screen
 
         t0 = time.perf_counter()
         await self._refresh_label()
@@ -691,16 +701,33 @@ class Refinery:
             k,
             Filters(tuple(f.sources), tuple(f.formats), tuple(f.doc_ids)),
         )
+        screen = document_screen() if self.guard_mode != "off" else None
+        prompt = await asyncio.to_thread(
+            prepare, question, hits, screen=screen, canary=new_canary()
+        )
+        if prompt.screened:
+            SCREENED_CHUNKS.labels(endpoint="rag").inc(prompt.screened)
+            log.warning(
+                "rag: dropped %d retrieved chunk(s): %s", prompt.screened, prompt.screened_reasons
+            )
         item = {
-            "messages": build_messages(question, hits),
+            "messages": prompt.messages,
             "max_tokens": max_tokens,
             "temperature": 0.0,
             "top_p": 1.0,
         }
         (out,) = await _call(self.chat.to_async.generate, [item])
         answer = make_answer(
-            question, hits, out["text"], out["prompt_tokens"], out["completion_tokens"]
+            question,
+            prompt.hits,
+            out["text"],
+            out["prompt_tokens"],
+            out["completion_tokens"],
+            screened=prompt.screened,
+            canary=prompt.canary,
         ).to_dict()
+        if answer["leak"]:
+            ANSWER_LEAKS.labels(endpoint="rag", how=answer["leak"]).inc()
         answer["model"] = self._answered_by(out)
         cost = self._account(
             "rag",
