@@ -1,6 +1,6 @@
 """The served Bento under 32 concurrent clients: adaptive batching against the same service
 without batching (REFINERY_BATCHING=off) and against the bare models in-process, in one run;
-then cache hits; then the prompt-injection guard's recall and false-positive rate.
+then cache hits (the guard is measured in benchmarks/guard.py).
 
 The champion is the packaged SmolLM2-135M-Instruct (what serving sees is the same model size
 whatever the fine-tune did). Each request is unique (a counter in the text), so nothing is
@@ -171,8 +171,6 @@ def champion_bento(settings: Any) -> tuple[str, Path, dict[str, str]]:
 
 
 def main() -> None:
-    from serving.guard import InjectionGuard, measure
-
     with fresh_home("serving") as settings:
         tag, model_dir, env = champion_bento(settings)
         results: dict[str, dict[str, float]] = {}
@@ -197,9 +195,6 @@ def main() -> None:
             finally:
                 stop_tree(proc)
         inproc = _in_process(model_dir)
-        from serving.corpus.embedding import Embedder
-
-        guard = measure(InjectionGuard(Embedder().encode))
 
     r = results
     rows = [
@@ -216,7 +211,6 @@ def main() -> None:
     e_limit = r["embed_on"]["rps"] / inproc["embed"]["rps"]
     c_ratio = r["chat_on"]["rps"] / r["chat_off"]["rps"]
     c_seq = r["chat_on"]["rps"] / inproc["chat_seq"]["rps"]
-    g = guard["guard"]
     notes = f"""
 Ratios in this run: embeddings batched / unbatched **{e_ratio:.2f}×** (target ≥ 3×), batched /
 in-process limit **{e_limit:.2f}×** (target ≥ 0.8×); chat batched / unbatched service
@@ -224,13 +218,7 @@ in-process limit **{e_limit:.2f}×** (target ≥ 0.8×); chat batched / unbatche
 p99 target < 2000 ms; cache target ≥ 1000 requests/s with p99 < 50 ms. The load generator
 (Python, httpx, asyncio) shares the 2 cores with the three service processes.
 
-Prompt-injection guard on its held-out labelled set ({guard["injections"]} injections,
-{guard["benign"]} benign prompts, none of them among the scorer's exemplars): heuristics alone
-recall {guard["heuristics"]["recall"]:.3f} / false-positive rate
-{guard["heuristics"]["false_positive_rate"]:.3f}; scorer alone
-{guard["scorer"]["recall"]:.3f} / {guard["scorer"]["false_positive_rate"]:.3f}; **both (what the
-service runs): recall {g["recall"]:.3f}, false-positive rate {g["false_positive_rate"]:.3f}**.
-Missed: {guard["missed"]}. False positives: {guard["false_positives"]}.
+The prompt-injection guard has its own benchmark: `benchmarks/results/guard.md`.
 """
     write_table(
         "serving",

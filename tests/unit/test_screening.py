@@ -75,7 +75,13 @@ def test_ngram_hashing_is_pinned():
     # The trained weights are indexed by these buckets: a change to the hash (or to numpy's
     # arithmetic) would silently scramble them. Retrain if this ever has to change.
     assert ngram_buckets("bee", 2, 3, 18).tolist() == [
-        83334, 209773, 86187, 179419, 67952, 132356, 7737
+        83334,
+        209773,
+        86187,
+        179419,
+        67952,
+        132356,
+        7737,
     ]
 
 
@@ -141,7 +147,7 @@ def test_scorer_round_trips_without_pickle(tmp_path):
     assert loaded.threshold == 0.7
     with np.load(tmp_path / "m.npz", allow_pickle=False) as weights:  # plain arrays only
         assert set(weights.files) == {"ngram_weights", "dense_weights", "bias"}
-    with pytest.raises(FileNotFoundError, match="serving.guard train"):
+    with pytest.raises(FileNotFoundError, match=r"serving\.guard train"):
         LinearScorer.load(tmp_path / "missing")
 
 
