@@ -239,7 +239,9 @@ def answer_batch(
 ) -> list[RagAnswer]:
     """Answer several questions in one padded generation batch (chunks screened, answers
     checked for leaks, as the service does)."""
-    if screen == "default":
+    if isinstance(screen, str):
+        if screen != "default":
+            raise ValueError(f"screen must be a DocumentScreen, None or 'default', not {screen!r}")
         from serving.screening.documents import document_screen
 
         screen = document_screen()

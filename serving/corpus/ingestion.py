@@ -122,7 +122,9 @@ def sync_documents(
         ]
     result = DocumentSyncResult(corpus=corpus, corpus_hash="")
     limits = limits or ParseLimits()
-    if screen == "default":
+    if isinstance(screen, str):
+        if screen != "default":
+            raise ValueError(f"screen must be a callable, None or 'default', not {screen!r}")
         from serving.screening.documents import document_screen
 
         screen = document_screen()

@@ -12,6 +12,8 @@ sparse vector of sublinear counts (1 + log count), scaled to unit length.
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 
 _BASE = np.uint64(1_000_003)
@@ -51,7 +53,7 @@ def ngram_vector(
     return idx, values.astype(np.float32)
 
 
-def ngram_matrix(texts: list[str], n_min: int = 2, n_max: int = 5, bits: int = 18):  # type: ignore[no-untyped-def]
+def ngram_matrix(texts: list[str], n_min: int = 2, n_max: int = 5, bits: int = 18) -> Any:
     """(len(texts), 2**bits) scipy CSR matrix of ``ngram_vector`` rows (for training)."""
     from scipy.sparse import csr_matrix
 
