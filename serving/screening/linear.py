@@ -147,7 +147,7 @@ def train_scorer(
         x_tune = hstack([x_tune_ng, csr_matrix(tune_dense * dense_scale)]).tocsr()
         for c in grid_c:
             model = LogisticRegression(
-                C=c, class_weight="balanced", solver="liblinear", max_iter=1000
+                C=c, class_weight="balanced", solver="liblinear", max_iter=1000, random_state=0
             )
             model.fit(x_train, train_y)
             tune_p = model.predict_proba(x_tune)[:, 1]
