@@ -140,7 +140,7 @@ def normalize(text: str) -> View:
     view.compat = folded != unicodedata.normalize("NFC", text)
     stripped = _ZERO_WIDTH.sub("", folded)
     view.zero_width = stripped != folded
-    lines = []
+    lines: list[list[str]] = []
     for line in stripped.split("\n"):
         line, spaced = _unspace_line(line)
         view.spaced |= spaced
@@ -156,8 +156,7 @@ def normalize(text: str) -> View:
     if kinds.count(2) >= 1 and kinds.count(2) + kinds.count(1) >= 2:
         view.leet = True
         lines = [[w.translate(_LEET) if _leet_kind(w) else w for w in words] for words in lines]
-    lines = [" ".join(words) for words in lines]
-    view.text = "\n".join(line for line in lines if line).lower()
+    view.text = "\n".join(" ".join(words) for words in lines if words).lower()
     return view
 
 
