@@ -220,6 +220,16 @@ def test_leak_check_finds_the_canary_and_the_prompt_but_not_ordinary_answers():
     assert answer.answer == LEAK_REFUSAL and answer.leak == "canary"
 
 
+def test_document_screen_holds_its_floors_on_the_test_split():
+    from serving.guard import measure_documents
+
+    m = measure_documents(document_screen(), "test")  # measured: recall 1.0, FPR 0.0096
+    assert m["injections"] >= 20 and m["benign"] >= 100
+    assert m["both"]["recall"] >= 0.9, m["missed"]
+    assert m["both"]["false_positive_rate"] <= 0.02, m["false_positives"]
+    assert m["sample_corpus_flagged"] == 0
+
+
 def test_screen_threshold_is_the_trained_one():
     screen = DocumentScreen.load()
     assert 0.0 < screen.threshold < 1.0
