@@ -7,7 +7,7 @@ import sys
 
 from refinery.settings import OFFLINE_ENV
 
-ALL = ["ingestion", "retrieval", "training", "serving", "automation", "traffic"]
+ALL = ["ingestion", "retrieval", "training", "serving", "automation", "traffic", "guard"]
 
 
 def main(argv: list[str]) -> int:

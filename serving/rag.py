@@ -8,14 +8,21 @@ Confidence (0–1) is the mean of two signals, each in [0, 1]:
   chunks. Lexical, so a faithful paraphrase scores lower than a copy: it flags answers that
   bring in words from nowhere. Evaluation reports the same measure.
 A low value means "the corpus probably does not say this": show it, do not trust the answer.
+
+Indirect injection: ``prepare`` screens the retrieved chunks with the document screen
+(``serving.screening.documents``) before they enter the prompt; a chunk with a sentence that
+instructs the model is dropped and counted (``Prompt.screened``). The system prompt carries a
+random canary per request; ``leak`` finds the canary (or a long run of the system prompt) in
+an answer, which is then replaced by ``LEAK_REFUSAL`` and counted.
 """
 
 from __future__ import annotations
 
 import re
+import secrets
 import string
-from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from serving.corpus.retrieval import Filters, Hit
@@ -25,6 +32,12 @@ SYSTEM_PROMPT = (
     "Answer in one or two short sentences. If the documents do not contain the answer, "
     "say that you do not know."
 )
+LEAK_REFUSAL = (
+    "I can't answer that: the reply repeated the assistant's confidential instructions and was "
+    "withheld. Ask about the documents themselves instead."
+)
+# Texts → one score per text, above ``threshold`` a chunk is dropped (DocumentScreen fits).
+ChunkScreen = Any
 _WORD = re.compile(r"[a-z0-9]+")
 _STOP = frozenset(
     [
@@ -77,13 +90,85 @@ class RagAnswer:
     groundedness: float
     prompt_tokens: int
     completion_tokens: int
+    screened_chunks: int = 0  # retrieved chunks dropped as instructions to the model
+    leak: str | None = None  # why the generated answer was withheld, if it was
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
 
+def new_canary() -> str:
+    """A random marker for one request's system prompt; seeing it in an answer means a leak."""
+    return "rfy-" + secrets.token_hex(6)
+
+
+def system_prompt(canary: str | None = None) -> str:
+    if not canary:
+        return SYSTEM_PROMPT
+    return f"{SYSTEM_PROMPT} (Reference {canary}; confidential.)"
+
+
+@dataclass(frozen=True)
+class Prompt:
+    """The messages for one RAG question and what screening did to the retrieved chunks."""
+
+    messages: list[dict[str, str]]
+    hits: list[Hit]  # the chunks that went into the prompt
+    screened: int  # chunks dropped by the screen
+    canary: str | None
+    screened_reasons: list[str] = field(default_factory=list)
+
+
+def screen_hits(hits: Sequence[Hit], screen: ChunkScreen | None) -> tuple[list[Hit], list[str]]:
+    """(chunks kept, why each dropped one was dropped). A chunk whose worst sentence scores
+    above the screen's threshold, or that trips its heuristics, instructs the model: it is
+    data that tries to be an instruction, so it does not reach the prompt."""
+    if screen is None or not hits:
+        return list(hits), []
+    flags = screen.flags([h.text for h in hits])
+    kept = [h for h, f in zip(hits, flags, strict=True) if f is None]
+    dropped = [
+        f"{h.source}#{h.position}: {f.detail()}" for h, f in zip(hits, flags, strict=True) if f
+    ]
+    return kept, dropped
+
+
+def prepare(
+    question: str,
+    hits: Sequence[Hit],
+    *,
+    screen: ChunkScreen | None = None,
+    canary: str | None = None,
+    max_context_chars: int = 2400,
+) -> Prompt:
+    """Screen the chunks, then build the messages (with the canary in the system prompt)."""
+    kept, dropped = screen_hits(hits, screen)
+    messages = build_messages(question, kept, max_context_chars, canary=canary)
+    return Prompt(messages, kept, len(dropped), canary, dropped)
+
+
+def leak(answer: str, canary: str | None, prompt: str = SYSTEM_PROMPT, run: int = 10) -> str | None:
+    """Why ``answer`` leaks the system prompt: it holds the canary (also spaced out or in
+    other case), or ``run`` consecutive words of the prompt; None when it does not."""
+    if canary:
+        squeezed = re.sub(r"[^a-z0-9]", "", answer.lower())
+        if re.sub(r"[^a-z0-9]", "", canary.lower()) in squeezed:
+            return "canary"
+        if canary.split("-", 1)[-1].lower() in squeezed:
+            return "canary"
+    words = _WORD.findall(prompt.lower())
+    said = " " + " ".join(_WORD.findall(answer.lower())) + " "
+    for i in range(0, max(0, len(words) - run + 1)):
+        if " " + " ".join(words[i : i + run]) + " " in said:
+            return "system_prompt"
+    return None
+
+
 def build_messages(
-    question: str, hits: Sequence[Hit], max_context_chars: int = 2400
+    question: str,
+    hits: Sequence[Hit],
+    max_context_chars: int = 2400,
+    canary: str | None = None,
 ) -> list[dict[str, str]]:
     """A system instruction and one user turn holding the numbered chunks and the question."""
     blocks, used = [], 0
@@ -97,7 +182,7 @@ def build_messages(
         used += len(text)
     context = "\n\n".join(blocks) if blocks else "(no documents found)"
     return [
-        {"role": "system", "content": SYSTEM_PROMPT},
+        {"role": "system", "content": system_prompt(canary)},
         {"role": "user", "content": f"Documents:\n{context}\n\nQuestion: {question}"},
     ]
 
@@ -149,21 +234,52 @@ def answer_batch(
     k: int = 3,
     filters: Filters | None = None,
     max_new_tokens: int = 64,
+    screen: ChunkScreen | str | None = "default",
+    new_canary: Callable[[], str] | None = new_canary,
 ) -> list[RagAnswer]:
-    """Answer several questions in one padded generation batch."""
+    """Answer several questions in one padded generation batch (chunks screened, answers
+    checked for leaks, as the service does)."""
+    if isinstance(screen, str):
+        if screen != "default":
+            raise ValueError(f"screen must be a DocumentScreen, None or 'default', not {screen!r}")
+        from serving.screening.documents import document_screen
+
+        screen = document_screen()
     hit_lists = [retriever.search(q, k=k, filters=filters) for q in questions]
-    prompts = [build_messages(q, hits) for q, hits in zip(questions, hit_lists, strict=True)]
-    completions = generator.generate(prompts, max_new_tokens=max_new_tokens)
+    prompts = [
+        prepare(q, hits, screen=screen, canary=new_canary() if new_canary else None)
+        for q, hits in zip(questions, hit_lists, strict=True)
+    ]
+    completions = generator.generate([p.messages for p in prompts], max_new_tokens=max_new_tokens)
     return [
-        make_answer(q, hits, c.text, c.prompt_tokens, c.completion_tokens)
-        for q, hits, c in zip(questions, hit_lists, completions, strict=True)
+        make_answer(
+            q,
+            p.hits,
+            c.text,
+            c.prompt_tokens,
+            c.completion_tokens,
+            screened=p.screened,
+            canary=p.canary,
+        )
+        for q, p, c in zip(questions, prompts, completions, strict=True)
     ]
 
 
 def make_answer(
-    question: str, hits: Sequence[Hit], text: str, prompt_tokens: int, completion_tokens: int
+    question: str,
+    hits: Sequence[Hit],
+    text: str,
+    prompt_tokens: int,
+    completion_tokens: int,
+    *,
+    screened: int = 0,
+    canary: str | None = None,
 ) -> RagAnswer:
-    """The answer with its sources and confidence (see the module docstring)."""
+    """The answer with its sources and confidence (see the module docstring); an answer that
+    leaks the system prompt is replaced by ``LEAK_REFUSAL`` (``leak`` says why)."""
+    leaked = leak(text, canary)
+    if leaked:
+        text = LEAK_REFUSAL
     grounded = support(text, [h.text for h in hits])
     r_conf = retrieval_confidence(hits)
     return RagAnswer(
@@ -175,4 +291,6 @@ def make_answer(
         groundedness=round(grounded, 4),
         prompt_tokens=prompt_tokens,
         completion_tokens=completion_tokens,
+        screened_chunks=screened,
+        leak=leaked,
     )

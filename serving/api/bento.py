@@ -33,7 +33,7 @@ PINS_FILE = Path(__file__).resolve().parents[1] / "pins.json"  # serving/pins.js
 STAGED = {
     "serving": "**/*.py",
     "refinery": "*.py",
-    "data/guard": "*.jsonl",
+    "data/guard": "*.*",  # the guard's and the document screen's weights (.npz, .json)
 }
 
 

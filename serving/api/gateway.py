@@ -23,7 +23,17 @@ import numpy as np
 from serving.api.accounting import request_cost
 from serving.api.cache import ResponseCache, cache_key
 from serving.api.concurrency import MicroBatcher, SingleFlight
-from serving.api.metrics import CACHE, COST, GUARD_BLOCKS, MODEL_INFO, REQUEST_COST, SHARED, TOKENS
+from serving.api.metrics import (
+    ANSWER_LEAKS,
+    CACHE,
+    COST,
+    GUARD_BLOCKS,
+    MODEL_INFO,
+    REQUEST_COST,
+    SCREENED_CHUNKS,
+    SHARED,
+    TOKENS,
+)
 from serving.api.openai_schema import ApiError, Limits, chat_chunk, chat_response
 from serving.api.traffic import TrafficLog
 
@@ -72,6 +82,7 @@ class Gateway:
         encode: Callable[[list[str]], np.ndarray],
         count_tokens: Callable[[list[str]], list[int]],
         screen: Callable[[list[str]], list[dict[str, Any]]] | None,
+        chunk_screen: Any = None,
         cache: ResponseCache,
         traffic: TrafficLog,
         limits: Limits,
@@ -89,7 +100,7 @@ class Gateway:
         self.model_label = ""
         self.show_model(model_label)
         self.embedding_model, self.follow = embedding_model, follow
-        self.screen_fn = screen
+        self.screen_fn, self.chunk_screen = screen, chunk_screen
         # Every request ends within this: a generation, an embedding, a retrieval that takes
         # longer answers 504 (the engine request is cancelled), never a hang.
         self.timeout_s = timeout_s
@@ -363,7 +374,7 @@ class Gateway:
     ) -> tuple[dict[str, Any], dict[str, str]]:
         """Answer ``request["question"]`` from the corpus: retrieval (``search``: vector, k,
         filters → hits), a prompt with the chunks, one shared generation per identical request."""
-        from serving.rag import build_messages, make_answer
+        from serving.rag import make_answer, new_canary, prepare
 
         question = request["question"]
         key = cache_key("rag", self.model_label, request)
@@ -384,16 +395,26 @@ class Gateway:
                 )
             except TimeoutError:
                 raise timed_out("retrieval", self.timeout_s) from None
+            # Chunks that try to instruct the model are dropped (indirect injection); a random
+            # canary in the system prompt tells when an answer repeats it.
+            prompt = await asyncio.to_thread(
+                prepare, question, hits, screen=self.chunk_screen, canary=new_canary()
+            )
+            if prompt.screened:
+                SCREENED_CHUNKS.labels(endpoint="rag").inc(prompt.screened)
             item = {
-                "messages": build_messages(question, hits),
+                "messages": prompt.messages,
                 "max_tokens": request["max_tokens"],
                 "temperature": 0.0,
                 "top_p": 1.0,
             }
             out = await self.generate(item)
             answer = make_answer(
-                question, hits, out["text"], out["prompt_tokens"], out["completion_tokens"]
-            ).to_dict()
+                question, prompt.hits, out["text"], out["prompt_tokens"], out["completion_tokens"],
+                screened=prompt.screened, canary=prompt.canary,
+            ).to_dict()  # fmt: skip
+            if answer["leak"]:
+                ANSWER_LEAKS.labels(endpoint="rag", how=answer["leak"]).inc()
             answer["model"] = out.get("model", self.model_label)
             await self.remember(key, answer)
             compute = out.get("compute_s", 0.0) + emb.compute_s

@@ -70,3 +70,13 @@ MODEL_INFO = bentoml.metrics.Gauge(
     labelnames=["model", "variant"],
     multiprocess_mode="max",
 )
+SCREENED_CHUNKS = bentoml.metrics.Counter(
+    name="refinery_rag_chunks_screened_total",
+    documentation="Retrieved chunks dropped before the prompt because they instruct the model.",
+    labelnames=["endpoint"],
+)
+ANSWER_LEAKS = bentoml.metrics.Counter(
+    name="refinery_rag_answer_leaks_total",
+    documentation="RAG answers withheld because they repeated the system prompt, by how.",
+    labelnames=["endpoint", "how"],
+)

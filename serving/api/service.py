@@ -409,11 +409,13 @@ class Refinery:
         from serving.api.traffic import TrafficLog, TrafficSettings
         from serving.corpus.embedding import Embedder
         from serving.guard import InjectionGuard
+        from serving.screening.documents import document_screen
 
         _quiet_optional_kernels()
         embedder = Embedder(self.pins.embedding_model, location=self.embedding.path)
         tokenizer = embedder.tokenizer()
         guard = InjectionGuard(embedder.encode) if self.guard_mode == "block" else None
+        chunk_screen = document_screen() if self.guard_mode == "block" else None
         self.gateway = Gateway(
             chat=ChatServiceClient(self.chat),
             encode=embedder.encode,
@@ -421,6 +423,7 @@ class Refinery:
                 sum(e.attention_mask) for e in tokenizer.encode_batch(texts)
             ],
             screen=(lambda texts: [v.to_dict() for v in guard.check(texts)]) if guard else None,
+            chunk_screen=chunk_screen,
             cache=make_cache(
                 env.get("REFINERY_REDIS_URL") or None,
                 ttl_s=float(env.get("REFINERY_CACHE_TTL_S", 600)),

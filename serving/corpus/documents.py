@@ -2,6 +2,12 @@
 
 Formats: Markdown, plain text, HTML (boilerplate stripped) and PDF (text layer). A bad file
 never stops a scan: ``scan_corpus`` yields a ``Rejection`` for it and goes on.
+
+Every parser works within ``ParseLimits`` (nesting depth, elements, pages, objects, decompressed
+size) checked by linear scans before the expensive work starts; a file over a limit is rejected
+with its reason. The time budget per file cannot be enforced from inside a parser (a regex or
+a C extension does not stop when asked), so ``serving.corpus.isolation`` runs ``parse_bytes`` in
+a worker process that is killed at the deadline.
 """
 
 from __future__ import annotations
@@ -14,7 +20,7 @@ import re
 import stat
 import unicodedata
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -60,6 +66,36 @@ class RejectReason(enum.StrEnum):
     UNREADABLE = "unreadable"
     NOT_A_FILE = "not_a_regular_file"
     UNSUPPORTED = "unsupported_type"
+    CHANGED_WHILE_READING = "changed_while_reading"
+    TOO_DEEP = "too_deep"
+    TOO_MANY_ELEMENTS = "too_many_elements"
+    TOO_MANY_PAGES = "too_many_pages"
+    TOO_MANY_OBJECTS = "too_many_objects"
+    DECOMPRESSION_BOMB = "decompression_bomb"
+    ENTITY_EXPANSION = "entity_expansion"
+    PARSE_TIMEOUT = "parse_timeout"
+    TOO_MUCH_MEMORY = "too_much_memory"
+    PARSER_CRASHED = "parser_crashed"
+    SUSPICIOUS = "suspicious"  # the injection screen flagged a passage (serving.screening)
+
+
+@dataclass(frozen=True)
+class ParseLimits:
+    """What one file may cost. Each limit is far above what real documents need (the sample
+    corpus: HTML depth under 15, a few hundred elements, PDFs of a few pages)."""
+
+    max_depth: int = (
+        512  # HTML element nesting (browsers' parsers stop at 512 too); Markdown quotes
+    )
+    max_elements: int = 200_000  # HTML start tags
+    max_pages: int = 2_000  # PDF pages
+    max_objects: int = 200_000  # PDF objects, declared (/Size) or present
+    max_decompressed_bytes: int = 64 * 1024 * 1024  # per PDF stream, and text extracted in all
+    timeout_s: float = 60.0  # wall clock per file, enforced by the worker pool
+    max_memory_mb: int = 2048  # address space of a parser worker
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
 
 
 class DocumentRejected(Exception):
@@ -75,6 +111,9 @@ class CorpusFile:
     source: str  # path relative to the corpus root, with forward slashes: the document's identity
     size_bytes: int
     modified_at: datetime
+    mtime_ns: int | None = (
+        None  # as the scan saw it: a file that moves on before it is read changed
+    )
 
 
 @dataclass(frozen=True)
@@ -209,7 +248,9 @@ def corpus_file(path: Path, root: Path) -> CorpusFile | Rejection:
     # Policy, not only the OS: a file with no read bits is not meant to be read, even by root.
     if stat.S_IMODE(st.st_mode) & 0o444 == 0 or not os.access(path, os.R_OK):
         return Rejection(source, RejectReason.UNREADABLE, "file has no read permission", st.st_size)
-    return CorpusFile(path, source, st.st_size, datetime.fromtimestamp(st.st_mtime, tz=UTC))
+    return CorpusFile(
+        path, source, st.st_size, datetime.fromtimestamp(st.st_mtime, tz=UTC), st.st_mtime_ns
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -217,6 +258,9 @@ def corpus_file(path: Path, root: Path) -> CorpusFile | Rejection:
 
 
 def read_bytes(file: CorpusFile, max_bytes: int = DEFAULT_MAX_FILE_BYTES) -> bytes:
+    """The file's bytes, read once. A file that is still being written (its size or modification
+    time moved since the scan, or during the read) is rejected rather than parsed half-written:
+    its new state is seen by the next run."""
     if file.size_bytes > max_bytes:
         raise DocumentRejected(
             RejectReason.TOO_LARGE,
@@ -224,7 +268,9 @@ def read_bytes(file: CorpusFile, max_bytes: int = DEFAULT_MAX_FILE_BYTES) -> byt
         )
     try:
         with open(file.path, "rb") as fh:
+            before = os.fstat(fh.fileno())
             data = fh.read(max_bytes + 1)
+            after = os.fstat(fh.fileno())
     except PermissionError as err:
         raise DocumentRejected(
             RejectReason.UNREADABLE, f"permission denied: {err.strerror}"
@@ -235,23 +281,43 @@ def read_bytes(file: CorpusFile, max_bytes: int = DEFAULT_MAX_FILE_BYTES) -> byt
         raise DocumentRejected(
             RejectReason.TOO_LARGE, f"over the {max_bytes / 1e6:.1f} MB limit per file"
         )
+    state = (after.st_size, after.st_mtime_ns)
+    if state != (before.st_size, before.st_mtime_ns) or len(data) != after.st_size:
+        raise DocumentRejected(
+            RejectReason.CHANGED_WHILE_READING,
+            f"the file changed while it was read ({before.st_size} → {after.st_size} bytes); "
+            "it is read again once it stops changing",
+        )
+    if file.mtime_ns is not None and state != (file.size_bytes, file.mtime_ns):
+        raise DocumentRejected(
+            RejectReason.CHANGED_WHILE_READING,
+            f"the file changed between the scan and the read ({file.size_bytes} → "
+            f"{after.st_size} bytes); it is still being written? The next run reads it again",
+        )
     return data
 
 
-def parse_bytes(file: CorpusFile, data: bytes) -> ParsedDocument:
-    """Extract and normalize the text of one file; raise ``DocumentRejected`` with the reason."""
+def parse_bytes(file: CorpusFile, data: bytes, limits: ParseLimits | None = None) -> ParsedDocument:
+    """Extract and normalize the text of one file; raise ``DocumentRejected`` with the reason.
+
+    Runs in the calling process: the limits are checked, the time budget is not (see
+    ``serving.corpus.isolation`` for that)."""
+    limits = limits or ParseLimits()
     fmt = FORMATS[file.path.suffix.lower()]
     if not data.strip():
         raise DocumentRejected(RejectReason.EMPTY, "the file is empty")
     meta: dict[str, Any] = {}
     if fmt == "pdf":
-        text, title, pages = _pdf_text(data)
+        text, title, pages = _pdf_text(data, limits)
         meta["pages"] = pages
     else:
         raw = _decode_text(data)
+        _check_entities(raw, fmt)
         if fmt == "html":
-            text, title = _html_text(raw)
+            text, title = _html_text(raw, limits)
         else:
+            if fmt == "markdown":
+                _check_markdown_depth(raw, limits)
             text, title = normalize_text(raw), None
     if not text.strip():
         raise DocumentRejected(RejectReason.NO_TEXT, "no text could be extracted")
@@ -268,8 +334,10 @@ def parse_bytes(file: CorpusFile, data: bytes) -> ParsedDocument:
     )
 
 
-def parse_file(file: CorpusFile, max_bytes: int = DEFAULT_MAX_FILE_BYTES) -> ParsedDocument:
-    return parse_bytes(file, read_bytes(file, max_bytes))
+def parse_file(
+    file: CorpusFile, max_bytes: int = DEFAULT_MAX_FILE_BYTES, limits: ParseLimits | None = None
+) -> ParsedDocument:
+    return parse_bytes(file, read_bytes(file, max_bytes), limits)
 
 
 def _decode_text(data: bytes) -> str:
@@ -351,78 +419,306 @@ _HTML_BLOCKS = (
 )  # fmt: skip
 
 
-def _html_text(raw: str) -> tuple[str, str | None]:
-    """Readable text of an HTML page, with headings and list items kept as Markdown."""
-    from bs4 import BeautifulSoup, NavigableString
+_VOID = frozenset(
+    [
+        "area",
+        "base",
+        "br",
+        "col",
+        "embed",
+        "hr",
+        "img",
+        "input",
+        "link",
+        "meta",
+        "param",
+        "source",
+        "track",
+        "wbr",
+        "keygen",
+    ]
+)
+_RAW_TEXT = frozenset(("script", "style", "textarea", "title", "xmp", "plaintext"))
+# Tags whose end tag may be left out: a new one closes the open one (a page of unclosed <p>
+# or <li> is ordinary HTML, not deep nesting).
+_OPTIONAL_END = frozenset(
+    ["p", "li", "dt", "dd", "tr", "td", "th", "option", "thead", "tbody", "tfoot", "rb", "rt", "rp"]
+)
+_TAG_NAME = re.compile(r"<(/?)([A-Za-z][A-Za-z0-9:_-]*)")
+_ENTITY_DECL = re.compile(r"<!ENTITY\s", re.IGNORECASE)
+_MD_NESTING = re.compile(r"^[ \t]*((?:>[ \t]?)+)", re.MULTILINE)
 
+
+def check_html_shape(raw: str, limits: ParseLimits) -> tuple[int, int]:
+    """(elements, deepest nesting) of an HTML page, from one linear pass over its tags, before
+    any tree is built; raises ``DocumentRejected`` past ``max_depth`` or ``max_elements``.
+
+    Close to what html.parser builds: void elements and ``<x/>`` do not nest; an end tag closes
+    back to its open element (and is ignored when none is open); comments and the contents of
+    raw-text elements (script, style) hold no tags. Each ``<`` and ``>`` is searched for once,
+    so unclosed comments or tags cannot make it quadratic."""
+    lower = raw.lower()
+    n = len(raw)
+    stack: list[str] = []
+    open_count: dict[str, int] = {}
+    elements = deepest = 0
+    pos = 0
+    next_gt = -1
+    while True:
+        lt = raw.find("<", pos)
+        if lt < 0 or lt + 1 >= n:
+            break
+        if raw.startswith("<!--", lt):
+            end = raw.find("-->", lt + 4)
+            if end < 0:
+                break  # the rest of the page is a comment
+            pos = end + 3
+            continue
+        if next_gt < lt:
+            next_gt = raw.find(">", lt)
+            if next_gt < 0:
+                break  # no tag can close any more
+        m = _TAG_NAME.match(raw, lt)
+        if m is None or m.end() > next_gt + 1:
+            pos = lt + 1
+            continue
+        closing, name = m.group(1), m.group(2).lower()
+        pos = next_gt + 1
+        if closing:
+            if open_count.get(name):
+                while stack:
+                    top = stack.pop()
+                    open_count[top] -= 1
+                    if top == name:
+                        break
+            continue
+        elements += 1
+        if elements > limits.max_elements:
+            raise DocumentRejected(
+                RejectReason.TOO_MANY_ELEMENTS,
+                f"more than {limits.max_elements} HTML elements",
+            )
+        if name in _RAW_TEXT:
+            end = lower.find("</" + name, pos)
+            if end < 0:
+                break
+            pos = end
+            continue
+        if name in _VOID or raw[next_gt - 1] == "/":
+            continue
+        if name in _OPTIONAL_END and open_count.get(name):
+            while stack:  # html.parser nests them; a browser closes the open one
+                top = stack.pop()
+                open_count[top] -= 1
+                if top == name:
+                    break
+        stack.append(name)
+        open_count[name] = open_count.get(name, 0) + 1
+        if len(stack) > deepest:
+            deepest = len(stack)
+            if deepest > limits.max_depth:
+                raise DocumentRejected(
+                    RejectReason.TOO_DEEP,
+                    f"HTML elements nested more than {limits.max_depth} deep",
+                )
+    return elements, deepest
+
+
+def _check_entities(raw: str, fmt: str) -> None:
+    """HTML has no user-defined entities: a page that declares some is an XML entity-expansion
+    bomb ("billion laughs") or not HTML at all. For text and Markdown only a file that starts
+    as an XML document with declarations counts (prose may quote ``<!ENTITY``)."""
+    head = raw.lstrip()[:64].lower()
+    if fmt != "html" and not head.startswith(("<?xml", "<!doctype")):
+        return
+    found = len(_ENTITY_DECL.findall(raw, 0, 1_000_000))
+    if found:
+        raise DocumentRejected(
+            RejectReason.ENTITY_EXPANSION,
+            f"declares {found} XML entit{'y' if found == 1 else 'ies'} (an entity-expansion "
+            "pattern); entities are not expanded and the file is not indexed",
+        )
+
+
+def _check_markdown_depth(raw: str, limits: ParseLimits) -> None:
+    """Block quotes nested past ``max_depth`` (``>>>>…``): no document needs them."""
+    for m in _MD_NESTING.finditer(raw):
+        depth = m.group(1).count(">")
+        if depth > limits.max_depth:
+            raise DocumentRejected(
+                RejectReason.TOO_DEEP, f"Markdown block quotes nested {depth} deep"
+            )
+
+
+def _affixes(name: str) -> tuple[str, str]:
+    """What a tag adds around its text: headings and list items as Markdown, blocks as
+    paragraphs, table cells separated by bars."""
+    if len(name) == 2 and name[0] == "h" and name[1] in "123456":
+        return "\n\n" + "#" * int(name[1]) + " ", "\n\n"
+    if name == "li":
+        return "\n- ", "\n"
+    if name in ("td", "th"):
+        return "", " | "
+    if name in _HTML_BLOCKS:
+        return "\n\n", "\n\n"
+    return "", ""
+
+
+def _html_text(raw: str, limits: ParseLimits | None = None) -> tuple[str, str | None]:
+    """Readable text of an HTML page, with headings and list items kept as Markdown.
+
+    One iterative walk over the tree, never modifying it: linear in the page whatever its
+    depth (inserting markers into the tree, as this used to, walks the subtree at each insert
+    and took minutes on 200,000 nested elements)."""
+    from bs4 import BeautifulSoup, CData, NavigableString, Tag
+
+    check_html_shape(raw, limits or ParseLimits())
     soup = BeautifulSoup(raw, "html.parser")
-    title = soup.title.get_text(" ", strip=True) if soup.title else None
-    for tag in soup.find_all(_HTML_DROP):
-        tag.decompose()
-    if soup.head:
-        soup.head.decompose()
-    # Whitespace inside text nodes is layout, not content (except in <pre>).
-    for node in soup.find_all(string=True):
-        if isinstance(node, NavigableString) and not node.find_parent("pre"):
-            node.replace_with(re.sub(r"\s+", " ", str(node)))
-    for br in soup.find_all("br"):
-        br.replace_with("\n")
-    for level in range(1, 7):
-        for h in soup.find_all(f"h{level}"):
-            h.insert_before("\n\n" + "#" * level + " ")
-            h.insert_after("\n\n")
-    for li in soup.find_all("li"):
-        li.insert_before("\n- ")
-        li.insert_after("\n")
-    for cell in soup.find_all(["td", "th"]):
-        cell.insert_after(" | ")
-    for tag in soup.find_all(_HTML_BLOCKS):
-        tag.insert_before("\n\n")
-        tag.insert_after("\n\n")
-    body = soup.body or soup
-    text = normalize_text(body.get_text(""))
+    title_tag = soup.find("title")
+    title = title_tag.get_text(" ", strip=True) if title_tag else None
+    root = soup.body or soup
+    out: list[str] = []
+    # Items: a (node, inside <pre>) pair to visit, or a string to emit on the way back up.
+    stack: list[tuple[Any, bool] | str] = [(root, False)]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            out.append(item)
+            continue
+        node, in_pre = item
+        if isinstance(node, NavigableString):
+            if type(node) is NavigableString or type(node) is CData:  # not comments, doctypes
+                # Whitespace inside text nodes is layout, not content (except in <pre>).
+                out.append(str(node) if in_pre else _WS.sub(" ", str(node)))
+            continue
+        if not isinstance(node, Tag):
+            continue
+        name = node.name
+        if node is not root and (name in _HTML_DROP or name == "head"):
+            continue
+        if name == "br":
+            out.append("\n")
+            continue
+        before, after = _affixes(name)
+        out.append(before)
+        stack.append(after)
+        in_pre = in_pre or name == "pre"
+        stack.extend((child, in_pre) for child in reversed(node.contents))
+    text = normalize_text("".join(out))
     if not title:
         h1 = re.search(r"^# (.+)$", text, flags=re.MULTILINE)
         title = h1.group(1) if h1 else None
     return text, title
 
 
+_WS = re.compile(r"\s+")
+
+
 # PDF ----------------------------------------------------------------------------------------
 
 
-def _pdf_text(data: bytes) -> tuple[str, str | None, list[list[int]]]:
+_PDF_SIZE = re.compile(rb"/Size\s+(\d{1,15})")
+_PDF_OBJ = re.compile(rb"\d{1,10}\s+\d{1,5}\s+obj\b")
+
+
+def check_pdf_shape(data: bytes, limits: ParseLimits) -> int:
+    """Objects a PDF declares (trailer /Size) or holds (``N G obj`` headers), from a scan of the
+    raw bytes before pypdf reads it; raises past ``max_objects``."""
+    declared = max((int(m) for m in _PDF_SIZE.findall(data)), default=0)
+    present = sum(1 for _ in _PDF_OBJ.finditer(data))
+    worst = max(declared - 1, present)  # /Size counts object 0, the free-list head
+    if worst > limits.max_objects:
+        raise DocumentRejected(
+            RejectReason.TOO_MANY_OBJECTS,
+            f"the PDF declares or holds {worst} objects; the limit is {limits.max_objects}",
+        )
+    return worst
+
+
+def _limit_reason(err: Exception) -> RejectReason:
+    """Which of our reasons a pypdf LimitReachedError is."""
+    message = str(err).lower()
+    if any(w in message for w in ("decompress", "output length", "stream length", "decoding work")):
+        return RejectReason.DECOMPRESSION_BOMB
+    if any(w in message for w in ("cycle", "loop", "self reference", "recovery")):
+        return RejectReason.CORRUPT_PDF
+    if "depth" in message:
+        return RejectReason.TOO_DEEP
+    return RejectReason.TOO_MANY_ELEMENTS
+
+
+def _pdf_text(
+    data: bytes, limits: ParseLimits | None = None
+) -> tuple[str, str | None, list[list[int]]]:
     """Text of a PDF's pages and the character span of each page in that text."""
     import logging
 
+    import pypdf
     from pypdf import PdfReader
-    from pypdf.errors import DependencyError, FileNotDecryptedError, PdfReadError
+    from pypdf.errors import DependencyError, FileNotDecryptedError, LimitReachedError, PdfReadError
 
+    limits = limits or ParseLimits()
     if not data.lstrip().startswith(b"%PDF-"):
         raise DocumentRejected(RejectReason.CORRUPT_PDF, "not a PDF: the %PDF- header is missing")
     if b"%%EOF" not in data[-2048:]:
         raise DocumentRejected(
             RejectReason.CORRUPT_PDF, "truncated PDF: no %%EOF marker at the end"
         )
+    check_pdf_shape(data, limits)
     logging.getLogger("pypdf").setLevel(
         logging.ERROR
     )  # pypdf warns loudly about recoverable quirks
+    cap = limits.max_decompressed_bytes
+    # pypdf's own per-stream limits, at ours (its defaults are 75 MB per stream).
+    config = pypdf.get_configuration().with_overwrites(
+        zlib_maximum_output_length=cap,
+        lzw_maximum_output_length=cap,
+        run_length_maximum_output_length=cap,
+        array_based_stream_maximum_output_length=cap,
+        maximum_declared_stream_length=cap,
+        brotli_maximum_output_length=cap,
+    )
     try:
-        reader = PdfReader(io.BytesIO(data), strict=False)
-        if reader.is_encrypted:
-            try:
-                opened = reader.decrypt("")
-            except (DependencyError, NotImplementedError) as err:
-                raise DocumentRejected(RejectReason.ENCRYPTED_PDF, f"encrypted PDF: {err}") from err
-            if not opened:
+        with pypdf.apply_configuration(config):
+            reader = PdfReader(io.BytesIO(data), strict=False)
+            if reader.is_encrypted:
+                try:
+                    opened = reader.decrypt("")
+                except (DependencyError, NotImplementedError) as err:
+                    raise DocumentRejected(
+                        RejectReason.ENCRYPTED_PDF, f"encrypted PDF: {err}"
+                    ) from err
+                if not opened:
+                    raise DocumentRejected(
+                        RejectReason.ENCRYPTED_PDF, "encrypted PDF: needs a password"
+                    )
+            n_pages = len(reader.pages)
+            if n_pages > limits.max_pages:
                 raise DocumentRejected(
-                    RejectReason.ENCRYPTED_PDF, "encrypted PDF: needs a password"
+                    RejectReason.TOO_MANY_PAGES,
+                    f"{n_pages} pages; the limit is {limits.max_pages}",
                 )
-        pages: list[str] = [normalize_text(page.extract_text() or "") for page in reader.pages]
-        meta_title = reader.metadata.title if reader.metadata else None
+            pages: list[str] = []
+            extracted = 0
+            for page in reader.pages:
+                pages.append(normalize_text(page.extract_text() or ""))
+                extracted += len(pages[-1])
+                if extracted > cap:
+                    raise DocumentRejected(
+                        RejectReason.DECOMPRESSION_BOMB,
+                        f"more than {cap / 1e6:.0f} MB of text from a {len(data) / 1e6:.1f} MB file",
+                    )
+            meta_title = reader.metadata.title if reader.metadata else None
     except DocumentRejected:
         raise
     except FileNotDecryptedError as err:
         raise DocumentRejected(RejectReason.ENCRYPTED_PDF, f"encrypted PDF: {err}") from err
+    except LimitReachedError as err:
+        raise DocumentRejected(_limit_reason(err), f"over a PDF limit: {err}") from err
+    except MemoryError as err:
+        raise DocumentRejected(
+            RejectReason.TOO_MUCH_MEMORY, "the PDF needs more memory than a parser may use"
+        ) from err
     except (
         PdfReadError,
         ValueError,

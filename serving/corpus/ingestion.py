@@ -22,18 +22,26 @@ from serving.corpus.documents import (
     DEFAULT_MAX_FILE_BYTES,
     CorpusFile,
     DocumentRejected,
+    ParsedDocument,
+    ParseLimits,
     Rejection,
+    RejectReason,
     corpus_file,
     parse_bytes,
     read_bytes,
     scan_corpus,
 )
 from serving.corpus.embedding import Embedder
+from serving.corpus.isolation import ParserPool
 from serving.corpus.vectorstore import EmbeddingSpace, VectorStore
 
 log = logging.getLogger(__name__)
 
 Progress = Callable[[str], None]
+# Text → None when it is fine, or why it looks like it instructs a model (the detail recorded
+# in the ledger). The default is serving.screening's document screen.
+Screen = Callable[[str], str | None]
+Parse = Callable[[CorpusFile, bytes], ParsedDocument]
 
 # Missing chunks are fetched this many batches at a time and sorted by length (less padding).
 WINDOW_BATCHES = 16
@@ -62,6 +70,8 @@ class DocumentSyncResult:
     unchanged: int = 0
     removed: int = 0
     rejected: int = 0
+    suspicious: int = 0
+    parser_restarts: int = 0  # workers killed at their deadline or crashed, and replaced
     bytes_read: int = 0
     seconds: float = 0.0
     rejections: list[Rejection] = field(default_factory=list)
@@ -84,6 +94,9 @@ def sync_documents(
     allow_empty: bool = False,
     only: Sequence[str] | None = None,
     progress: Progress | None = None,
+    limits: ParseLimits | None = None,
+    isolate: bool = True,
+    screen: Screen | str | None = "default",
 ) -> DocumentSyncResult:
     """Bring the documents table in line with the corpus folder.
 
@@ -93,6 +106,11 @@ def sync_documents(
 
     ``only``: paths relative to the folder (what ``corpus_changes`` found); just those are
     looked at, so reacting to one new file does not read the whole corpus.
+
+    ``limits``: what parsing one file may cost; with ``isolate`` (the default) files are parsed
+    in a worker process killed at ``limits.timeout_s`` (``isolate=False`` parses in this process,
+    with the limits but without the time budget). ``screen``: documents it flags are not indexed
+    but recorded in the ledger as ``suspicious`` (``None``: no screen).
     """
     t0 = time.perf_counter()
     corpus_dir = Path(corpus_dir)
@@ -109,17 +127,29 @@ def sync_documents(
             if (corpus_dir / source).exists() or (corpus_dir / source).is_symlink()
         ]
     result = DocumentSyncResult(corpus=corpus, corpus_hash="")
+    limits = limits or ParseLimits()
+    if isinstance(screen, str):
+        if screen != "default":
+            raise ValueError(f"screen must be a callable, None or 'default', not {screen!r}")
+        from serving.screening.documents import document_screen
+
+        screen = document_screen()
     good: set[str] = set()
-    for item in tqdm(files, desc="documents", unit="file", disable=None):
-        result.files_seen += 1
-        if isinstance(item, Rejection):
-            result.rejections.append(item)
-            continue
-        rejection = _sync_one(store, corpus, item, existing, max_file_bytes, result)
-        if rejection is not None:
-            result.rejections.append(rejection)
-        else:
-            good.add(item.source)
+    with ParserPool(limits) as pool:  # starts its worker at the first file that needs parsing
+        parse: Parse = pool.parse if isolate else (lambda f, data: parse_bytes(f, data, limits))
+        for item in tqdm(files, desc="documents", unit="file", disable=None):
+            result.files_seen += 1
+            if isinstance(item, Rejection):
+                result.rejections.append(item)
+                continue
+            rejection = _sync_one(
+                store, corpus, item, existing, max_file_bytes, result, parse, screen
+            )
+            if rejection is not None:
+                result.rejections.append(rejection)
+            else:
+                good.add(item.source)
+        result.parser_restarts = max(0, pool.started - 1)
     looked_at = existing.keys() if only is None else set(only) & existing.keys()
     gone = [existing[source].doc_id for source in looked_at if source not in good]
     if only is None and not good and existing and not allow_empty:
@@ -130,6 +160,7 @@ def sync_documents(
     result.removed = store.delete_documents(gone)
     store.record_rejections(corpus, result.rejections, scope=None if only is None else list(only))
     result.rejected = len(result.rejections)
+    result.suspicious = sum(r.reason is RejectReason.SUSPICIOUS for r in result.rejections)
     result.documents = len(good) if only is None else len(existing) + result.new - result.removed
     result.corpus_hash = store.corpus_hash()
     result.seconds = time.perf_counter() - t0
@@ -150,6 +181,8 @@ def _sync_one(
     existing: dict[str, Any],
     max_file_bytes: int,
     result: DocumentSyncResult,
+    parse: Parse,
+    screen: Screen | None,
 ) -> Rejection | None:
     """Upsert one file if it changed; return why it was rejected, if it was."""
     try:
@@ -162,7 +195,10 @@ def _sync_one(
                 store.touch_document(state.doc_id, file_hash, file.modified_at)
             result.unchanged += 1
             return None
-        doc = parse_bytes(file, data)
+        doc = parse(file, data)
+        flagged = screen(doc.text) if screen is not None else None
+        if flagged is not None:
+            raise DocumentRejected(RejectReason.SUSPICIOUS, flagged)
     except DocumentRejected as err:
         return Rejection(file.source, err.reason, err.detail, file.size_bytes)
     if state is not None and state.content_hash == doc.content_hash:

@@ -1,5 +1,5 @@
 """The engine's shared layer (detokenization, stop strings, limits, cancellation, the queue)
-on a scripted backend, and the real backends on the tiny random Llama."""
+on a scripted backend. The real backends are in tests/integration."""
 
 from __future__ import annotations
 
@@ -160,24 +160,3 @@ def test_generate_answers_many_prompts_through_the_batch():
         "Bees make honey and",
     ]
     assert [o.finish_reason for o in outs] == ["length", "stop", "length"]
-
-
-@pytest.fixture(scope="module")
-def tiny_engines(tiny_base):
-    from serving.runtime.engine.loader import load_engine
-
-    engines = {name: load_engine(tiny_base, backend=name, max_batch=8) for name in ("static", "hf")}
-    yield engines
-    for e in engines.values():
-        e.close()
-
-
-def test_continuous_batching_gives_the_same_greedy_tokens_as_fixed_batches(tiny_engines):
-    prompts = ["How do bees fly?", "What is a drone?", "Why do bees swarm in spring?"]
-    limits = [6, 11, 3]
-    static = tiny_engines["static"].generate(prompts, max_new_tokens=limits)
-    continuous = tiny_engines["hf"].generate(prompts, max_new_tokens=limits)
-    assert [c.completion_tokens for c in static] == limits  # random weights: never an end token
-    assert [c.text for c in continuous] == [c.text for c in static]
-    assert [c.completion_tokens for c in continuous] == limits
-    assert tiny_engines["hf"].stats().requests >= 3
