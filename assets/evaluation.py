@@ -18,7 +18,7 @@ from assets.resources import (
     upstream_metadata,
 )
 from evaluation import review
-from evaluation.automatic import EvaluationError, ModelEvaluation, evaluate_model
+from evaluation.automatic import EvaluationError, ModelEvaluation, evaluate_model, reliability_png
 from evaluation.datasets import DEFAULT_RAG_QUESTIONS, EvaluationDataError, load_rag_questions
 from evaluation.gate import HumanSummary, compare_to_champion
 from evaluation.promotion import current_champion, promote, record_decision
@@ -118,6 +118,10 @@ def automatic_evaluation(
             log_traces(uri, run.experiment_id, run.run_id, ref.label, result.examples)
             run.log_metrics({f"{role}.{k}": v for k, v in result.metrics.items()})
             run.client.log_table(run.run_id, examples_frame(result), f"examples_{role}.json")
+            with tempfile.TemporaryDirectory(prefix="refinery-eval-") as tmp:
+                png = reliability_png(result, Path(tmp) / f"reliability_{role}.png")
+                if png is not None:
+                    run.log_artifact(png)
             results[role] = result
         if champion and champion.version == challenger.version:
             results["champion"] = results["challenger"]

@@ -7,7 +7,16 @@ import sys
 
 from refinery.settings import OFFLINE_ENV
 
-ALL = ["ingestion", "retrieval", "training", "serving", "automation", "traffic"]
+ALL = [
+    "ingestion",
+    "hnsw",
+    "retrieval",
+    "confidence",
+    "training",
+    "serving",
+    "automation",
+    "traffic",
+]
 
 
 def main(argv: list[str]) -> int:

@@ -34,6 +34,7 @@ STAGED = {
     "serving": "**/*.py",
     "refinery": "*.py",
     "data/guard": "*.jsonl",
+    "data/rag": "*.json",  # the RAG confidence model's coefficients
 }
 
 

@@ -644,7 +644,7 @@ class Refinery:
     async def _rag(
         self, question: str, k: int, filters: RagFilters | None, max_tokens: int, ctx: Any
     ) -> dict[str, Any]:
-        from serving.corpus.retrieval import Filters, search_vector
+        from serving.corpus.retrieval import Filters, search
         from serving.rag import build_messages, make_answer
 
         t0 = time.perf_counter()
@@ -683,11 +683,12 @@ class Refinery:
         await self._screen("rag", [question], t0)
         engine, space = await asyncio.to_thread(self._retrieval_state)
         (row,) = await _call(self.embedder.to_async.encode, [question])
-        hits = await asyncio.to_thread(
-            search_vector,
+        hits = await asyncio.to_thread(  # hybrid: full-text and vector search, fused
+            search,
             engine,
             space,
             _unb64(row["embedding"]),
+            question,
             k,
             Filters(tuple(f.sources), tuple(f.formats), tuple(f.doc_ids)),
         )

@@ -33,6 +33,9 @@ class Completion:
     completion_tokens: int
     finish_reason: str  # "stop" (end of turn) or "length" (max_new_tokens reached)
     seconds: float
+    # Log-probability of each kept token under the decoding distribution; only when asked
+    # (``generate(..., logprobs=True)``), None otherwise.
+    token_logprobs: list[float] | None = None
 
 
 def per_row(max_new_tokens: int | Sequence[int], n: int) -> list[int]:
@@ -79,7 +82,13 @@ class _ChatLM:
             )
         )
 
-    def _completion(self, generated: list[int], prompt_tokens: int, seconds: float) -> Completion:
+    def _completion(
+        self,
+        generated: list[int],
+        prompt_tokens: int,
+        seconds: float,
+        logprobs: list[float] | None = None,
+    ) -> Completion:
         stop_at = next((j for j, t in enumerate(generated) if t in self.eos_ids), None)
         kept = generated if stop_at is None else generated[:stop_at]
         return Completion(
@@ -88,6 +97,7 @@ class _ChatLM:
             completion_tokens=len(kept),
             finish_reason="stop" if stop_at is not None else "length",
             seconds=seconds,
+            token_logprobs=None if logprobs is None else logprobs[: len(kept)],
         )
 
 
@@ -134,8 +144,11 @@ class Generator(_ChatLM):
         temperature: float = 0.0,
         top_p: float = 1.0,
         seed: int | None = None,
+        logprobs: bool = False,
     ) -> list[Completion]:
-        """One padded batch. Greedy when temperature == 0."""
+        """One padded batch. Greedy when temperature == 0. ``logprobs=True`` also returns each
+        generated token's log-probability (recorded step by step: one (batch, vocab) tensor is
+        kept at a time; the default path records nothing)."""
         import torch
 
         if not prompts:
@@ -148,13 +161,25 @@ class Generator(_ChatLM):
         if seed is not None:
             torch.manual_seed(seed)
         t0 = time.perf_counter()
+        extra: dict[str, Any] = {}
+        recorder = _LogprobRecorder() if logprobs else None
+        if recorder is not None:
+            from transformers import LogitsProcessorList
+
+            extra["logits_processor"] = LogitsProcessorList([recorder])
         with torch.inference_mode():
-            out = self.model.generate(**enc, **self._decoding(max(limits), temperature, top_p))
+            out = self.model.generate(
+                **enc, **self._decoding(max(limits), temperature, top_p), **extra
+            )
         seconds = time.perf_counter() - t0
         new = out[:, enc["input_ids"].shape[1] :]  # (batch, generated)
+        picked = recorder.finish(out) if recorder is not None else None  # (batch, generated)
         return [
             self._completion(
-                new[i, : limits[i]].tolist(), int(enc["attention_mask"][i].sum()), seconds
+                new[i, : limits[i]].tolist(),
+                int(enc["attention_mask"][i].sum()),
+                seconds,
+                None if picked is None else picked[i, : limits[i]].tolist(),
             )
             for i in range(len(prompts))
         ]
@@ -217,6 +242,36 @@ class Generator(_ChatLM):
         return out.logits.float().cpu()
 
 
+class _LogprobRecorder:
+    """A logits processor that records the log-probability of each token generate picks.
+
+    Called at step t with the sequences so far (whose last token is the one picked at t-1) and
+    step t's scores: it looks that token up in step t-1's distribution, then keeps step t's.
+    ``finish`` does the same for the last step with the final sequences."""
+
+    def __init__(self) -> None:
+        self.previous: Any = None  # (batch, vocab) log-softmax of the last step
+        self.picked: list[Any] = []  # one (batch,) tensor per generated token
+
+    def __call__(self, input_ids: Any, scores: Any) -> Any:
+        import torch
+
+        if self.previous is not None:
+            self.picked.append(self.previous.gather(1, input_ids[:, -1:]).squeeze(1))
+        self.previous = torch.log_softmax(scores.float(), dim=-1)
+        return scores
+
+    def finish(self, sequences: Any) -> Any:
+        import torch
+
+        if self.previous is not None:
+            self.picked.append(self.previous.gather(1, sequences[:, -1:]).squeeze(1))
+            self.previous = None
+        if not self.picked:
+            return torch.zeros((sequences.shape[0], 0))
+        return torch.stack(self.picked, dim=1).cpu()  # (batch, generated)
+
+
 class OnnxGenerator(_ChatLM):
     """An ONNX export (logits from input_ids and attention_mask) run by onnxruntime."""
 
@@ -265,6 +320,7 @@ class OnnxGenerator(_ChatLM):
         temperature: float = 0.0,
         top_p: float = 1.0,
         seed: int | None = None,
+        logprobs: bool = False,
     ) -> list[Completion]:
         import numpy as np
 
@@ -277,6 +333,7 @@ class OnnxGenerator(_ChatLM):
         ids, mask = enc["input_ids"].astype(np.int64), enc["attention_mask"].astype(np.int64)
         n_prompt = ids.shape[1]
         done = np.zeros(len(prompts), dtype=bool)
+        picked: list[Any] = []  # one (batch,) array of log-probabilities per step
         t0 = time.perf_counter()
         for _ in range(max(limits)):
             # No KV cache in this export: every step runs the whole sequence.
@@ -288,6 +345,10 @@ class OnnxGenerator(_ChatLM):
                 nxt = np.array([rng.choice(len(p), p=_nucleus(p, top_p)) for p in probs])
             else:
                 nxt = last.argmax(axis=1)
+            if logprobs:
+                shifted = last - last.max(axis=1, keepdims=True)
+                log_z = np.log(np.exp(shifted).sum(axis=1))
+                picked.append(shifted[np.arange(len(nxt)), nxt] - log_z)
             nxt = np.where(done, self.tokenizer.pad_token_id, nxt)
             just_done = np.isin(nxt, self.eos_ids) & ~done
             ids = np.concatenate([ids, nxt[:, None]], axis=1)
@@ -301,6 +362,7 @@ class OnnxGenerator(_ChatLM):
                 ids[i, n_prompt : n_prompt + limits[i]].tolist(),
                 int(enc["attention_mask"][i].sum()),
                 seconds,
+                [float(step[i]) for step in picked][: limits[i]] if logprobs else None,
             )
             for i in range(len(prompts))
         ]
