@@ -214,7 +214,9 @@ _LIST_ITEM = re.compile(r"^([-*+•]|\d+[.)])\s")
 def headings(text: str, format: str) -> list[Heading]:
     """The headings of a document's text, in order. Markdown (and HTML, extracted as Markdown):
     ``#`` headings and underlined ones. Plain text and PDF: a short title-like line (no final
-    punctuation, not a list item, at most 12 words) alone between blank lines, or underlined."""
+    punctuation, not a list item, at most 12 words) alone between blank lines, or underlined;
+    in PDF text also such a line (at most 60 characters) between a finished sentence and the
+    start of the next."""
     lines = text.split("\n")
     offsets, pos = [], 0
     for line in lines:
@@ -237,19 +239,31 @@ def headings(text: str, format: str) -> list[Heading]:
             out.append(Heading(offsets[i], len(atx.group(1)), atx.group(2).strip()))
         elif nxt and _SETEXT_RULE.match(nxt) and len(stripped) <= 120 and not prev:
             out.append(Heading(offsets[i], 1 if nxt.startswith("=") else 2, stripped))
-        elif (
-            not markdown
-            and not prev
-            and not nxt
-            and len(stripped) <= 80
-            and len(stripped.split()) <= 12
-            and not _SENTENCE_END.search(stripped)
-            and not _LIST_ITEM.match(stripped)
-            and not _SETEXT_RULE.match(stripped)
-            and stripped[0].isupper()
-        ):
-            out.append(Heading(offsets[i], 2, stripped))
+        elif not markdown and _title_like(stripped):
+            alone = not prev and not nxt
+            # PDF text has no blank line around a heading: a short line after a finished
+            # sentence, followed by the start of one.
+            pdf_line = (
+                format == "pdf"
+                and len(stripped) <= 60
+                and (not prev or prev.endswith((".", "!", "?", ":")))
+                and bool(nxt)
+                and (nxt[0].isupper() or nxt.startswith("- "))
+            )
+            if alone or pdf_line:
+                out.append(Heading(offsets[i], 2, stripped))
     return out
+
+
+def _title_like(line: str) -> bool:
+    return (
+        len(line) <= 80
+        and len(line.split()) <= 12
+        and not _SENTENCE_END.search(line)
+        and not _LIST_ITEM.match(line)
+        and not _SETEXT_RULE.match(line)
+        and line[0].isupper()
+    )
 
 
 class SectionPaths:

@@ -216,3 +216,20 @@ def test_contextual_config_is_a_new_index_version():
     assert contextual.embedded_tokens == 200 + contextual.context_tokens
     with pytest.raises(ValueError, match="context_tokens"):
         ChunkingConfig(200, 32, context_tokens=2)
+
+
+def test_pdf_headings_are_short_lines_between_sentences():
+    from serving.corpus.chunking import headings
+
+    text = (
+        "Siting an Apiary\nWhere you put hives matters, and\nhow you get on with neighbours.\n"
+        "Sun and shelter\nBees like the morning sun. Shelter from\nthe wind helps.\nWater\n"
+        "Colonies need water.\n- a list item\nends here"
+    )
+    assert [h.text for h in headings(text, "pdf")] == [
+        "Siting an Apiary",
+        "Sun and shelter",
+        "Water",
+    ]
+    # the same lines in plain text are not headings: they do not stand alone
+    assert headings(text, "text") == []
