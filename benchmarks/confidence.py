@@ -20,8 +20,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import RESULTS, WORK, fresh_home, write_table
-from benchmarks.retrieval import DEFAULT_CHUNKING, QuestionSet, build_index, database, question_sets
+from benchmarks.common import RESULTS, WORK, write_table
+from benchmarks.retrieval import DEFAULT_CHUNKING, QuestionSet, index, index_home, question_sets
 from evaluation.calibration import (
     BASE_FEATURES,
     expected_calibration_error,
@@ -30,7 +30,6 @@ from evaluation.calibration import (
     reliability_diagram,
     wrong_above,
 )
-from refinery.stores import database_url
 from serving.corpus.embedding import Embedder
 from serving.corpus.retrieval import Mode, search
 from serving.rag import CONFIDENCE_FILE, build_messages, lexical_confidence, signals
@@ -83,11 +82,9 @@ def main() -> None:
     generator = Generator(info.path)
     rows: list[dict[str, Any]] = []
     t0 = time.perf_counter()
-    with fresh_home("confidence") as settings:
-        server = database_url(settings)
+    with index_home() as server:
         for qs in sets:
-            with database(server) as engine:
-                _store, space, _n = build_index(engine, qs.corpus, DEFAULT_CHUNKING, embedder)
+            with index(server, qs, DEFAULT_CHUNKING, embedder) as (engine, space, _n):
                 rows += answers(qs, engine, space, generator)
     seconds = time.perf_counter() - t0
     tune = [r for r in rows if r["split"] == "tune"]

@@ -107,8 +107,10 @@ def evaluate_model(
         for row, ans in zip(batch, answers, strict=True):
             tokens += ans.completion_tokens
             retrieved = [s.source for s in ans.sources]
+            # The model's own text is scored (what the gate compares models on), also when the
+            # service would withhold it below the confidence threshold ("abstained").
             scores = {
-                **_answer_scores(ans.answer, row["answer"]),
+                **_answer_scores(ans.model_answer, row["answer"]),
                 "hit_at_k": hit_at_k(retrieved, row["sources"], k),
                 "reciprocal_rank": reciprocal_rank(retrieved, row["sources"]),
                 "groundedness": ans.groundedness,
@@ -123,7 +125,7 @@ def evaluate_model(
                     row["id"],
                     row["question"],
                     row["answer"],
-                    ans.answer,
+                    ans.model_answer,
                     scores,
                     dt / len(batch),
                     ans.completion_tokens,
