@@ -139,6 +139,8 @@ def support(answer: str, contexts: Sequence[str]) -> float:
 
 
 _NUMBER = re.compile(r"\d+(?:[.,]\d+)*")
+_THOUSANDS = re.compile(r"(?<=\d),(?=\d{3})")
+_TOKEN = re.compile(r"\d+(?:\.\d+)*|[a-z0-9_]+")
 _NAME = re.compile(
     r"\b(?:[A-Z][A-Za-z0-9]*[A-Z0-9_][A-Za-z0-9_]*|[a-z]+_[a-z0-9_]+|[A-Z][a-z]{2,})\b"
 )
@@ -154,7 +156,7 @@ def facts(text: str) -> set[str]:
     """Numbers and names in ``text``: digits, CamelCase/ALLCAPS/snake_case identifiers and
     capitalized words that do not start a sentence (lower-cased)."""
     starts = {m.group(1) for m in _SENTENCE_START.finditer(text)}
-    found = {n.replace(",", "") for n in _NUMBER.findall(text)}
+    found = {_THOUSANDS.sub("", n).rstrip(".,") for n in _NUMBER.findall(text)}
     found |= {w.lower() for w in _NAME.findall(text) if w not in starts}
     return found
 
@@ -165,8 +167,9 @@ def fact_support(answer: str, contexts: Sequence[str]) -> float:
     wanted = facts(answer)
     if not wanted:
         return 1.0
-    context = " ".join(contexts).lower().replace(",", "")
-    return sum(1 for f in wanted if f in context) / len(wanted)
+    text = _THOUSANDS.sub("", " ".join(contexts).lower())
+    tokens = set(_TOKEN.findall(text))  # whole words and numbers: "16" is not found in "160"
+    return sum(1 for f in wanted if f in tokens) / len(wanted)
 
 
 def says_unknown(answer: str) -> bool:

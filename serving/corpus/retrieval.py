@@ -333,7 +333,8 @@ def search(
     ]
     if mode is Mode.RERANK and reranker is not None and hits:
         hits = rerank(question, hits, reranker, fusion.rrf_k)
-    return hits[:k]
+    # The statement already keeps at most max_per_doc per document; this states the contract.
+    return diversify(hits, k, max_per_doc)
 
 
 def rerank(question: str, hits: Sequence[Hit], reranker: Reranker, rrf_k: int) -> list[Hit]:

@@ -100,6 +100,7 @@ def test_facts_and_fact_support():
     assert fact_support("About 1,500 eggs.", ctx) == 1.0
     assert fact_support("About 2000 eggs.", ctx) == 0.0
     assert fact_support("Yes, they do.", ctx) == 1.0
+    assert fact_support("About 16 days.", ["It takes 160 days."]) == 0.0  # whole numbers only
 
 
 def test_signals():
