@@ -355,7 +355,7 @@ def add_distractors(
 
 # ---- `refinery query` from a cold start -------------------------------------------------------
 
-COLD_RUNS = 5
+COLD_RUNS = 3
 PHASES = """
 import time, sys
 t0 = time.perf_counter()
