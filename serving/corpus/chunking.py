@@ -27,8 +27,8 @@ from refinery.lineage import sha256_hex
 
 @dataclass(frozen=True)
 class ChunkingConfig:
-    max_tokens: int = 200
-    overlap_tokens: int = 32
+    max_tokens: int = 128
+    overlap_tokens: int = 24
     # Embed title + section path in front of each chunk (see the module docstring).
     contextual: bool = True
     # At most this many tokens of context; the chunk itself keeps its max_tokens.

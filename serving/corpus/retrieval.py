@@ -101,12 +101,12 @@ class Fusion:
     is ts_rank_cd's length normalization flag (Postgres docs: 0 none, 1 log length, ...).
     """
 
-    rrf_k: int = 60
+    rrf_k: int = 10
     vector_weight: float = 1.0
-    text_weight: float = 1.0
+    text_weight: float = 0.5
     candidates: int = 40
     normalization: int = 1
-    max_df: float = 1.0  # leave out query words in more than this share of chunks (1: none)
+    max_df: float = 0.2  # leave out query words in more than this share of chunks (1: none)
 
     def __post_init__(self) -> None:
         if self.rrf_k < 0 or self.candidates < 1 or self.candidates > 1000:
