@@ -391,10 +391,14 @@ def make_answer(
 ) -> RagAnswer:
     """The answer with its sources and calibrated confidence; below the threshold (default:
     ``min_confidence``) the answer says it does not know instead (see the module docstring)."""
-    calibration = calibration or load_calibration()
+    if calibration is None and CONFIDENCE_FILE.exists():
+        calibration = load_calibration()
     values = signals(question, hits, text, token_logprobs)
-    confidence = calibration.confidence(values)
-    limit = min_confidence(calibration) if threshold is None else threshold
+    if calibration is None:  # no fitted coefficients yet: the lexical score, nothing withheld
+        confidence, limit = lexical_confidence(hits, text), 0.0
+    else:
+        confidence = calibration.confidence(values)
+        limit = min_confidence(calibration) if threshold is None else threshold
     abstain = confidence < limit
     return RagAnswer(
         question=question,
