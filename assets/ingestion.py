@@ -41,9 +41,19 @@ class SourceDocumentsConfig(dg.Config):
 
 
 class DocumentChunksConfig(dg.Config):
-    max_tokens: int = Field(default=200, ge=16, description="Chunk size in embedding-model tokens.")
+    max_tokens: int = Field(
+        default=ChunkingConfig.max_tokens,
+        ge=16,
+        description="Chunk size in embedding-model tokens.",
+    )
     overlap_tokens: int = Field(
-        default=32, ge=0, description="Tokens shared by neighbouring chunks."
+        default=ChunkingConfig.overlap_tokens,
+        ge=0,
+        description="Tokens shared by neighbouring chunks.",
+    )
+    contextual: bool = Field(
+        default=ChunkingConfig.contextual,
+        description="Embed the document title and section headings in front of each chunk.",
     )
 
 
@@ -138,7 +148,11 @@ def document_chunks(
     mlflow: MLflowResource,
     embedding_model: EmbeddingModelResource,
 ) -> dg.MaterializeResult:
-    chunking = ChunkingConfig(max_tokens=config.max_tokens, overlap_tokens=config.overlap_tokens)
+    chunking = ChunkingConfig(
+        max_tokens=config.max_tokens,
+        overlap_tokens=config.overlap_tokens,
+        contextual=config.contextual,
+    )
     embedder = embedding_model.get()
     store = postgres.store()
     params = {**chunking.__dict__, "tokenizer": embedder.name}
@@ -175,13 +189,18 @@ def chunk_embeddings(
     postgres: PostgresResource,
     mlflow: MLflowResource,
     embedding_model: EmbeddingModelResource,
+    home: HomeResource,
 ) -> dg.MaterializeResult:
     embedder = embedding_model.get()
     store = postgres.store()
     params = {"model": embedder.name, "device": embedder.device, "batch_size": config.batch_size}
     with mlflow.asset_run(context, EXPERIMENT, params=params) as run:
         result = sync_embeddings(
-            store, embedder, batch_size=config.batch_size, progress=context.log.info
+            store,
+            embedder,
+            batch_size=config.batch_size,
+            progress=context.log.info,
+            query_export_dir=home.models_dir,  # the ONNX export `refinery query` embeds with
         )
         corpus_hash = store.corpus_hash()
         run.log_metrics(result.metrics())

@@ -7,7 +7,17 @@ import sys
 
 from refinery.settings import OFFLINE_ENV
 
-ALL = ["ingestion", "retrieval", "training", "serving", "automation", "traffic", "guard"]
+ALL = [
+    "ingestion",
+    "hnsw",
+    "retrieval",
+    "confidence",
+    "training",
+    "serving",
+    "automation",
+    "traffic",
+    "guard",
+]
 
 
 def main(argv: list[str]) -> int:

@@ -5,7 +5,9 @@ Metrics (all in MLflow, per example and aggregated):
   the generated answers against them;
 - RAG questions: the same three against the reference answers; retrieval hit@k and MRR against
   the documents that hold the answer; groundedness of each answer in the chunks it was given
-  (``serving.rag.support``); the answer's confidence;
+  (``serving.rag.support``); whether the answer is correct (``evaluation.calibration.is_correct``)
+  and the calibrated confidence, with its expected calibration error on the test split
+  (``rag_test_ece``) and a reliability diagram (``reliability_png``);
 - latency per question (generation is batched: batch time / batch size) and tokens/s.
 """
 
@@ -18,6 +20,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from evaluation.calibration import calibration_metrics, is_correct, reliability_diagram
 from evaluation.metrics import exact_match, hit_at_k, reciprocal_rank, rouge_l, token_f1
 from serving.rag import answer_batch
 from serving.runtime.scoring import answer_nll
@@ -40,6 +43,7 @@ class ExampleResult:
     sources: list[dict[str, Any]] = field(default_factory=list)
     gold_sources: list[str] = field(default_factory=list)
     trace_id: str = ""
+    split: str = ""  # RAG rows: "tune" or "test" (see evaluation.datasets)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -103,12 +107,17 @@ def evaluate_model(
         for row, ans in zip(batch, answers, strict=True):
             tokens += ans.completion_tokens
             retrieved = [s.source for s in ans.sources]
+            # The model's own text is scored (what the gate compares models on), also when the
+            # service would withhold it below the confidence threshold ("abstained").
             scores = {
-                **_answer_scores(ans.answer, row["answer"]),
+                **_answer_scores(ans.model_answer, row["answer"]),
                 "hit_at_k": hit_at_k(retrieved, row["sources"], k),
                 "reciprocal_rank": reciprocal_rank(retrieved, row["sources"]),
                 "groundedness": ans.groundedness,
+                # correctness of the model's own text, even when it was withheld as unsure
+                "correct": float(is_correct(ans.model_answer, row["answer"])),
                 "confidence": ans.confidence,
+                "abstained": float(ans.abstained),
             }
             examples.append(
                 ExampleResult(
@@ -116,16 +125,18 @@ def evaluate_model(
                     row["id"],
                     row["question"],
                     row["answer"],
-                    ans.answer,
+                    ans.model_answer,
                     scores,
                     dt / len(batch),
                     ans.completion_tokens,
                     [asdict(s) for s in ans.sources],
                     list(row["sources"]),
+                    split=str(row.get("split", "test")),
                 )
             )
     say(f"{label}: {len(rag_rows)} RAG answers")
     metrics = aggregate(examples)
+    metrics.update(calibration_metrics(examples, "test"))
     if heldout_rows:
         nll, n = answer_nll(generator, heldout_rows)
         metrics["heldout_perplexity"] = math.exp(nll / max(1, n))
@@ -160,3 +171,16 @@ def aggregate(examples: Sequence[ExampleResult]) -> dict[str, float]:
         out["latency_p50_s"] = latencies[len(latencies) // 2]
         out["latency_p95_s"] = latencies[min(len(latencies) - 1, int(0.95 * len(latencies)))]
     return out
+
+
+def reliability_png(result: ModelEvaluation, path: Any, split: str = "test") -> Any:
+    """The reliability diagram of the RAG answers of ``split`` (None when there are none)."""
+    rows = [e for e in result.examples if e.kind == "rag" and e.split == split]
+    if not rows:
+        return None
+    return reliability_diagram(
+        [e.scores["confidence"] for e in rows],
+        [bool(e.scores["correct"]) for e in rows],
+        path,
+        title=f"{result.label}: RAG confidence ({split} split)",
+    )

@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from evaluation.automatic import EvaluationError, ModelEvaluation, evaluate_model
+from evaluation.automatic import EvaluationError, ModelEvaluation, evaluate_model, reliability_png
 from evaluation.datasets import DEFAULT_RAG_QUESTIONS, load_rag_questions
 from evaluation.gate import GateDecision, GatePolicy, compare_to_champion
 from evaluation.promotion import current_champion, record_decision
@@ -178,6 +178,10 @@ def run_evaluation(
         log_traces(tracking_uri, run.experiment_id, run.run_id, ref.label, result.examples)
         run.log_metrics({f"{role}.{m}": v for m, v in result.metrics.items()})
         run.client.log_table(run.run_id, examples_frame(result), f"examples_{role}.json")
+        with tempfile.TemporaryDirectory(prefix="refinery-eval-") as tmp:
+            png = reliability_png(result, Path(tmp) / f"reliability_{role}.png")
+            if png is not None:  # the RAG confidence's calibration, as a reliability diagram
+                run.log_artifact(png)
         results[role] = result
     report = write_report(
         results["challenger"],

@@ -10,6 +10,9 @@ from refinery.jsonl import json_objects
 from refinery.settings import REPO_ROOT
 
 DEFAULT_RAG_QUESTIONS = REPO_ROOT / "data" / "eval" / "rag_questions.jsonl"
+# The second set: questions over SQLite's documentation (scripts/sqlite-docs.sh fetches it).
+SQLITE_QUESTIONS = REPO_ROOT / "data" / "eval" / "sqlite" / "questions.jsonl"
+SQLITE_CORPUS = REPO_ROOT / "data" / "external" / "sqlite-docs"
 
 
 class EvaluationDataError(ValueError):
@@ -19,7 +22,11 @@ class EvaluationDataError(ValueError):
 def load_rag_questions(
     path: Path = DEFAULT_RAG_QUESTIONS,
 ) -> tuple[list[dict[str, Any]], Counter[str]]:
-    """Rows {id, question, answer, sources: [file, ...]}; bad rows dropped and counted."""
+    """Rows {id, question, answer, sources: [file, ...], split}; bad rows dropped and counted.
+
+    ``split`` is "tune" (used to choose retrieval settings and fit the confidence model) or
+    "test" (reported, never tuned on); fixed in the file. Rows without one count as "test".
+    """
     if not path.exists():
         raise EvaluationDataError(f"RAG question set {path} does not exist")
     rows: list[dict[str, Any]] = []
@@ -44,6 +51,7 @@ def load_rag_questions(
                 "question": q.strip(),
                 "answer": a.strip(),
                 "sources": s,
+                "split": "tune" if row.get("split") == "tune" else "test",
             }
         )
     return rows, dropped

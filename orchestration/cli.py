@@ -410,6 +410,34 @@ def run(corpus: Path | None, config_file: Path) -> None:
 @click.option(
     "--model", default="", help="Embedding model (default: the packaged all-MiniLM-L6-v2)."
 )
+@click.option(
+    "--mode",
+    type=click.Choice(["hybrid", "vector", "text", "hybrid+rerank"]),
+    default="hybrid",
+    show_default=True,
+    help="Full-text and vector search fused (hybrid), one of them, or hybrid then reranked.",
+)
+@click.option(
+    "--max-per-doc",
+    type=click.IntRange(1, 100),
+    default=None,
+    help="At most N chunks per document.",
+)
+@click.option(
+    "--explain", is_flag=True, help="Show each hit's vector rank, text rank and fused score."
+)
+@click.option(
+    "--embedder",
+    type=click.Choice(["onnx", "sentence-transformers"]),
+    default="onnx",
+    show_default=True,
+    help="How the question is embedded: the ONNX export (fast start) or the model itself.",
+)
+@click.option(
+    "--rerank-model",
+    default="",
+    help="Causal LM that reranks in hybrid+rerank mode (default: the packaged SmolLM2-135M).",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def query(
     question: str,
@@ -417,22 +445,46 @@ def query(
     sources: tuple[str, ...],
     formats: tuple[str, ...],
     model: str,
+    mode: str,
+    max_per_doc: int | None,
+    explain: bool,
+    embedder: str,
+    rerank_model: str,
     as_json: bool,
 ) -> None:
-    """Print the chunks nearest to QUESTION, with their sources and scores."""
-    from serving.corpus.embedding import Embedder
-    from serving.corpus.retrieval import Filters, RetrievalError, Retriever
-    from serving.corpus.vectorstore import VectorStore
+    """Print the chunks that best match QUESTION, with their sources and scores."""
+    # Only what a query needs is imported here: no dagster, mlflow or torch (see
+    # serving.corpus.query); the query embedding runs on an ONNX export of the model.
+    from serving.corpus.query import QueryError, run_query
 
-    engine = _engine(_settings())
+    settings = _settings()
+    reranker = None
+    if mode == "hybrid+rerank":
+        from serving.runtime.generation import Generator
+        from serving.runtime.scoring import QueryLikelihoodReranker
+        from training.base_model import BaseModelError, resolve_base_model
+
+        try:
+            info = resolve_base_model(rerank_model or None, settings.models_dir)
+        except BaseModelError as err:
+            raise click.BadParameter(str(err), param_hint="--rerank-model") from err
+        reranker = QueryLikelihoodReranker(Generator(info.path), name=info.name)
     try:
-        store = VectorStore(engine)
-        retriever = Retriever(store, Embedder(model or None))
-        hits = retriever.search(question, k=k, filters=Filters(sources=sources, formats=formats))
-    except RetrievalError as err:
+        hits = run_query(
+            settings,
+            question,
+            k=k,
+            sources=sources,
+            formats=formats,
+            model=model or None,
+            mode=mode,
+            max_per_doc=max_per_doc,
+            reranker=reranker,
+            onnx=embedder == "onnx",
+            note=lambda m: click.echo(m, err=True),
+        )
+    except QueryError as err:
         raise click.ClickException(str(err)) from err
-    finally:
-        engine.dispose()
     if as_json:
         click.echo(json.dumps([h.to_dict() for h in hits], indent=2, ensure_ascii=False))
         return
@@ -441,7 +493,26 @@ def query(
     for i, h in enumerate(hits, 1):
         pages = f" p.{','.join(map(str, h.meta['pages']))}" if h.meta.get("pages") else ""
         click.echo(f"{i}. [{h.score:.3f}] {h.source}{pages} (chunk {h.position}) — {h.title}")
+        if explain:
+            click.echo("   " + explain_line(h))
         click.echo("   " + h.text[:300].replace("\n", " ") + ("…" if len(h.text) > 300 else ""))
+
+
+def explain_line(hit: Any) -> str:
+    """Why a hit is where it is: its rank in each list, the fused score, the reranker's."""
+
+    def rank(r: int | None) -> str:
+        return f"#{r}" if r is not None else "—"
+
+    parts = [
+        f"vector rank {rank(hit.vector_rank)} (cosine {hit.score:.3f})",
+        f"text rank {rank(hit.text_rank)}"
+        + (f" (ts_rank_cd {hit.text_score:.4f})" if hit.text_score is not None else ""),
+        f"fused {hit.fused:.5f}" if hit.fused is not None else "fused —",
+    ]
+    if hit.rerank_score is not None:
+        parts.append(f"rerank {hit.rerank_score:.3f}")
+    return " · ".join(parts)
 
 
 @main.command()

@@ -1,6 +1,7 @@
 """Refinery's tables (SQLAlchemy 2 Core). Created idempotently by ``create_schema``.
 
 documents ─< chunks ─< emb_<space>   (one embedding table per embedding space: model + dimension)
+                                     chunks.tsv: full-text search (generated, GIN index)
 rejected_files                       (the ledger of corpus files that could not be ingested)
 reviewers, review_items, ratings     (human evaluation)
 traffic_log                          (what the service saw; monitoring reads it)
@@ -14,7 +15,7 @@ import re
 
 import sqlalchemy as sa
 from pgvector.sqlalchemy import Vector
-from sqlalchemy.dialects.postgresql import JSONB
+from sqlalchemy.dialects.postgresql import JSONB, TSVECTOR
 
 metadata = sa.MetaData()
 
@@ -47,6 +48,15 @@ documents = sa.Table(
     sa.UniqueConstraint("corpus", "source", name="documents_corpus_source_key"),
 )
 
+# Full-text search over chunks: the text, and its context (title, headings) at a lower weight.
+# A stored generated column, so every insert and update (upserts included) keeps it in step.
+# 'english' stems and drops stop words; the query side uses the same configuration.
+TEXT_SEARCH_CONFIG = "english"
+_TSV_EXPRESSION = (
+    f"setweight(to_tsvector('{TEXT_SEARCH_CONFIG}', context), 'B') || "
+    f"setweight(to_tsvector('{TEXT_SEARCH_CONFIG}', text), 'A')"
+)
+
 chunks = sa.Table(
     "chunks",
     metadata,
@@ -61,7 +71,11 @@ chunks = sa.Table(
     ),
     sa.Column("source", sa.Text, nullable=False),
     sa.Column("position", sa.Integer, nullable=False),
-    sa.Column("text", sa.Text, nullable=False),
+    sa.Column("text", sa.Text, nullable=False),  # clean: what prompts and people see
+    # Document title and the headings above the chunk ("Title › Section › Subsection"): put in
+    # front of the text when it is embedded (serving.corpus.chunking.embedding_text).
+    sa.Column("context", sa.Text, nullable=False, server_default=""),
+    # sha256 of what was embedded (context + text): a vector whose hash differs is stale.
     sa.Column("content_hash", sa.String(64), nullable=False),
     sa.Column("token_count", sa.Integer, nullable=False),
     sa.Column("char_start", sa.Integer, nullable=False),
@@ -73,6 +87,18 @@ chunks = sa.Table(
     sa.Column(
         "updated_at", sa.DateTime(timezone=True), nullable=False, server_default=sa.func.now()
     ),
+    sa.Column("tsv", TSVECTOR, sa.Computed(_TSV_EXPRESSION, persisted=True)),
+    sa.Index("chunks_tsv_gin", "tsv", postgresql_using="gin"),
+)
+
+# How many chunks hold each lexeme (Postgres ts_stat over chunks.tsv), refreshed after chunking;
+# the row with the empty lexeme holds the number of chunks. Full-text queries use it to leave
+# out words that are in too many chunks to tell them apart (an IDF cut; see retrieval.py).
+lexeme_stats = sa.Table(
+    "lexeme_stats",
+    metadata,
+    sa.Column("lexeme", sa.Text, primary_key=True),
+    sa.Column("ndoc", sa.Integer, nullable=False),
 )
 
 rejected_files = sa.Table(
@@ -255,6 +281,22 @@ def create_schema(engine: sa.Engine) -> None:
         conn.execute(sa.text("SELECT pg_advisory_xact_lock(:k)"), {"k": _SCHEMA_LOCK})
         conn.execute(sa.text("CREATE EXTENSION IF NOT EXISTS vector"))
         metadata.create_all(conn, checkfirst=True)
+        _upgrade(conn)
+
+
+def _upgrade(conn: sa.Connection) -> None:
+    """Columns added since a store was created (create_all leaves existing tables alone)."""
+    conn.execute(
+        sa.text("ALTER TABLE chunks ADD COLUMN IF NOT EXISTS context text NOT NULL DEFAULT ''")
+    )
+    # The expression is a constant of this module (no user input).
+    conn.execute(
+        sa.text(
+            "ALTER TABLE chunks ADD COLUMN IF NOT EXISTS tsv tsvector "
+            f"GENERATED ALWAYS AS ({_TSV_EXPRESSION}) STORED"
+        )
+    )
+    conn.execute(sa.text("CREATE INDEX IF NOT EXISTS chunks_tsv_gin ON chunks USING gin (tsv)"))
 
 
 def create_embedding_table(engine: sa.Engine, name: str, dim: int) -> sa.Table:

@@ -34,6 +34,7 @@ STAGED = {
     "serving": "**/*.py",
     "refinery": "*.py",
     "data/guard": "*.*",  # the guard's and the document screen's weights (.npz, .json)
+    "data/rag": "*.json",  # the RAG confidence model's coefficients
 }
 
 

@@ -555,7 +555,7 @@ class Refinery:
     async def _rag(
         self, question: str, k: int, filters: RagFilters | None, max_tokens: int
     ) -> tuple[dict[str, Any], dict[str, str]]:
-        from serving.corpus.retrieval import Filters, search_vector
+        from serving.corpus.retrieval import Filters, search
 
         t0 = time.perf_counter()
         await self.gw.refresh_label()
@@ -578,14 +578,14 @@ class Refinery:
         }
         engine, space = await asyncio.to_thread(self._retrieval_state)
 
-        def search(vector: Any, k: int, flt: Any) -> list[Any]:
-            try:
-                return search_vector(engine, space, vector, k, flt)
+        def hybrid(vector: Any, k: int, flt: Any) -> list[Any]:
+            try:  # full-text and vector search, fused (serving.corpus.retrieval)
+                return search(engine, space, vector, question, k, flt)
             except sa_errors() as err:  # the database went away: retry once it is back
                 raise store_unavailable(err) from err
 
         flt = Filters(tuple(f.sources), tuple(f.formats), tuple(f.doc_ids))
-        return await self.gw.rag(request, search, flt, t0)
+        return await self.gw.rag(request, hybrid, flt, t0)
 
     def _new_engine(self) -> Any:
         """An engine on Refinery's database (REFINERY_DATABASE_URL, else the embedded one)."""

@@ -309,6 +309,8 @@ def sync_chunks(
         result.chunks_deleted += deleted
         result.documents_chunked += 1
     result.chunks_total = store.count_chunks()
+    if result.documents_chunked or store.text_stats_total() != result.chunks_total:
+        store.refresh_text_stats()  # the word counts full-text search weighs terms by
     result.documents_unchanged = store.count_documents() - result.documents_chunked
     result.seconds = time.perf_counter() - t0
     if progress:
@@ -349,10 +351,14 @@ def sync_embeddings(
     batch_size: int = 64,
     progress: Progress | None = None,
     log_every: int = 10,
+    query_export_dir: Path | None = None,
 ) -> EmbeddingSyncResult:
-    """Embed every chunk that has no vector in the model's space, committing batch by batch.
+    """Embed every chunk that has no current vector in the model's space (none, or one made
+    from other text or context), committing batch by batch.
 
     A run killed at any point leaves only whole batches behind; the next run embeds the rest.
+    ``query_export_dir``: also make the ONNX export the query side embeds questions with
+    (serving.corpus.onnx_embedding), once; a model that cannot be exported is only logged.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -386,6 +392,14 @@ def sync_embeddings(
                 bar.update(len(ids))
                 if progress and result.batches % log_every == 0:
                     progress(f"embeddings: {result.embedded}/{todo}")
+    if query_export_dir is not None:
+        from serving.corpus.onnx_embedding import ExportError, ensure_export, find_export
+
+        if find_export(query_export_dir, embedder.ref) is None:
+            try:
+                ensure_export(query_export_dir, embedder)
+            except ExportError as err:
+                log.warning("no ONNX export of %s for queries: %s", embedder.name, err)
     result.total = store.count_chunks()
     result.seconds = time.perf_counter() - t0
     result.chunks_per_second = result.embedded / result.seconds if result.embedded else 0.0
@@ -401,9 +415,10 @@ def make_chunker(config: ChunkingConfig, embedder: Embedder) -> Chunker:
     """A chunker that counts tokens with the embedding model's own tokenizer."""
     limit = embedder.ref.max_seq_length
     # +2: the [CLS]/[SEP] (or <s>/</s>) tokens the embedder adds around every chunk.
-    if limit is not None and config.max_tokens + 2 > limit:
+    if limit is not None and config.embedded_tokens + 2 > limit:
+        context = f" + {config.context_tokens} of context" if config.contextual else ""
         raise ValueError(
-            f"chunks of {config.max_tokens} tokens would be truncated by {embedder.name}, which "
-            f"reads at most {limit} tokens; set max_tokens <= {limit - 2}"
+            f"chunks of {config.max_tokens} tokens{context} would be truncated by {embedder.name}, "
+            f"which reads at most {limit} tokens; set max_tokens <= {limit - 2 - (config.embedded_tokens - config.max_tokens)}"
         )
     return Chunker(config, embedder.tokenizer(), tokenizer_name=embedder.name)

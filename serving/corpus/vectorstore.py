@@ -17,7 +17,7 @@ from sqlalchemy.dialects.postgresql import insert
 
 from refinery import schema
 from refinery.lineage import combined_hash, sha256_hex
-from serving.corpus.chunking import Chunk
+from serving.corpus.chunking import Chunk, embedding_text
 from serving.corpus.documents import ParsedDocument, Rejection, document_id
 
 
@@ -71,6 +71,10 @@ class Integrity:
     nan: int
     stale: int
     index_exists: bool
+
+
+def _needs_vector(c: sa.Table, e: sa.Table) -> sa.ColumnElement[bool]:
+    return sa.or_(e.c.chunk_id.is_(None), e.c.content_hash != c.c.content_hash)
 
 
 def now() -> datetime:
@@ -257,6 +261,7 @@ class VectorStore:
                         "source": ch.source,
                         "position": ch.position,
                         "text": ch.text,
+                        "context": ch.context,
                         "content_hash": ch.content_hash,
                         "token_count": ch.token_count,
                         "char_start": ch.char_start,
@@ -275,6 +280,8 @@ class VectorStore:
                             for k in (
                                 "position",
                                 "source",
+                                "context",
+                                "content_hash",
                                 "char_start",
                                 "char_end",
                                 "meta",
@@ -290,6 +297,31 @@ class VectorStore:
                 .values(chunked_with=self.chunk_stamp(doc.content_hash, chunking_fingerprint))
             )
         return len(set(ids) - existing), deleted
+
+    def refresh_text_stats(self) -> int:
+        """Recount how many chunks hold each lexeme (``schema.lexeme_stats``) in one
+        transaction; returns the number of lexemes."""
+        with self.engine.begin() as conn:
+            conn.execute(sa.delete(schema.lexeme_stats))
+            conn.execute(
+                sa.text(
+                    "INSERT INTO lexeme_stats (lexeme, ndoc) "
+                    "SELECT word, ndoc FROM ts_stat('SELECT tsv FROM chunks WHERE tsv IS NOT NULL') "
+                    "UNION ALL SELECT '', count(*) FROM chunks"
+                )
+            )
+            return (
+                conn.execute(
+                    sa.select(sa.func.count()).select_from(schema.lexeme_stats)
+                ).scalar_one()
+                - 1
+            )
+
+    def text_stats_total(self) -> int | None:
+        """The chunk count ``lexeme_stats`` was made from (None: never made)."""
+        s = schema.lexeme_stats
+        with self.engine.connect() as conn:
+            return conn.execute(sa.select(s.c.ndoc).where(s.c.lexeme == "")).scalar_one_or_none()
 
     def count_chunks(self) -> int:
         with self.engine.connect() as conn:
@@ -344,24 +376,28 @@ class VectorStore:
         return space
 
     def missing_embeddings(self, space: EmbeddingSpace, limit: int) -> list[tuple[str, str, str]]:
-        """(chunk_id, text, content_hash) of chunks with no vector in ``space``, in id order."""
+        """(chunk_id, embedded text, content_hash) of chunks with no current vector in
+        ``space`` (none, or one made from another text or context), in id order."""
         c, e = schema.chunks, space.table
         stmt = (
-            sa.select(c.c.chunk_id, c.c.text, c.c.content_hash)
+            sa.select(c.c.chunk_id, c.c.context, c.c.text, c.c.content_hash)
             .select_from(c.outerjoin(e, e.c.chunk_id == c.c.chunk_id))
-            .where(e.c.chunk_id.is_(None))
+            .where(_needs_vector(c, e))
             .order_by(c.c.chunk_id)
             .limit(limit)
         )
         with self.engine.connect() as conn:
-            return [(r.chunk_id, r.text, r.content_hash) for r in conn.execute(stmt)]
+            return [
+                (r.chunk_id, embedding_text(r.context, r.text), r.content_hash)
+                for r in conn.execute(stmt)
+            ]
 
     def count_missing(self, space: EmbeddingSpace) -> int:
         c, e = schema.chunks, space.table
         stmt = (
             sa.select(sa.func.count())
             .select_from(c.outerjoin(e, e.c.chunk_id == c.c.chunk_id))
-            .where(e.c.chunk_id.is_(None))
+            .where(_needs_vector(c, e))
         )
         with self.engine.connect() as conn:
             return conn.execute(stmt).scalar_one()

@@ -33,6 +33,9 @@ class Completion:
     completion_tokens: int
     finish_reason: str  # "stop" (end of turn) or "length" (max_new_tokens reached)
     seconds: float
+    # Log-probability of each kept token under the decoding distribution; only when asked
+    # (``generate(..., logprobs=True)``), None otherwise.
+    token_logprobs: list[float] | None = None
 
 
 def per_row(max_new_tokens: int | Sequence[int], n: int) -> list[int]:
@@ -89,7 +92,13 @@ class _ChatLM:
         mask = [[0] * (width - len(i)) + [1] * len(i) for i in prompt_ids]
         return ids, mask
 
-    def _completion(self, generated: list[int], prompt_tokens: int, seconds: float) -> Completion:
+    def _completion(
+        self,
+        generated: list[int],
+        prompt_tokens: int,
+        seconds: float,
+        logprobs: list[float] | None = None,
+    ) -> Completion:
         stop_at = next((j for j, t in enumerate(generated) if t in self.eos_ids), None)
         kept = generated if stop_at is None else generated[:stop_at]
         return Completion(
@@ -98,6 +107,7 @@ class _ChatLM:
             completion_tokens=len(kept),
             finish_reason="stop" if stop_at is not None else "length",
             seconds=seconds,
+            token_logprobs=None if logprobs is None else logprobs[: len(kept)],
         )
 
 
@@ -144,16 +154,21 @@ class Generator(_ChatLM):
         temperature: float = 0.0,
         top_p: float = 1.0,
         seed: int | None = None,
+        logprobs: bool = False,
     ) -> list[Completion]:
-        """One padded batch. Greedy when temperature == 0."""
+        """One padded batch. Greedy when temperature == 0. ``logprobs=True`` also returns each
+        generated token's log-probability (the default path records nothing)."""
         if not prompts:
             return []
         limits = per_row(max_new_tokens, len(prompts))
         ids = [self.prompt_ids(p) for p in prompts]
         t0 = time.perf_counter()
-        generated = self.generate_ids(ids, limits, temperature, top_p, seed)
+        generated, picked = self._generate(ids, limits, temperature, top_p, seed, logprobs)
         seconds = time.perf_counter() - t0
-        return [self._completion(g, len(i), seconds) for g, i in zip(generated, ids, strict=True)]
+        return [
+            self._completion(g, len(i), seconds, None if picked is None else picked[n])
+            for n, (g, i) in enumerate(zip(generated, ids, strict=True))
+        ]
 
     def generate_ids(
         self,
@@ -164,19 +179,41 @@ class Generator(_ChatLM):
         seed: int | None = None,
     ) -> list[list[int]]:
         """Token ids in, generated ids out (each cut to its own limit): one left-padded batch."""
+        return self._generate(prompt_ids, limits, temperature, top_p, seed, False)[0]
+
+    def _generate(
+        self,
+        prompt_ids: list[list[int]],
+        limits: list[int],
+        temperature: float,
+        top_p: float,
+        seed: int | None,
+        logprobs: bool,
+    ) -> tuple[list[list[int]], list[list[float]] | None]:
         import torch
 
         ids, mask = self._pad_left(prompt_ids)
         if seed is not None:
             torch.manual_seed(seed)
+        extra: dict[str, Any] = {}
+        recorder = _LogprobRecorder() if logprobs else None
+        if recorder is not None:
+            from transformers import LogitsProcessorList
+
+            extra["logits_processor"] = LogitsProcessorList([recorder])
         with torch.inference_mode():
             out = self.model.generate(
                 input_ids=torch.tensor(ids, device=self.device),
                 attention_mask=torch.tensor(mask, device=self.device),
                 **self._decoding(max(limits), temperature, top_p),
+                **extra,
             )
         new = out[:, len(ids[0]) :]  # (batch, generated)
-        return [new[i, : limits[i]].tolist() for i in range(len(prompt_ids))]
+        picked = recorder.finish(out) if recorder is not None else None  # (batch, generated)
+        generated = [new[i, : limits[i]].tolist() for i in range(len(prompt_ids))]
+        if picked is None:
+            return generated, None
+        return generated, [picked[i, : limits[i]].tolist() for i in range(len(prompt_ids))]
 
     def stream(
         self,
@@ -236,6 +273,36 @@ class Generator(_ChatLM):
         return out.logits.float().cpu()
 
 
+class _LogprobRecorder:
+    """A logits processor that records the log-probability of each token generate picks.
+
+    Called at step t with the sequences so far (whose last token is the one picked at t-1) and
+    step t's scores: it looks that token up in step t-1's distribution, then keeps step t's.
+    ``finish`` does the same for the last step with the final sequences."""
+
+    def __init__(self) -> None:
+        self.previous: Any = None  # (batch, vocab) log-softmax of the last step
+        self.picked: list[Any] = []  # one (batch,) tensor per generated token
+
+    def __call__(self, input_ids: Any, scores: Any) -> Any:
+        import torch
+
+        if self.previous is not None:
+            self.picked.append(self.previous.gather(1, input_ids[:, -1:]).squeeze(1))
+        self.previous = torch.log_softmax(scores.float(), dim=-1)
+        return scores
+
+    def finish(self, sequences: Any) -> Any:
+        import torch
+
+        if self.previous is not None:
+            self.picked.append(self.previous.gather(1, sequences[:, -1:]).squeeze(1))
+            self.previous = None
+        if not self.picked:
+            return torch.zeros((sequences.shape[0], 0))
+        return torch.stack(self.picked, dim=1).cpu()  # (batch, generated)
+
+
 class OnnxGenerator(_ChatLM):
     """An ONNX export (logits from input_ids and attention_mask) run by onnxruntime."""
 
@@ -284,15 +351,19 @@ class OnnxGenerator(_ChatLM):
         temperature: float = 0.0,
         top_p: float = 1.0,
         seed: int | None = None,
+        logprobs: bool = False,
     ) -> list[Completion]:
         if not prompts:
             return []
         limits = per_row(max_new_tokens, len(prompts))
         ids = [self.prompt_ids(p) for p in prompts]
         t0 = time.perf_counter()
-        generated = self.generate_ids(ids, limits, temperature, top_p, seed)
+        generated, picked = self._generate(ids, limits, temperature, top_p, seed, logprobs)
         seconds = time.perf_counter() - t0
-        return [self._completion(g, len(i), seconds) for g, i in zip(generated, ids, strict=True)]
+        return [
+            self._completion(g, len(i), seconds, None if picked is None else picked[n])
+            for n, (g, i) in enumerate(zip(generated, ids, strict=True))
+        ]
 
     def generate_ids(
         self,
@@ -302,9 +373,21 @@ class OnnxGenerator(_ChatLM):
         top_p: float = 1.0,
         seed: int | None = None,
     ) -> list[list[int]]:
+        return self._generate(prompt_ids, limits, temperature, top_p, seed, False)[0]
+
+    def _generate(
+        self,
+        prompt_ids: list[list[int]],
+        limits: list[int],
+        temperature: float,
+        top_p: float,
+        seed: int | None,
+        logprobs: bool,
+    ) -> tuple[list[list[int]], list[list[float]] | None]:
         import numpy as np
 
         rng = np.random.default_rng(seed)
+        picked: list[Any] = []  # one (batch,) array of log-probabilities per step
         padded, pad_mask = self._pad_left(prompt_ids)
         ids = np.asarray(padded, dtype=np.int64)
         mask = np.asarray(pad_mask, dtype=np.int64)
@@ -320,6 +403,10 @@ class OnnxGenerator(_ChatLM):
                 nxt = np.array([rng.choice(len(p), p=_nucleus(p, top_p)) for p in probs])
             else:
                 nxt = last.argmax(axis=1)
+            if logprobs:
+                shifted = last - last.max(axis=1, keepdims=True)
+                log_z = np.log(np.exp(shifted).sum(axis=1))
+                picked.append(shifted[np.arange(len(nxt)), nxt] - log_z)
             nxt = np.where(done, self.tokenizer.pad_token_id, nxt)
             just_done = np.isin(nxt, self.eos_ids) & ~done
             ids = np.concatenate([ids, nxt[:, None]], axis=1)
@@ -327,7 +414,14 @@ class OnnxGenerator(_ChatLM):
             done |= just_done
             if done.all():
                 break
-        return [ids[i, n_prompt : n_prompt + limits[i]].tolist() for i in range(len(prompt_ids))]
+        generated = [
+            ids[i, n_prompt : n_prompt + limits[i]].tolist() for i in range(len(prompt_ids))
+        ]
+        if not logprobs:
+            return generated, None
+        return generated, [
+            [float(s[i]) for s in picked][: limits[i]] for i in range(len(prompt_ids))
+        ]
 
 
 def _nucleus(probs: Any, top_p: float) -> Any:

@@ -61,3 +61,41 @@ def answer_nll(
         total += float(loss)
         count += int((labels[:, 1:] != -100).sum())
     return total, count
+
+
+class QueryLikelihoodReranker:
+    """Reranks passages by how likely the causal LM finds the question after reading each one:
+    the mean log-probability of the question's tokens given "Passage: ... Question:" (query
+    likelihood, as in unsupervised passage reranking). Works with any chat/causal LM the
+    runtime loads (``Generator.logits``); no reranker weights need to ship."""
+
+    def __init__(self, generator: Any, *, max_passage_tokens: int = 320, name: str = ""):
+        self.generator = generator
+        self.max_passage_tokens = max_passage_tokens
+        self.name = name or f"query-likelihood:{getattr(generator, 'model_dir', 'lm')}"
+
+    def score(self, question: str, passages: list[str] | Any) -> list[float]:
+        import torch
+
+        tok = self.generator.tokenizer
+        q_ids = tok(" " + question.strip(), add_special_tokens=False)["input_ids"]
+        rows, n_question = [], len(q_ids)
+        for passage in passages:
+            p_ids = tok("Passage: " + passage.strip(), add_special_tokens=False, truncation=False)[
+                "input_ids"
+            ][: self.max_passage_tokens]
+            suffix = tok("\nA question this passage answers:", add_special_tokens=False)[
+                "input_ids"
+            ]
+            rows.append(p_ids + suffix + q_ids)
+        if not rows:
+            return []
+        width = max(len(r) for r in rows)
+        pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+        ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows])  # (n, width), left pad
+        mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
+        logits = self.generator.logits(ids, mask)  # (n, width, vocab)
+        logprobs = torch.log_softmax(logits[:, -n_question - 1 : -1].float(), dim=-1)
+        target = ids[:, -n_question:]  # the question's tokens, the same in every row
+        picked = logprobs.gather(-1, target.unsqueeze(-1)).squeeze(-1)  # (n, n_question)
+        return [float(x) for x in picked.mean(dim=1)]

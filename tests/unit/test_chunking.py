@@ -116,3 +116,120 @@ def test_chunks_longer_than_the_model_reads_are_refused():
 
     with pytest.raises(ValueError, match="truncated"):
         make_chunker(ChunkingConfig(max_tokens=300, overlap_tokens=0), Embedder())
+
+
+# ---- contextual chunks --------------------------------------------------------------------------
+
+
+def test_headings_of_markdown_skip_code_fences_and_read_underlines():
+    from serving.corpus.chunking import headings
+
+    text = (
+        "Guide\n=====\n\nIntro.\n\n## Setup\n\nText.\n\n```\n# not a heading\n```\n\n"
+        "Details\n-------\n\n### Deep one ##\n\nMore."
+    )
+    assert [(h.level, h.text) for h in headings(text, "markdown")] == [
+        (1, "Guide"),
+        (2, "Setup"),
+        (2, "Details"),
+        (3, "Deep one"),
+    ]
+    assert all(
+        text[h.offset :].startswith(h.text.split()[0]) or text[h.offset] == "#"
+        for h in headings(text, "markdown")
+    )
+
+
+def test_plain_text_headings_are_short_title_lines_standing_alone():
+    from serving.corpus.chunking import headings
+
+    text = (
+        "Storing Sperm\n\nThe queen stores sperm.\n\n- A list item\n\n"
+        "A sentence that ends with a period.\n\nWhen to expect eggs\n\nAfter two weeks."
+    )
+    assert [h.text for h in headings(text, "text")] == ["Storing Sperm", "When to expect eggs"]
+    # Markdown documents only take marked headings.
+    assert headings(text, "markdown") == []
+
+
+def test_section_path_follows_the_heading_levels():
+    from serving.corpus.chunking import section_path
+
+    text = "# A\n\nx\n\n## B\n\ny\n\n### C\n\nz\n\n## D\n\nw"
+    assert section_path(text, "markdown", text.index("x")) == ["A"]
+    assert section_path(text, "markdown", text.index("z")) == ["A", "B", "C"]
+    assert section_path(text, "markdown", text.index("w")) == ["A", "D"]
+
+
+def test_contextual_chunks_keep_clean_text_and_embed_title_and_section(tokenizer):
+    from refinery.lineage import sha256_hex
+    from serving.corpus.chunking import embedding_text
+
+    chunker = make(tokenizer, max_tokens=64, overlap=8)
+    chunks = chunker.split(
+        doc_id="d1",
+        source="a.md",
+        text=TEXT,
+        format="markdown",
+        title="Colony Castes and Development Times",
+    )
+    queen = next(
+        c
+        for c in chunks
+        if "## The queen" in TEXT[: c.char_start + 1] and c.char_start > TEXT.index("## The queen")
+    )
+    assert queen.context == "Colony Castes and Development Times > The queen"  # title not repeated
+    assert TEXT[queen.char_start : queen.char_end] == queen.text  # the text stays clean
+    assert (
+        queen.embedded
+        == embedding_text(queen.context, queen.text)
+        == f"{queen.context}\n\n{queen.text}"
+    )
+    assert queen.content_hash == sha256_hex(queen.embedded)
+    assert all(chunker.count_tokens(c.context) <= chunker.config.context_tokens for c in chunks)
+
+
+def test_context_is_cut_to_its_token_budget(tokenizer):
+    chunker = Chunker(ChunkingConfig(64, 8, context_tokens=8), tokenizer, "m")
+    context = chunker.context(
+        "A very long document title about many things", ["One", "Two", "Three"]
+    )
+    assert chunker.count_tokens(context) <= 8
+    assert context.startswith("A very long")
+
+
+def test_plain_chunks_have_no_context_and_hash_their_text(tokenizer):
+    from refinery.lineage import sha256_hex
+
+    chunks = Chunker(ChunkingConfig(64, 8, contextual=False), tokenizer, "m").split(
+        doc_id="d1", source="a.md", text=TEXT, format="markdown", title="T"
+    )
+    assert all(c.context == "" and c.content_hash == sha256_hex(c.text) for c in chunks)
+
+
+def test_contextual_config_is_a_new_index_version():
+    plain, contextual = ChunkingConfig(200, 32, contextual=False), ChunkingConfig(200, 32)
+    assert plain.fingerprint("m") != contextual.fingerprint("m")
+    assert contextual.fingerprint("m") != ChunkingConfig(200, 32, context_tokens=20).fingerprint(
+        "m"
+    )
+    assert contextual.embedded_tokens == 200 + contextual.context_tokens
+    with pytest.raises(ValueError, match="context_tokens"):
+        ChunkingConfig(200, 32, context_tokens=2)
+
+
+def test_pdf_headings_are_short_lines_between_sentences():
+    from serving.corpus.chunking import headings
+
+    text = (
+        "Siting an Apiary\nWhere you put hives matters, and\nhow you get on with neighbours.\n"
+        "Sun and shelter\nBees like the morning sun. Shelter from\nthe wind helps.\nWater\n"
+        "Colonies need water.\n- a list item\nends here"
+    )
+    assert [h.text for h in headings(text, "pdf")] == [
+        "Siting an Apiary",
+        "Sun and shelter",
+        "Water",
+    ]
+    # the same lines in plain text are not headings: they do not stand alone
+    assert headings(text, "text") == []

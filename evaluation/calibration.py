@@ -1,0 +1,285 @@
+"""Calibrating RAG confidence on labelled answers: what "correct" means, the logistic fit,
+expected calibration error and the reliability diagram.
+
+**Correct** (``is_correct``): an answer is correct when it carries the reference answer's facts:
+every number in the reference appears in the answer, and at least half of the reference's
+content words (stop words removed) appear in it. Lexical on purpose: it can be computed for
+every answer, and what a small model gets wrong is mostly a number or the thing named. An
+answer that says it does not know is not correct (every question in the sets has an answer).
+
+The model (``fit_calibration``): logistic regression with an L2 penalty on standardized signals
+(``serving.rag.signals``), fitted by Newton's method in numpy; stored as JSON coefficients.
+Fitted only on rows of the tune split; ECE and the reliability diagram are reported on the test
+split.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from serving.rag import Calibration, ConfidenceModel, says_unknown
+
+LOGPROB_FEATURES = ("mean_logprob", "min_logprob")
+BASE_FEATURES = (
+    "top_cosine",
+    "cosine_margin",
+    "both_lists",
+    "question_coverage",
+    "support",
+    "fact_support",
+    "says_unknown",
+)
+_STOP = frozenset(
+    [
+        "a",
+        "an",
+        "the",
+        "and",
+        "or",
+        "of",
+        "to",
+        "in",
+        "on",
+        "at",
+        "by",
+        "for",
+        "with",
+        "from",
+        "as",
+        "is",
+        "are",
+        "was",
+        "were",
+        "be",
+        "it",
+        "its",
+        "this",
+        "that",
+        "about",
+        "about",
+        "than",
+        "then",
+        "there",
+        "their",
+        "they",
+        "them",
+        "which",
+        "who",
+        "what",
+        "when",
+        "how",
+        "do",
+        "does",
+        "can",
+        "should",
+        "will",
+        "would",
+        "may",
+        "might",
+        "not",
+        "no",
+        "yes",
+        "your",
+        "you",
+    ]
+)
+_WORD = re.compile(r"[a-z0-9]+")
+_NUMBER = re.compile(r"\d+(?:\.\d+)?")
+
+
+_THOUSANDS = re.compile(r"(?<=\d),(?=\d)")
+
+
+def _content(text: str) -> set[str]:
+    text = _THOUSANDS.sub("", text.lower())
+    return {w for w in _WORD.findall(text) if w not in _STOP and len(w) > 1}
+
+
+def is_correct(answer: str, reference: str, min_recall: float = 0.5) -> bool:
+    """See the module docstring."""
+    if says_unknown(answer):
+        return False
+    text = _THOUSANDS.sub("", answer.lower())
+    numbers = set(_NUMBER.findall(_THOUSANDS.sub("", reference)))
+    if any(not re.search(rf"(?<![\d.]){re.escape(n)}(?![\d])", text) for n in numbers):
+        return False
+    wanted = _content(reference)
+    if not wanted:
+        return True
+    return len(wanted & _content(answer)) / len(wanted) >= min_recall
+
+
+def fit_logistic(
+    rows: Sequence[Mapping[str, float]],
+    labels: Sequence[bool],
+    features: Sequence[str],
+    *,
+    l2: float = 1.0,
+    iterations: int = 50,
+) -> ConfidenceModel:
+    """Logistic regression, L2-penalized (not on the intercept), Newton's method."""
+    if len(rows) != len(labels) or len(rows) < 4:
+        raise ValueError(f"need at least 4 labelled rows, got {len(rows)}")
+    x = np.array([[float(r[f]) for f in features] for r in rows], dtype=np.float64)  # (n, d)
+    y = np.array(labels, dtype=np.float64)  # (n,)
+    mean = x.mean(axis=0)
+    scale = x.std(axis=0)
+    scale[scale < 1e-9] = 1.0
+    z = np.hstack([np.ones((len(x), 1)), (x - mean) / scale])  # (n, d+1)
+    w = np.zeros(z.shape[1])
+    penalty = np.full(z.shape[1], l2)
+    penalty[0] = 0.0
+    for _ in range(iterations):
+        p = 1.0 / (1.0 + np.exp(-np.clip(z @ w, -60, 60)))
+        grad = z.T @ (p - y) + penalty * w
+        hess = (z * (p * (1 - p))[:, None]).T @ z + np.diag(penalty) + 1e-9 * np.eye(len(w))
+        step = np.linalg.solve(hess, grad)
+        w -= step
+        if np.max(np.abs(step)) < 1e-8:
+            break
+    return ConfidenceModel(
+        tuple(features),
+        tuple(float(v) for v in mean),
+        tuple(float(v) for v in scale),
+        tuple(float(v) for v in w[1:]),
+        float(w[0]),
+    )
+
+
+def expected_calibration_error(
+    probs: Sequence[float], labels: Sequence[bool], bins: int = 10
+) -> float:
+    """Sum over equal-width confidence bins of |accuracy - mean confidence| x share of rows."""
+    p = np.asarray(probs, dtype=np.float64)
+    y = np.asarray(labels, dtype=np.float64)
+    if len(p) == 0:
+        return float("nan")
+    idx = np.minimum((p * bins).astype(int), bins - 1)
+    total = 0.0
+    for b in range(bins):
+        mask = idx == b
+        if mask.any():
+            total += mask.mean() * abs(y[mask].mean() - p[mask].mean())
+    return float(total)
+
+
+def choose_threshold(probs: Sequence[float], labels: Sequence[bool], max_wrong: float) -> float:
+    """The lowest threshold at which at most ``max_wrong`` of the answers kept are wrong
+    (fitted on the tune split). 0.5 if none reaches it."""
+    pairs = sorted(zip(probs, labels, strict=True))
+    for i, (p, _) in enumerate(pairs):
+        kept = [y for _, y in pairs[i:]]
+        if kept and 1 - sum(kept) / len(kept) <= max_wrong:
+            return float(p)
+    return 0.5
+
+
+def wrong_above(
+    probs: Sequence[float], labels: Sequence[bool], threshold: float
+) -> dict[str, float]:
+    """Of the answers at or above ``threshold``: how many, and what share of them are wrong;
+    and what share of all wrong answers got through."""
+    kept = [y for p, y in zip(probs, labels, strict=True) if p >= threshold]
+    wrong_total = sum(1 for y in labels if not y)
+    wrong_kept = sum(1 for y in kept if not y)
+    return {
+        "answered": len(kept) / max(1, len(labels)),
+        "wrong_share_of_answered": wrong_kept / len(kept) if kept else 0.0,
+        "wrong_let_through": wrong_kept / wrong_total if wrong_total else 0.0,
+    }
+
+
+def fit_calibration(
+    rows: Sequence[Mapping[str, float]],
+    labels: Sequence[bool],
+    *,
+    max_wrong: float = 0.25,
+    l2: float = 1.0,
+    meta: dict[str, Any] | None = None,
+) -> Calibration:
+    """Both models (with logprob signals when every row has them) and the threshold."""
+    with_lp = None
+    if rows and all(all(f in r for f in LOGPROB_FEATURES) for r in rows):
+        with_lp = fit_logistic(rows, labels, BASE_FEATURES + LOGPROB_FEATURES, l2=l2)
+    without = fit_logistic(rows, labels, BASE_FEATURES, l2=l2)
+    model = with_lp or without
+    probs = [model.predict(r) for r in rows]
+    threshold = choose_threshold(probs, labels, max_wrong)
+    return Calibration(with_lp, without, round(threshold, 4), meta or {})
+
+
+def reliability_diagram(
+    probs: Sequence[float],
+    labels: Sequence[bool],
+    path: Path,
+    *,
+    bins: int = 10,
+    title: str = "RAG confidence: reliability",
+    baseline: tuple[str, Sequence[float]] | None = None,
+) -> Path:
+    """Accuracy per confidence bin against the diagonal, with the ECE in the legend; a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    def curve(values: Sequence[float]) -> tuple[list[float], list[float], list[int]]:
+        p = np.asarray(values, dtype=np.float64)
+        y = np.asarray(labels, dtype=np.float64)
+        idx = np.minimum((p * bins).astype(int), bins - 1)
+        xs, ys, ns = [], [], []
+        for b in range(bins):
+            mask = idx == b
+            if mask.any():
+                xs.append(float(p[mask].mean()))
+                ys.append(float(y[mask].mean()))
+                ns.append(int(mask.sum()))
+        return xs, ys, ns
+
+    fig, ax = plt.subplots(figsize=(5, 5))
+    ax.plot([0, 1], [0, 1], color="grey", linestyle="--", linewidth=1, label="perfect")
+    series = [("calibrated", probs)] + ([baseline] if baseline else [])
+    for name, values in series:
+        xs, ys, ns = curve(values)
+        ece = expected_calibration_error(values, labels, bins)
+        ax.plot(xs, ys, marker="o", label=f"{name} (ECE {ece:.3f})")
+        if name == "calibrated":
+            for x, y, n in zip(xs, ys, ns, strict=True):
+                ax.annotate(str(n), (x, y), textcoords="offset points", xytext=(4, -10), fontsize=7)
+    ax.set_xlabel("confidence")
+    ax.set_ylabel("share of answers correct")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1)
+    ax.set_title(f"{title} (n={len(labels)})")
+    ax.legend(loc="upper left", fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def calibration_metrics(examples: Sequence[Any], split: str = "test") -> dict[str, float]:
+    """ECE and answer accuracy of RAG examples of ``split`` (ExampleResult with scores
+    ``confidence`` and ``correct``); empty when there are none."""
+    rows = [e for e in examples if e.kind == "rag" and e.split == split]
+    if not rows:
+        return {}
+    probs = [e.scores["confidence"] for e in rows]
+    labels = [bool(e.scores["correct"]) for e in rows]
+    return {
+        f"rag_{split}_ece": expected_calibration_error(probs, labels),
+        f"rag_{split}_accuracy": sum(labels) / len(labels),
+        f"rag_{split}_mean_confidence": float(np.mean(probs)),
+        f"rag_{split}_examples": float(len(rows)),
+    }
+
+
+def sigmoid(x: float) -> float:
+    return 1.0 / (1.0 + math.exp(-x))
