@@ -2,12 +2,19 @@
 replica, the traffic mix, prices). ``python -m serving.api.capacity --write`` rewrites the
 generated part of docs/deploy.md; a test checks that the two agree.
 
-The model is deliberately simple. Each service runs at ``utilization`` of the throughput one
-replica reached in the benchmark, so replicas = ceil(load / (rps x utilization)). The entry
-service also holds every request until its model answers, so it needs enough replicas for the
-requests in flight (Little's law: rate x median latency) at ``entry_inflight_target`` per
-replica. Every chat request is screened by the embedding service (the guard), so the embedder's
-load is the embedding requests plus the chat requests; cache hits stop at the entry service.
+The model is deliberately simple; two services share the work:
+
+- The entry service (``refinery``) answers cache hits and embeddings itself and screens every
+  chat request with the guard, which embeds its user turn, so a chat request costs the entry
+  about one embedding request. Its replicas run at ``utilization`` of what one replica measured
+  (the CPU target of its HPA): replicas = ceil(sum(load / rps) / utilization). It also holds
+  every chat request until the chat service answers, so it needs enough replicas for the
+  requests in flight (Little's law: chat rate x median latency) at ``entry_inflight_target``
+  per replica.
+- The chat service (``refinery-chat``) scales on requests in flight, ``chat_inflight_target``
+  per replica (a full running batch), which is the load the benchmark measured it under
+  (``clients``): at its target a replica answers what it answered there, so replicas =
+  ceil(chat load / measured requests/s).
 """
 
 from __future__ import annotations
@@ -29,8 +36,8 @@ BEGIN, END = "<!-- capacity:begin (generated) -->", "<!-- capacity:end -->"
 class Row:
     service: str
     load_rps: float
-    per_replica_rps: float | None
-    replicas: int | None
+    per_replica_rps: str  # what one replica answers, as measured ("–": not measured)
+    replicas: int
     cores: int | None
     note: str
 
@@ -41,111 +48,78 @@ def load_inputs(path: Path = INPUTS) -> dict[str, Any]:
     inputs = yaml.safe_load(path.read_text())
     if abs(sum(inputs["mix"].values()) - 1) > 1e-9:
         raise ValueError(f"the traffic mix in {path} must add up to 1: {inputs['mix']}")
+    chat = inputs["replica"]["chat_cpu"]
+    if chat["clients"] != inputs["chat_inflight_target"]:
+        raise ValueError(
+            f"{path}: the chat figures must be measured at the chat HPA's target "
+            f"({inputs['chat_inflight_target']} requests in flight), not {chat['clients']} clients"
+        )
     return inputs
 
 
-def _replicas(load: float, rps: float, utilization: float) -> int:
-    return max(1, math.ceil(load / (rps * utilization) - 1e-9))
+def _ceil(x: float) -> int:
+    return max(1, math.ceil(x - 1e-9))
 
 
 def plan(inputs: dict[str, Any]) -> dict[str, Any]:
-    total, mix, rep, util = (
-        inputs["target_rps"],
-        inputs["mix"],
-        inputs["replica"],
-        inputs["utilization"],
-    )
-    price = inputs["price"]
+    total, mix, util = inputs["target_rps"], inputs["mix"], inputs["utilization"]
+    entry, chat, price = inputs["replica"]["entry"], inputs["replica"]["chat_cpu"], inputs["price"]
     load = {k: total * share for k, share in mix.items()}
-    inflight = (
-        load["cache_hit"] * rep["entry"]["p50_ms"]
-        + load["embeddings"] * rep["embedder"]["p50_ms"]
-        + load["chat"] * rep["chat_cpu"]["p50_ms"]
-    ) / 1000
-    entry_by_rps = _replicas(total, rep["entry"]["rps"], util)
-    entry_by_inflight = math.ceil(inflight / inputs["entry_inflight_target"])
-    entry = max(entry_by_rps, entry_by_inflight)
-    embed_load = load["embeddings"] + load["chat"]
-    embedder = _replicas(embed_load, rep["embedder"]["rps"], util)
-    chat = _replicas(load["chat"], rep["chat_cpu"]["rps"], util)
-    cores = {
-        "entry": entry * rep["entry"]["cores"],
-        "embedder": embedder * rep["embedder"]["cores"],
-        "chat": chat * rep["chat_cpu"]["cores"],
-    }
-    cpu_hour = sum(cores.values()) * price["cpu_core_hour"]
-    # GPU: the chat model on one GPU node; the entry and embedding services as on CPU, the
-    # entry sized by throughput (its requests in flight shrink with the GPU's latency).
-    gpu_entry = entry_by_rps
-    gpu_cores = (gpu_entry * rep["entry"]["cores"]) + cores["embedder"]
-    gpu_hour = gpu_cores * price["cpu_core_hour"] + price["gpu_node_hour"]
-    # The chat latency at which the entry's in-flight bound stays under its throughput bound.
-    room = gpu_entry * inputs["entry_inflight_target"] * 1000 - (
-        load["cache_hit"] * rep["entry"]["p50_ms"] + load["embeddings"] * rep["embedder"]["p50_ms"]
+    # Replica-seconds of entry work per second: a chat request costs it one embedding (the guard).
+    screened = load["embeddings"] + load["chat"]
+    entry_work = load["cache_hit"] / entry["cache_hit_rps"] + screened / entry["embeddings_rps"]
+    entry_by_cpu = _ceil(entry_work / util)
+    inflight = load["chat"] * chat["p50_ms"] / 1000
+    entry_by_inflight = _ceil(inflight / inputs["entry_inflight_target"])
+    n_entry = max(entry_by_cpu, entry_by_inflight)
+    n_chat = _ceil(load["chat"] / chat["rps"])
+    entry_mix = (
+        f"{entry['cache_hit_rps']:g} cache hits/s or {entry['embeddings_rps']:g} embeddings/s"
     )
+    cpu_cores = n_entry * entry["cores"] + n_chat * chat["cores"]
+    cpu_hour = cpu_cores * price["cpu_core_hour"]
+    # GPU: the chat model on one GPU node; the entry as on CPU, sized by CPU (its requests in
+    # flight shrink with the GPU's latency) while chat's median latency stays under `room`.
+    gpu_cores = entry_by_cpu * entry["cores"]
+    gpu_hour = gpu_cores * price["cpu_core_hour"] + price["gpu_node_hour"]
+    room = entry_by_cpu * inputs["entry_inflight_target"] / load["chat"]
+    tokens = load["chat"] * chat["tokens_per_answer"]
     return {
         "load": load,
         "inflight": inflight,
         "cpu": {
             "rows": [
                 Row(
-                    "entry (`refinery`)",
-                    total,
-                    rep["entry"]["rps"],
-                    entry,
-                    cores["entry"],
-                    f"{entry_by_rps} for throughput, {entry_by_inflight} for "
-                    f"{inflight:,.0f} requests in flight",
+                    "entry (`refinery`)", total, entry_mix, n_entry, n_entry * entry["cores"],
+                    f"{entry_by_cpu} for CPU (cache hits, embeddings, the guard's screen of each "
+                    f"chat request), {entry_by_inflight} for {inflight:,.0f} chat requests in "
+                    "flight",
                 ),
                 Row(
-                    "embedder (`refinery-embedder`)",
-                    embed_load,
-                    rep["embedder"]["rps"],
-                    embedder,
-                    cores["embedder"],
-                    "embedding requests + the guard's screen of each chat request",
+                    "chat (`refinery-chat`), CPU", load["chat"], f"{chat['rps']:g}", n_chat,
+                    n_chat * chat["cores"],
+                    f"at {chat['clients']} requests in flight per replica (its HPA target): "
+                    f"{chat['tokens_per_s']:g} tokens/s, p50 {chat['p50_ms'] / 1000:.1f} s, "
+                    f"p99 {chat['p99_ms'] / 1000:.1f} s; {chat['tokens_per_answer']:g} tokens "
+                    "per answer",
                 ),
-                Row(
-                    "chat (`refinery-chat`), CPU",
-                    load["chat"],
-                    rep["chat_cpu"]["rps"],
-                    chat,
-                    cores["chat"],
-                    f"max_tokens 16; p99 {rep['chat_cpu']['p99_ms'] / 1000:.1f} s",
-                ),
-            ],
-            "cores": sum(cores.values()),
+            ],  # fmt: skip
+            "cores": cpu_cores,
             "usd_per_hour": cpu_hour,
             "usd_per_request": cpu_hour / 3600 / total,
         },
         "gpu": {
             "rows": [
                 Row(
-                    "entry (`refinery`)",
-                    total,
-                    rep["entry"]["rps"],
-                    gpu_entry,
-                    gpu_entry * rep["entry"]["cores"],
-                    f"enough while chat's median latency stays under {room / load['chat'] / 1000:.1f} s",
+                    "entry (`refinery`)", total, entry_mix, entry_by_cpu, gpu_cores,
+                    f"enough while chat's median latency stays under {room:.1f} s",
                 ),
                 Row(
-                    "embedder (`refinery-embedder`)",
-                    embed_load,
-                    rep["embedder"]["rps"],
-                    embedder,
-                    cores["embedder"],
-                    "as on CPU",
+                    "chat (`refinery-chat`), one GPU", load["chat"], "–", 1, None,
+                    f"must sustain {load['chat']:,.0f} requests/s ({tokens:,.0f} generated "
+                    "tokens/s): not measured here",
                 ),
-                Row(
-                    "chat (`refinery-chat`), one GPU",
-                    load["chat"],
-                    None,
-                    1,
-                    None,
-                    f"must sustain {load['chat'] / util:,.0f} requests/s "
-                    f"({load['chat'] / util * 16:,.0f} generated tokens/s): not measured here",
-                ),
-            ],
+            ],  # fmt: skip
             "cores": gpu_cores,
             "usd_per_hour": gpu_hour,
             "usd_per_request": gpu_hour / 3600 / total,
@@ -158,9 +132,10 @@ def render(inputs: dict[str, Any]) -> str:
     mix = ", ".join(f"{k.replace('_', ' ')} {v:.0%}" for k, v in inputs["mix"].items())
     lines = [
         BEGIN,
-        f"Target: **{inputs['target_rps']:,} requests/s**, mix: {mix}. Replicas at "
-        f"{inputs['utilization']:.0%} of their measured throughput (the HPAs' CPU target). "
-        f"Measured per replica: {inputs['source']}.",
+        f"Target: **{inputs['target_rps']:,} requests/s**, mix: {mix}. Entry replicas at "
+        f"{inputs['utilization']:.0%} of their measured throughput (their HPA's CPU target), chat "
+        f"replicas at {inputs['chat_inflight_target']} requests in flight (theirs). Measured per "
+        f"replica: {inputs['source']}.",
         "",
     ]
     for key, title in (("cpu", "CPU nodes only"), ("gpu", "chat on one GPU node")):
@@ -174,10 +149,10 @@ def render(inputs: dict[str, Any]) -> str:
             "|---|---|---|---|---|---|",
         ]
         for r in s["rows"]:
-            per = f"{r.per_replica_rps:g}" if r.per_replica_rps else "–"
             cores = str(r.cores) if r.cores is not None else "–"
             lines.append(
-                f"| {r.service} | {r.load_rps:,.0f} | {per} | {r.replicas} | {cores} | {r.note} |"
+                f"| {r.service} | {r.load_rps:,.0f} | {r.per_replica_rps} | {r.replicas} "
+                f"| {cores} | {r.note} |"
             )
         lines.append("")
     lines.append(

@@ -1,12 +1,14 @@
-"""deploy/ against live processes on loopback: the Bento's services run apart, one process each
-with its own home, the entry pointed at the others with --depends (the layout of deploy/k8s);
-and deploy/prometheus and deploy/grafana against a real Prometheus (Debian's, a plain process
-with a temporary data folder) that scrapes a running Refinery Bento (the `served` fixture of
-test_service.py) and a Pushgateway the drift result is pushed to.
+"""deploy/ against live processes on loopback: the Bento's two services run apart, one process
+each with its own home, the entry pointed at the chat service with --depends (the layout of
+deploy/k8s); and deploy/prometheus and deploy/grafana against a real Prometheus (Debian's, a
+plain process with a temporary data folder) that scrapes a running Refinery Bento (the `served`
+fixture of test_service.py, here with prompt-lookup speculation, so that its counters move) and
+a Pushgateway the drift result is pushed to.
 
-After two rounds of traffic (so that every counter has moved between scrapes), every dashboard
-panel's query, every recording rule, the Prometheus adapter's query and every alert's
-expression is sent to Prometheus's HTTP API. Each must parse and return at least one finite
+After two rounds of traffic (so that every counter has moved between scrapes; each round holds
+identical requests at once, which share one generation), every dashboard panel's query, every
+recording rule, the Prometheus adapter's query and every alert's expression is sent to
+Prometheus's HTTP API. Each must parse and return at least one finite
 sample. An alert's expression is `<quantity> <comparison> <threshold>`: "returns data" is asked
 of the quantity (the threshold is promtool's to test, deploy/prometheus/tests), and the whole
 expression must parse. The Bento's generated Dockerfile and `refinery deploy render` are checked
@@ -24,6 +26,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -72,6 +75,12 @@ class Prometheus:
         if body["data"]["resultType"] == "scalar":
             return [float(result[1])]
         return [float(r["value"][1]) for r in result]
+
+
+@pytest.fixture(scope="module")
+def serve_env() -> dict[str, str]:
+    """The served Bento speculates (prompt lookup), so the speculative-decoding panel has data."""
+    return {"REFINERY_SPECULATION": "prompt_lookup"}
 
 
 @pytest.fixture(scope="module")
@@ -139,7 +148,23 @@ def prometheus(served, pushgateway, tmp_path_factory) -> Iterator[Prometheus]:  
         stop_tree(proc)
 
 
+def shared_generation(served, round_: int) -> None:  # noqa: F811
+    """Identical chat requests at once: one generation answers them all (single flight)."""
+    for attempt in range(3):
+        body = {
+            "messages": [{"role": "user", "content": f"Describe a beehive ({round_}.{attempt})."}],
+            "max_tokens": 32,
+        }
+        with ThreadPoolExecutor(4) as pool:
+            answers = list(pool.map(lambda _: served.post("/v1/chat/completions", body), range(4)))
+        assert all(a.status_code == 200 for a in answers), [a.text for a in answers]
+        if any(a.headers["x-refinery-cache"] == "shared" for a in answers):
+            return
+    raise AssertionError("no request shared a generation in three tries")
+
+
 def send_traffic(served, round_: int) -> None:  # noqa: F811
+    shared_generation(served, round_)
     client = openai_client(served)
     ask = [{"role": "user", "content": "What do honey bees make?"}]
     client.chat.completions.create(model=MODEL, messages=ask, max_tokens=8)  # miss, then a hit
@@ -303,10 +328,10 @@ class Split:
 
 @pytest.fixture(scope="module")
 def split(served, settings, server_url, tmp_path_factory) -> Iterator[Split]:  # noqa: F811
-    """`start-http-server` per service (what the pods run): each model service alone
-    (--service-name), the entry service with --depends naming their URLs. Each process gets its
-    own BENTOML_HOME (BentoML clears its metrics folder there at start), sharing the model store,
-    as each pod has its own file system."""
+    """`start-http-server` per service (what the pods run): the chat service alone
+    (--service-name), the entry service with --depends naming its URL. Each process gets its own
+    BENTOML_HOME (BentoML clears its metrics folder there at start), sharing the model store, as
+    each pod has its own file system."""
     from refinery.settings import OFFLINE_ENV
     from refinery.stores import environment
 
@@ -314,7 +339,7 @@ def split(served, settings, server_url, tmp_path_factory) -> Iterator[Split]:  #
     env = {**os.environ, **OFFLINE_ENV, **environment(settings, server_url)}
     env.update(REFINERY_API_KEYS=API_KEY, REFINERY_MAX_TOKENS="64", REFINERY_TRAFFIC_FLUSH_S="0.2")
     start = [sys.executable, "-m", "bentoml_cli._internal.start", "start-http-server"]
-    ports = {name: free_port() for name in ("refinery-embedder", "refinery-chat", "refinery")}
+    ports = {name: free_port() for name in ("refinery-chat", "refinery")}
     urls = {name: f"http://127.0.0.1:{port}" for name, port in ports.items()}
     procs: list[subprocess.Popen] = []
     logs = tmp_path_factory.mktemp("split")
@@ -342,13 +367,9 @@ def split(served, settings, server_url, tmp_path_factory) -> Iterator[Split]:  #
         )
 
     try:
-        for name in ("refinery-embedder", "refinery-chat"):
-            launch(name, [f"--service-name={name}"])
-        for name in ("refinery-embedder", "refinery-chat"):
-            ready(name)
-        launch(
-            "refinery", [f"--depends={n}={urls[n]}" for n in ("refinery-embedder", "refinery-chat")]
-        )
+        launch("refinery-chat", ["--service-name=refinery-chat"])
+        ready("refinery-chat")
+        launch("refinery", [f"--depends=refinery-chat={urls['refinery-chat']}"])
         ready("refinery")
         yield Split(urls)
     finally:
@@ -356,8 +377,21 @@ def split(served, settings, server_url, tmp_path_factory) -> Iterator[Split]:  #
             stop_tree(proc)
 
 
+def metric_values(url: str, name: str, **labels: str) -> list[float]:
+    """The values of one metric's samples on a /metrics page (those with ``labels``)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = httpx.get(url + "/metrics", timeout=10).text
+    return [
+        s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+        if s.name == name and labels.items() <= s.labels.items()
+    ]
+
+
 def test_the_services_answer_when_they_run_apart(split):
-    entry = split.urls["refinery"]
+    entry, chat_url = split.urls["refinery"], split.urls["refinery-chat"]
     headers = {"Authorization": f"Bearer {API_KEY}"}
     chat = httpx.post(
         entry + "/v1/chat/completions",
@@ -374,20 +408,54 @@ def test_the_services_answer_when_they_run_apart(split):
         timeout=120,
     )
     assert rag.status_code == 200 and rag.json()["sources"], rag.text
-    # Each process serves its own metrics: generation batches on the chat service, tokens on the
-    # entry service, nothing of the model services in the entry's.
-    entry_metrics = httpx.get(entry + "/metrics", timeout=10).text
-    chat_metrics = httpx.get(split.urls["refinery-chat"] + "/metrics", timeout=10).text
-    assert "refinery_tokens_total" in entry_metrics
-    assert (
-        'method_name="generate"' in chat_metrics and 'method_name="generate"' not in entry_metrics
-    )
-    # The entry's own health says ready only with its dependencies reachable from it.
+    # The embedding model runs in the entry's process: no other service is needed.
+    emb = httpx.post(entry + "/v1/embeddings", json={"input": ["varroa mites"]}, headers=headers)
+    assert emb.status_code == 200 and len(emb.json()["data"][0]["embedding"]) > 0, emb.text
+    # Each process serves its own metrics: tokens and cache on the entry, the engine's
+    # generations on the chat service.
+    assert sum(metric_values(entry, "refinery_tokens_total")) > 0
+    assert metric_values(chat_url, "refinery_tokens_total") == []
+    assert sum(metric_values(chat_url, "refinery_engine_generated_tokens_total")) > 0
+    assert sum(metric_values(entry, "refinery_engine_generated_tokens_total")) == 0
+    assert sum(metric_values(chat_url, "bentoml_service_request_total", endpoint="/generate")) >= 2
+    assert metric_values(entry, "bentoml_service_request_total", endpoint="/generate") == []
+    # The entry's own health says ready only with its dependency reachable from it.
     assert httpx.get(entry + "/readyz", timeout=5).status_code == 200
 
 
-def test_a_model_service_refuses_nothing_but_the_entry_may_call_it(split, rendered_policy):
-    """Why deploy/k8s has a NetworkPolicy: a model service answers any caller (it has no keys);
+def test_the_chat_pods_requests_in_flight_last_until_the_last_token(split):
+    """What the chat HPA scales on (deploy/prometheus/adapter-rules.yaml): BentoML's requests in
+    progress on the chat service count each generation from its arrival to its last token (a
+    stream), and fall back to none when they end."""
+    entry, chat_url = split.urls["refinery"], split.urls["refinery-chat"]
+    headers = {"Authorization": f"Bearer {API_KEY}"}
+
+    def ask(i: int) -> int:
+        body = {
+            "messages": [{"role": "user", "content": f"Tell a long story about bee {i}."}],
+            "max_tokens": 64,
+        }
+        return httpx.post(
+            entry + "/v1/chat/completions", json=body, headers=headers, timeout=120
+        ).status_code
+
+    def in_flight() -> float:
+        return sum(metric_values(chat_url, "bentoml_service_request_in_progress",
+                                 endpoint="/generate"))  # fmt: skip
+
+    seen: list[float] = []
+    with ThreadPoolExecutor(6) as pool:
+        futures = [pool.submit(ask, i) for i in range(6)]
+        while not all(f.done() for f in futures):
+            seen.append(in_flight())
+            time.sleep(0.05)
+        assert [f.result() for f in futures] == [200] * 6
+    assert max(seen) >= 2, seen
+    assert in_flight() == 0
+
+
+def test_the_chat_service_refuses_nothing_but_the_entry_may_call_it(split, rendered_policy):
+    """Why deploy/k8s has a NetworkPolicy: the chat service answers any caller (it has no keys);
     the entry service alone checks them."""
     chat = split.urls["refinery-chat"]
     direct = httpx.post(chat + "/current_model", json={}, timeout=30)

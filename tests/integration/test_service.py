@@ -109,7 +109,13 @@ class Served:
 
 
 @pytest.fixture(scope="module")
-def served(settings, server_url, embedder, tmp_path_factory) -> Iterator[Served]:
+def serve_env() -> dict[str, str]:
+    """Extra variables for the served Bento (a module that serves differently overrides it)."""
+    return {}
+
+
+@pytest.fixture(scope="module")
+def served(settings, server_url, embedder, serve_env, tmp_path_factory) -> Iterator[Served]:
     import sqlalchemy as sa
 
     from refinery.stores import environment, prepare_mlflow
@@ -154,6 +160,7 @@ def served(settings, server_url, embedder, tmp_path_factory) -> Iterator[Served]
         REFINERY_FOLLOW_INTERVAL_S="2",
         REFINERY_TRAFFIC_FLUSH_S="0.2",
     )
+    env.update(serve_env)
     bentoml = str(Path(sys.executable).parent / "bentoml")
     with log.open("w") as out:
         proc = subprocess.Popen(

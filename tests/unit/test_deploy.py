@@ -73,15 +73,18 @@ def containers(docs: list[dict[str, Any]]) -> list[tuple[str, dict[str, Any]]]:
 
 
 # --- building and validating ------------------------------------------------------------------
-def test_overlays_build_the_three_services_and_their_autoscaling(rendered):
+SERVICES = {"refinery", "refinery-chat"}  # the entry and the chat model (serving/api/service.py)
+
+
+def test_overlays_build_the_two_services_and_their_autoscaling(rendered):
     for overlay in OVERLAYS:
         docs = rendered[overlay]
         deployments = by_kind(docs, "Deployment")
-        assert set(deployments) == {"refinery", "refinery-embedder", "refinery-chat"}
+        assert set(deployments) == SERVICES
         assert set(by_kind(docs, "Service")) == set(deployments)
         assert set(by_kind(docs, "HorizontalPodAutoscaler")) == set(deployments)
         assert set(by_kind(docs, "PodDisruptionBudget")) == set(deployments)
-        assert by_kind(docs, "NetworkPolicy")
+        assert set(by_kind(docs, "NetworkPolicy")) == {"refinery-chat"}
 
 
 @pytest.mark.parametrize("version", KUBE_VERSIONS)
@@ -218,7 +221,7 @@ def service_names() -> set[str]:
 
 def test_each_deployment_runs_one_bento_service_and_the_entry_depends_on_the_others(rendered):
     names = service_names()
-    assert names == {"refinery", "refinery-embedder", "refinery-chat"}
+    assert names == SERVICES
     docs = rendered["cpu"]
     services = by_kind(docs, "Service")
     for name, spec in pod_specs(docs):
@@ -259,6 +262,33 @@ def test_selectors_match_the_pods(rendered):
             pods = [m for m in hpa["spec"]["metrics"] if m["type"] == "Pods"]
             assert pods[0]["pods"]["metric"]["name"] == "refinery_requests_in_flight", name
             assert hpa["spec"]["minReplicas"] >= 2  # the PDB keeps one while another drains
+        # The NetworkPolicy guards the chat pods and lets the entry pods in.
+        policy = by_kind(docs, "NetworkPolicy")["refinery-chat"]["spec"]
+        assert policy["podSelector"]["matchLabels"].items() <= labels["refinery-chat"].items()
+        allowed = policy["ingress"][0]["from"][0]["podSelector"]["matchLabels"]
+        assert allowed.items() <= labels["refinery"].items()
+
+
+def test_autoscaling_metrics_per_service(rendered):
+    """The entry scales on CPU (it runs the embedding model and the guard) and on requests in
+    flight; the chat service on requests in flight only (its engine's threads are busy
+    whenever one request runs, so its CPU is no measure of its load)."""
+    for overlay in OVERLAYS:
+        hpas = by_kind(rendered[overlay], "HorizontalPodAutoscaler")
+        kinds = {name: [m["type"] for m in h["spec"]["metrics"]] for name, h in hpas.items()}
+        assert kinds == {"refinery": ["Resource", "Pods"], "refinery-chat": ["Pods"]}, overlay
+        assert hpas["refinery"]["spec"]["metrics"][0]["resource"]["name"] == "cpu"
+
+
+def test_threads_follow_the_containers_cpu_limit(rendered):
+    """torch (entry) and the engine (chat) would size their thread pools by the node's cores."""
+    for overlay in OVERLAYS:
+        found = dict(containers(rendered[overlay]))
+        for where, var in (("refinery/entry", "OMP_NUM_THREADS"),
+                           ("refinery-chat/chat", "REFINERY_TORCH_THREADS")):  # fmt: skip
+            (env,) = [e for e in found[where]["env"] if e["name"] == var]
+            ref = env["valueFrom"]["resourceFieldRef"]
+            assert ref == {"containerName": where.split("/")[1], "resource": "limits.cpu"}, where
 
 
 def test_the_gpu_overlay_puts_the_chat_model_on_cuda(rendered):
@@ -271,8 +301,6 @@ def test_the_gpu_overlay_puts_the_chat_model_on_cuda(rendered):
             assert env["REFINERY_DEVICE"] == "cuda" and gpus == "1"
             spec = dict(pod_specs(rendered[overlay]))["refinery-chat"]
             assert spec["tolerations"] and spec["nodeSelector"]
-            hpa = by_kind(rendered[overlay], "HorizontalPodAutoscaler")["refinery-chat"]
-            assert [m["type"] for m in hpa["spec"]["metrics"]] == ["Pods"]
         else:
             assert env["REFINERY_DEVICE"] == "cpu" and gpus is None
         for name, c in found.items():
@@ -335,6 +363,7 @@ def test_every_alert_the_issue_names_exists_with_a_unit_test():
         "RefineryGuardBlockSpike",
         "RefineryTrafficLogDropping",
         "RefineryDriftCheckFailed",
+        "RefineryEngineQueueBacklog",
     }
     tested = (DEPLOY / "prometheus" / "tests" / "refinery_test.yml").read_text()
     assert all(f"alertname: {a}" in tested for a in alerts)
@@ -360,7 +389,7 @@ def test_prometheus_config_loads_the_rules(tmp_path):
         text=True,
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert "SUCCESS: 13 rules found" in proc.stdout
+    assert "SUCCESS: 15 rules found" in proc.stdout
 
 
 def test_the_dashboard_covers_what_the_issue_lists():
@@ -374,14 +403,48 @@ def test_the_dashboard_covers_what_the_issue_lists():
         "api_latency_seconds:p50",
         "api_latency_seconds:p99",
         "refinery_tokens_total",
-        "bentoml_service_adaptive_batch_size",  # batch size
-        "bentoml_service_request_in_progress",  # queue depth
+        "refinery_engine_generated_tokens_total",  # tokens/s of the engine
+        "refinery_engine_running_requests",  # batch size
+        "refinery_engine_waiting_requests",  # queue depth
+        "engine_queued_requests",
+        "bentoml_service_request_in_progress",  # the HPAs' metric
+        "refinery_speculative_tokens_total",
+        "refinery_shared_generations_total",
         "refinery_cache_requests_total",
         "cost_per_request_usd",
         "refinery_guard_blocks_total",
         "refinery_model_info",
     ):
         assert metric in text, metric
+    # Panels never overlap on the grid.
+    cells = [
+        (x, y)
+        for p in panels
+        for x in range(p["gridPos"]["x"], p["gridPos"]["x"] + p["gridPos"]["w"])
+        for y in range(p["gridPos"]["y"], p["gridPos"]["y"] + p["gridPos"]["h"])
+    ]
+    assert len(cells) == len(set(cells)) and all(0 <= x < 24 for x, _ in cells)
+
+
+def refinery_metrics_used() -> set[str]:
+    """The refinery_* metric names that deploy/ queries (histogram suffixes removed)."""
+    rules = (DEPLOY / "prometheus" / "rules" / "refinery.yml").read_text()
+    dash = json.loads((DEPLOY / "grafana" / "refinery-dashboard.json").read_text())
+    text = rules + " ".join(t["expr"] for p in dash["panels"] for t in p["targets"])
+    names = set(re.findall(r"(?<![:\w])(refinery_[a-z_]+)", text))
+    return {re.sub(r"_(bucket|count|sum)$", "", n) for n in names}
+
+
+def test_deploy_queries_only_metrics_the_code_exports():
+    """A renamed or removed metric fails here, not on a dashboard in production."""
+    from refinery.pushgateway import drift_gauges
+    from serving.api import metrics
+
+    # (the names as declared: counters with their _total, as Prometheus shows them)
+    exported = {m._original_name for m in vars(metrics).values() if hasattr(m, "_original_name")}
+    exported |= set(drift_gauges(passed=True))
+    assert "refinery_engine_waiting_requests" in exported  # the names were read
+    assert refinery_metrics_used() - exported == set()
 
 
 def test_adapter_serves_the_metric_the_hpas_use():
@@ -545,28 +608,69 @@ def test_the_capacity_plan_sizes_replicas_from_measured_throughput():
 
     inputs = load_inputs()
     p = plan(inputs)
-    rows = {r.service.split()[0]: r for r in p["cpu"]["rows"]}
-    chat = inputs["replica"]["chat_cpu"]["rps"] * inputs["utilization"]
-    assert (
-        (rows["chat"].replicas - 1) * chat < rows["chat"].load_rps <= rows["chat"].replicas * chat
-    )
-    assert p["cpu"]["usd_per_request"] > p["gpu"]["usd_per_request"] > 0
+    entry, chat = p["cpu"]["rows"]
+    measured = inputs["replica"]["chat_cpu"]
+    # Chat replicas at their HPA target answer what one answered in the benchmark.
+    assert (chat.replicas - 1) * measured["rps"] < chat.load_rps <= chat.replicas * measured["rps"]
+    # The entry: enough for its CPU work and for the chat requests it holds.
+    assert entry.replicas * inputs["entry_inflight_target"] >= p["inflight"]
+    assert p["cpu"]["usd_per_request"] > 0 and p["gpu"]["usd_per_request"] > 0
+    assert p["cpu"]["cores"] == sum(r.cores for r in p["cpu"]["rows"])
     doubled = {
         **inputs,
-        "replica": {**inputs["replica"], "chat_cpu": {**inputs["replica"]["chat_cpu"], "rps": 7.8}},
+        "replica": {**inputs["replica"], "chat_cpu": {**measured, "rps": 2 * measured["rps"]}},
     }
-    assert plan(doubled)["cpu"]["rows"][2].replicas == math.ceil(rows["chat"].replicas / 2)
+    assert plan(doubled)["cpu"]["rows"][1].replicas == math.ceil(chat.load_rps / (2 * measured["rps"]))
+    # Twice the cache hits one entry replica answers: fewer entry cores for the same mix.
+    faster = {
+        **inputs,
+        "replica": {
+            **inputs["replica"],
+            "entry": {**inputs["replica"]["entry"], "cache_hit_rps": 1e9, "embeddings_rps": 1e9},
+        },
+    }
+    assert plan(faster)["gpu"]["rows"][0].replicas == 1
+
+
+def test_the_capacity_inputs_must_match_the_chat_hpa_target(tmp_path):
+    import yaml
+
+    from serving.api.capacity import INPUTS, load_inputs
+
+    inputs = yaml.safe_load(INPUTS.read_text())
+    inputs["replica"]["chat_cpu"]["clients"] = 8
+    (tmp_path / "capacity.yaml").write_text(yaml.safe_dump(inputs))
+    with pytest.raises(ValueError, match="HPA"):
+        load_inputs(tmp_path / "capacity.yaml")
 
 
 def test_the_hpa_targets_follow_the_plan(rendered):
+    """One figure per service, everywhere: the entry's in-flight target is half its
+    REFINERY_MAX_INFLIGHT; the chat's is its batch (REFINERY_CHAT_MAX_BATCH), the load the
+    benchmark measured it under, and the batch the engine-queue rule counts beyond."""
     from serving.api.capacity import load_inputs
 
-    target = load_inputs()["entry_inflight_target"]
-    hpa = by_kind(rendered["cpu"], "HorizontalPodAutoscaler")["refinery"]
-    (pods,) = [m for m in hpa["spec"]["metrics"] if m["type"] == "Pods"]
-    assert int(pods["pods"]["target"]["averageValue"]) == target
+    inputs = load_inputs()
     config = by_kind(rendered["cpu"], "ConfigMap")["refinery-config"]["data"]
-    assert int(config["REFINERY_MAX_INFLIGHT"]) == 2 * target
+    for overlay in OVERLAYS:
+        hpas = by_kind(rendered[overlay], "HorizontalPodAutoscaler")
+        targets = {
+            name: int(m["pods"]["target"]["averageValue"])
+            for name, h in hpas.items()
+            for m in h["spec"]["metrics"]
+            if m["type"] == "Pods"
+        }
+        assert targets["refinery"] == inputs["entry_inflight_target"]
+        assert targets["refinery-chat"] == inputs["chat_inflight_target"]
+    assert int(config["REFINERY_MAX_INFLIGHT"]) == 2 * inputs["entry_inflight_target"]
+    batch = int(config["REFINERY_CHAT_MAX_BATCH"])
+    assert batch == inputs["chat_inflight_target"] == inputs["replica"]["chat_cpu"]["clients"]
+    rules = yaml.safe_load((DEPLOY / "prometheus" / "rules" / "refinery.yml").read_text())
+    (queued,) = [
+        r["expr"] for g in rules["groups"] for r in g["rules"]
+        if r.get("record") == "refinery:engine_queued_requests:avg"
+    ]  # fmt: skip
+    assert re.search(rf"refinery_engine_running_requests(\{{[^}}]*\}})? - {batch}\b", queued), queued
 
 
 # --- small pieces the manifests rely on ----------------------------------------------------------
