@@ -186,7 +186,7 @@ async def _one(client: Any, body: dict, result: ChatLoadResult, count: bool) -> 
     else:
         result.other_status += 1
     if status >= 300 and len(result.errors) < 5:
-        result.errors.append(f"HTTP {status}")
+        result.errors.append(f"HTTP {status}: {resp.text[:200]}")
 
 
 async def run_chat_load(

@@ -33,7 +33,7 @@ from typing import Any
 import httpx
 
 from benchmarks.chatload import ChatLoadResult, chat_prompts, run_chat_load, run_wrk
-from benchmarks.common import fresh_home, machine, write_table
+from benchmarks.common import WORK, fresh_home, machine, write_table
 from refinery.processes import stop_tree
 from refinery.settings import OFFLINE_ENV, REPO_ROOT
 
@@ -89,10 +89,14 @@ def serve(tag: str, env: dict[str, str]) -> Iterator[str]:
 
     port = free_port()
     bentoml = str(Path(sys.executable).parent / "bentoml")
-    proc = subprocess.Popen(
-        [bentoml, "serve", tag, "--host", "127.0.0.1", "--port", str(port)],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
-    )  # fmt: skip
+    log = WORK / f"serve-{port}.log"  # the service's own log, to read when a run goes wrong
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with log.open("w") as out:
+        proc = subprocess.Popen(
+            [bentoml, "serve", tag, "--host", "127.0.0.1", "--port", str(port)],
+            env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+        )  # fmt: skip
+    print("service log:", log, flush=True)
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 300
@@ -154,7 +158,7 @@ def chat_loads(
         out[clients] = asyncio.run(
             run_chat_load(url, model, prompts, clients, max_tokens=TOKENS, tag=f"{tag}-{clients}")
         )
-        print(tag, clients, out[clients].summary(), flush=True)
+        print(tag, clients, out[clients].summary(), *out[clients].errors, flush=True)
     return out
 
 

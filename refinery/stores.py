@@ -92,6 +92,11 @@ def start_embedded_postgres(settings: Settings, *, persistent: bool = False) -> 
         if pgdata.exists():
             _prune_dead_handles(pgdata)
     server = pgserver.get_server(pgdata, cleanup_mode=None if persistent else "stop")
+    # pgserver keeps one handle per data folder for the life of the process and hands it back
+    # without looking: after `refinery db stop` (or a crash) the server it names is gone.
+    with PostgresServer._lock:
+        if not embedded_postgres_running(settings):
+            server.ensure_postgres_running()
 
     def _prune_at_exit() -> None:
         with PostgresServer._lock:

@@ -89,9 +89,13 @@ class Flag:
     reasons: list[str]
     passage: str
     index: int  # which passage
+    sentence: str = ""  # the passage's most suspicious sentence: what the operator is shown
 
     def detail(self) -> str:
+        # From the most suspicious sentence on (with what follows it), else the passage's start.
         excerpt = " ".join(self.passage.split())
+        start = excerpt.find(" ".join(self.sentence.split())) if self.sentence else -1
+        excerpt = excerpt[max(start, 0) :]
         if len(excerpt) > 240:
             excerpt = excerpt[:237] + "..."
         why = ", ".join(self.reasons)
@@ -117,24 +121,33 @@ class DocumentScreen:
 
     def scores(self, texts: Sequence[str]) -> np.ndarray:
         """(n,) for each text (a passage or chunk): its most suspicious sentence's score."""
+        return self._worst(texts)[0]
+
+    def _worst(self, texts: Sequence[str]) -> tuple[np.ndarray, list[str]]:
+        """Each text's most suspicious sentence: its score, and the sentence."""
         units, owner = [], []
         for i, text in enumerate(texts):
             for unit in sentences(text) or [text]:
                 units.append(unit)
                 owner.append(i)
-        out = np.zeros(len(texts))
+        out = np.full(len(texts), -1.0)
+        worst = list(texts)
         if units:
-            np.maximum.at(out, np.asarray(owner), self.sentence_scores(units))
-        return out
+            for unit, i, score in zip(units, owner, self.sentence_scores(units), strict=True):
+                if score > out[i]:
+                    out[i], worst[i] = float(score), unit
+        return np.maximum(out, 0.0), worst
 
     def flags(self, texts: Sequence[str]) -> list[Flag | None]:
         """For each text: None, or why it was flagged (heuristics or the scorer)."""
         out: list[Flag | None] = []
-        for i, (text, score) in enumerate(zip(texts, self.scores(texts), strict=True)):
+        scores, worst = self._worst(texts)
+        for i, (text, score) in enumerate(zip(texts, scores, strict=True)):
             reasons = document_reasons(text)
             if score > self.threshold:
                 reasons.append("learned_scorer")
-            out.append(Flag(float(score), reasons, text, i) if reasons else None)
+            flag = Flag(float(score), reasons, text, i, worst[i]) if reasons else None
+            out.append(flag)
         return out
 
     def check(self, text: str) -> Flag | None:

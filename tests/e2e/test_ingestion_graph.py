@@ -221,7 +221,9 @@ def test_sigkill_at_two_points_leaves_whole_batches_and_the_rerun_embeds_exactly
     )
     assert first_ids < second_ids and second < partial.chunks and second % BATCH == 0
     with store.engine.connect() as conn:
-        before = dict(conn.execute(sa.select(space.table.c.chunk_id, space.table.c.embedding)))
+        before = dict(
+            conn.execute(sa.select(space.table.c.chunk_id, space.table.c.embedding)).all()
+        )
 
     result = sync_embeddings(store, Embedder(), batch_size=BATCH)
     final = store.integrity(space)
@@ -229,7 +231,7 @@ def test_sigkill_at_two_points_leaves_whole_batches_and_the_rerun_embeds_exactly
     assert final.missing == final.orphans == final.stale == final.wrong_dim == 0
     assert final.embedded == final.chunks == partial.chunks
     with store.engine.connect() as conn:
-        after = dict(conn.execute(sa.select(space.table.c.chunk_id, space.table.c.embedding)))
+        after = dict(conn.execute(sa.select(space.table.c.chunk_id, space.table.c.embedding)).all())
     assert all(np.array_equal(before[i], after[i]) for i in before)  # committed ones untouched
     store.engine.dispose()
     shutil.rmtree(fresh_home / "dagster" / "storage", ignore_errors=True)

@@ -42,14 +42,14 @@ def test_each_mode_returns_k_rows_with_filters_applied_to_both_lists(
     hits = retriever.search("When does a virgin queen take her mating flight?", k=5)
     assert len(hits) == 5
     assert hits[0].source == "queen-mating-flight.txt"
-    # a filter that excludes the best document applies to both lists: still k rows, all PDFs
+    # a filter that excludes the best document applies to both lists: all PDFs, and k rows
+    # wherever vectors take part (full text alone returns only chunks holding a query word that
+    # is rare enough to be kept: Fusion.max_df)
     pdf = retriever.search(
         "queen mating flight colony hive", k=4, filters=Filters(formats=("pdf",))
     )
-    assert len(pdf) == 4 and {h.source for h in pdf} <= {
-        "siting-an-apiary.pdf",
-        "splitting-colonies.pdf",
-    }
+    assert pdf and {h.source for h in pdf} <= {"siting-an-apiary.pdf", "splitting-colonies.pdf"}
+    assert len(pdf) == 4 if mode is not Mode.TEXT else len(pdf) <= 4
     only = retriever.search("queen", k=3, filters=Filters(sources=("*.md",)))
     assert only and all(h.source.endswith(".md") for h in only)
     if mode is Mode.HYBRID:
@@ -81,7 +81,7 @@ def test_at_most_n_chunks_per_document(store, small_corpus, embedder):
     assert max(sum(h.doc_id == d for h in free) for d in {h.doc_id for h in free}) > 1
     for mode in (Mode.HYBRID, Mode.VECTOR, Mode.TEXT):
         capped = search(store.engine, space, vector, q, 6, mode=mode, max_per_doc=1)
-        assert len({h.doc_id for h in capped}) == len(capped) >= 4
+        assert len({h.doc_id for h in capped}) == len(capped) >= (4 if mode is not Mode.TEXT else 2)
     with pytest.raises(RetrievalError):
         search(store.engine, space, vector, q, 6, max_per_doc=0)
 

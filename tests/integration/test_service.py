@@ -428,7 +428,8 @@ def test_traffic_log_holds_what_the_service_answered(served, server_url):
     assert rag["model"] == current_version(served)
     assert rag["retrieval_scores"] and rag["top_score"] == max(rag["retrieval_scores"])
     metrics = httpx.get(served.url + "/metrics", timeout=30).text
-    assert "refinery_traffic_log_dropped_total{" not in metrics  # nothing dropped
+    dropped = re.findall(r"^refinery_traffic_log_dropped_total\{[^}]*\} (\S+)$", metrics, re.M)
+    assert dropped and all(float(v) == 0 for v in dropped), dropped  # nothing dropped
 
 
 def current_version(served: Served) -> str:
