@@ -90,20 +90,27 @@ def plan(inputs: dict[str, Any]) -> dict[str, Any]:
         "cpu": {
             "rows": [
                 Row(
-                    "entry (`refinery`)", total, entry_mix, n_entry, n_entry * entry["cores"],
+                    "entry (`refinery`)",
+                    total,
+                    entry_mix,
+                    n_entry,
+                    n_entry * entry["cores"],
                     f"{entry_by_cpu} for CPU (cache hits, embeddings, the guard's screen of each "
                     f"chat request), {entry_by_inflight} for {inflight:,.0f} chat requests in "
                     "flight",
                 ),
                 Row(
-                    "chat (`refinery-chat`), CPU", load["chat"], f"{chat['rps']:g}", n_chat,
+                    "chat (`refinery-chat`), CPU",
+                    load["chat"],
+                    f"{chat['rps']:g}",
+                    n_chat,
                     n_chat * chat["cores"],
                     f"at {chat['clients']} requests in flight per replica (its HPA target): "
                     f"{chat['tokens_per_s']:g} tokens/s, p50 {chat['p50_ms'] / 1000:.1f} s, "
                     f"p99 {chat['p99_ms'] / 1000:.1f} s; {chat['tokens_per_answer']:g} tokens "
                     "per answer",
                 ),
-            ],  # fmt: skip
+            ],
             "cores": cpu_cores,
             "usd_per_hour": cpu_hour,
             "usd_per_request": cpu_hour / 3600 / total,
@@ -111,15 +118,23 @@ def plan(inputs: dict[str, Any]) -> dict[str, Any]:
         "gpu": {
             "rows": [
                 Row(
-                    "entry (`refinery`)", total, entry_mix, entry_by_cpu, gpu_cores,
+                    "entry (`refinery`)",
+                    total,
+                    entry_mix,
+                    entry_by_cpu,
+                    gpu_cores,
                     f"enough while chat's median latency stays under {room:.1f} s",
                 ),
                 Row(
-                    "chat (`refinery-chat`), one GPU", load["chat"], "–", 1, None,
+                    "chat (`refinery-chat`), one GPU",
+                    load["chat"],
+                    "–",
+                    1,
+                    None,
                     f"must sustain {load['chat']:,.0f} requests/s ({tokens:,.0f} generated "
                     "tokens/s): not measured here",
                 ),
-            ],  # fmt: skip
+            ],
             "cores": gpu_cores,
             "usd_per_hour": gpu_hour,
             "usd_per_request": gpu_hour / 3600 / total,

@@ -156,7 +156,7 @@ def shared_generation(served, round_: int) -> None:  # noqa: F811
             "max_tokens": 32,
         }
         with ThreadPoolExecutor(4) as pool:
-            answers = list(pool.map(lambda _: served.post("/v1/chat/completions", body), range(4)))
+            answers = list(pool.map(served.post, ["/v1/chat/completions"] * 4, [body] * 4))
         assert all(a.status_code == 200 for a in answers), [a.text for a in answers]
         if any(a.headers["x-refinery-cache"] == "shared" for a in answers):
             return

@@ -10,6 +10,7 @@ Redis is started again), so the tests pass in any order.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import socket
 import subprocess

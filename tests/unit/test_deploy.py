@@ -620,7 +620,9 @@ def test_the_capacity_plan_sizes_replicas_from_measured_throughput():
         **inputs,
         "replica": {**inputs["replica"], "chat_cpu": {**measured, "rps": 2 * measured["rps"]}},
     }
-    assert plan(doubled)["cpu"]["rows"][1].replicas == math.ceil(chat.load_rps / (2 * measured["rps"]))
+    assert plan(doubled)["cpu"]["rows"][1].replicas == math.ceil(
+        chat.load_rps / (2 * measured["rps"])
+    )
     # Twice the cache hits one entry replica answers: fewer entry cores for the same mix.
     faster = {
         **inputs,
@@ -670,7 +672,9 @@ def test_the_hpa_targets_follow_the_plan(rendered):
         r["expr"] for g in rules["groups"] for r in g["rules"]
         if r.get("record") == "refinery:engine_queued_requests:avg"
     ]  # fmt: skip
-    assert re.search(rf"refinery_engine_running_requests(\{{[^}}]*\}})? - {batch}\b", queued), queued
+    assert re.search(rf"refinery_engine_running_requests(\{{[^}}]*\}})? - {batch}\b", queued), (
+        queued
+    )
 
 
 # --- small pieces the manifests rely on ----------------------------------------------------------
