@@ -408,3 +408,45 @@ def test_alias_follower_swaps_only_when_the_alias_moves(tmp_path: Path, mlflow_u
     with pytest.raises(ModelNotFoundError):
         follower.check_once()
     assert follower.version == v2.version  # a failed look changes nothing
+
+
+def test_alias_follower_keeps_serving_while_mlflow_is_unreachable(
+    tmp_path: Path, mlflow_uri: str, monkeypatch
+):
+    """The tracking server goes away (a closed port): the follower keeps the current model,
+    records and logs the error, and swaps once the server is back and the alias has moved."""
+    from serving.runtime.follow import AliasFollower
+    from training.registry import register_folder
+
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "2")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        closed = f"http://127.0.0.1:{s.getsockname()[1]}"  # nothing listens once it is closed
+    root = tmp_path / "artifacts"
+    weights = tmp_path / "w"
+    weights.mkdir()
+    (weights / "weights.txt").write_text("one")
+    v1 = register_folder(mlflow_uri, "m", weights, alias="champion", artifact_root=root)
+    swapped: list[str] = []
+    follower = AliasFollower(
+        tracking_uri=closed, name="m", alias="champion", current_version=v1.version,
+        load=lambda _ref, path: path, on_swap=lambda ref, _m: swapped.append(ref.version),
+        workdir=tmp_path / "follow", interval_s=0.2,
+    ).start()  # fmt: skip
+    try:
+        deadline = time.monotonic() + 60
+        while follower.last_error is None and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert follower.last_error, "the follower never noticed the store was away"
+        assert follower.version == v1.version and swapped == []  # still serving v1
+        second = tmp_path / "w2"  # another folder: a new version (one folder, one lineage)
+        second.mkdir()
+        (second / "weights.txt").write_text("two")
+        v2 = register_folder(mlflow_uri, "m", second, alias="champion", artifact_root=root)
+        follower.tracking_uri = mlflow_uri  # the store is back
+        while follower.version != v2.version and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert swapped == [v2.version] and follower.last_error is None
+    finally:
+        follower.stop()
