@@ -216,3 +216,34 @@ def test_selective_filters_still_return_k_rows(store):
     exact = search_vector(store.engine, space, query, k=10, filters=only, exact=True)
     assert len(approx) == 10 and all(h.source == "doc042.txt" for h in approx)
     assert len({h.chunk_id for h in approx} & {h.chunk_id for h in exact}) >= 8
+
+
+def test_two_ingests_of_one_corpus_at_once_leave_no_duplicates(
+    store, db_url, small_corpus, embedder
+):
+    """Two ingests of the same corpus at the same time (two engines, as two `refinery ingest`
+    processes would have): both finish without error, and the index holds each chunk and
+    vector once, as one ingest alone would."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from serving.corpus.vectorstore import VectorStore
+
+    def one() -> tuple:
+        other = VectorStore(sa.create_engine(db_url))
+        try:
+            return ingest(other, small_corpus, embedder)
+        finally:
+            other.engine.dispose()
+
+    with ThreadPoolExecutor(2) as pool:
+        results = [f.result() for f in [pool.submit(one), pool.submit(one)]]
+    assert all(docs.documents == 6 for docs, _, _ in results)
+    space = store.find_space(embedder.name)
+    integrity = store.integrity(space)
+    assert integrity.missing == integrity.orphans == integrity.stale == integrity.nan == 0
+    c = schema.chunks
+    with store.engine.connect() as conn:
+        n_chunks = conn.execute(sa.select(sa.func.count()).select_from(c)).scalar_one()
+        n_vectors = conn.execute(sa.select(sa.func.count()).select_from(space.table)).scalar_one()
+        n_docs = conn.execute(sa.select(sa.func.count()).select_from(schema.documents)).scalar_one()
+    assert n_docs == 6 and n_chunks == n_vectors == max(r[1].chunks_total for r in results)
