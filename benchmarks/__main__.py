@@ -17,6 +17,7 @@ ALL = [
     "automation",
     "traffic",
     "guard",
+    "soak",
 ]
 
 
