@@ -207,9 +207,13 @@ class Gateway:
         last: dict[str, Any] = {}
         try:
             async with asyncio.timeout(self.timeout_s):
-                async for event in self.chat.generate(item):
-                    text.append(event.get("text", ""))
-                    last = event
+                if hasattr(self.chat, "complete"):  # one plain call, no stream to read
+                    last = await self.chat.complete(item)
+                    text.append(last.get("text", ""))
+                else:
+                    async for event in self.chat.generate(item):
+                        text.append(event.get("text", ""))
+                        last = event
         except TimeoutError:
             raise timed_out("the answer", self.timeout_s) from None
         if last.get("finish_reason") == "error":

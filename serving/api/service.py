@@ -194,6 +194,10 @@ class ChatModel:
         one JSON line per piece of text as the engine produces it, the last with
         ``finished``. A request the engine refuses gives one line with ``status`` and
         ``error``. Leaving early (the caller went away) cancels the request in the engine."""
+        async for line in self._events(item):
+            yield line
+
+    async def _events(self, item: dict[str, Any]) -> AsyncGenerator[str, None]:
         from serving.runtime.engine.base import EngineBusy, PromptTooLong, SamplingParams
 
         if self.active is None:
@@ -224,6 +228,19 @@ class ChatModel:
             yield json.dumps({"status": 400, "error": str(err), "finished": True}) + "\n"
         finally:
             self._export(engine)
+
+    @bentoml.api
+    async def complete(self, item: dict[str, Any]) -> dict[str, Any]:
+        """One request answered whole: the events of ``generate`` folded into one dict (the
+        text, and the last event's fields). Non-streamed chat and RAG use this plain
+        request/response call: it returns its connection to the entry's pool as soon as it
+        answers, and nothing depends on reading a stream to its end."""
+        pieces: list[str] = []
+        last: dict[str, Any] = {}
+        async for line in self._events(item):
+            last = json.loads(line)
+            pieces.append(last.get("text", ""))
+        return {**last, "text": "".join(pieces)}
 
     def _export(self, engine: Any) -> None:
         s = engine.stats()
@@ -260,6 +277,13 @@ class ChatServiceClient:
     async def current_model(self) -> str:
         return str(await _call(self.remote.to_async.current_model))
 
+    async def complete(self, item: dict[str, Any]) -> dict[str, Any]:
+        """The whole answer in one call (see ``ChatModel.complete``)."""
+        event = await _call(self.remote.to_async.complete, item)
+        if "status" in event:  # refused by the engine before it started
+            raise _refused(int(event["status"]), str(event["error"]))
+        return dict(event)
+
     async def generate(self, item: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
         stream: Any = None
         lines: Any = None
@@ -283,6 +307,13 @@ class ChatServiceClient:
                     raise _refused(int(event["status"]), str(event["error"]))
                 yield event
                 if event.get("finished"):
+                    # The chat service ends the stream right after this line: read to its end,
+                    # so that BentoML's client closes the response and the pool gets the
+                    # connection back (see ``_close``).
+                    with contextlib.suppress(Exception):
+                        async with asyncio.timeout(5):
+                            async for _ in lines:
+                                pass
                     return
                 try:
                     line = await anext(lines)
@@ -306,10 +337,20 @@ async def _lines(stream: Any) -> AsyncIterator[str]:
 
 async def _close(*streams: Any) -> None:
     for stream in streams:
-        if stream is not None and hasattr(stream, "aclose"):
-            # Closing a connection that is already gone may raise: nothing left to do then.
+        if stream is None or not hasattr(stream, "aclose"):
+            continue
+        # BentoML's streaming client (``_get_stream``) iterates an inner generator that owns
+        # the HTTP response; closing the outer one early leaves the inner one suspended, and
+        # the connection stays checked out of the client's pool until the garbage collector
+        # finds it. Under load the pool (100 connections) ran dry and requests waited minutes.
+        frame = getattr(stream, "ag_frame", None)
+        inner = frame.f_locals.get("resp") if frame is not None else None
+        # Closing a connection that is already gone may raise: nothing left to do then.
+        with contextlib.suppress(Exception):
+            await stream.aclose()
+        if inner is not None and hasattr(inner, "aclose"):
             with contextlib.suppress(Exception):
-                await stream.aclose()
+                await inner.aclose()
 
 
 def _refused(status: int, message: str) -> ApiError:

@@ -169,3 +169,59 @@ def test_embeddings_are_batched_in_process_and_cached():
     assert unb64(many[0][0][0]).shape == (4,)
     assert gw.embedder.items == 6 and gw.embedder.batches < 6  # concurrent texts shared batches
     gw.close()
+
+
+# --- the chat service's client: every response closed, whatever the ending --------------------
+class _Remote:
+    """Shaped like BentoML's streaming client: an outer generator (``_get_stream``) iterating an
+    inner one (``_parse_stream_response``) that owns the HTTP response and closes it last."""
+
+    def __init__(self, lines: list[str]) -> None:
+        self.lines, self.open = lines, 0
+        self.to_async = self
+
+    def generate(self, item):
+        async def parse():
+            self.open += 1
+            try:
+                for line in self.lines:
+                    yield line
+                    await asyncio.sleep(0)
+            finally:
+                self.open -= 1  # the response goes back to the pool
+
+        async def get_stream():
+            resp = parse()
+            async for data in resp:
+                yield data
+
+        return get_stream()
+
+
+@pytest.mark.parametrize("leave_after", [None, 1])
+def test_the_chat_client_gives_every_connection_back(leave_after):
+    import gc
+
+    from serving.api.service import ChatServiceClient
+
+    events = [json.dumps({"text": "a"}) + "\n", json.dumps({"text": "b", "finished": True}) + "\n"]
+    remote = _Remote(events)
+    client = ChatServiceClient(remote)
+
+    async def run() -> None:
+        for _ in range(3):
+            got = []
+            gen = client.generate({"messages": []})
+            async for event in gen:
+                got.append(event)
+                if leave_after and len(got) == leave_after:
+                    break  # the caller went away mid-answer
+            await gen.aclose()
+            assert got[-1]["text"] == ("a" if leave_after else "b")
+
+    gc.disable()  # nothing may depend on the collector finding abandoned generators
+    try:
+        asyncio.run(run())
+    finally:
+        gc.enable()
+    assert remote.open == 0
