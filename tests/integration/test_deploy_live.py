@@ -417,7 +417,13 @@ def test_the_services_answer_when_they_run_apart(split):
     assert metric_values(chat_url, "refinery_tokens_total") == []
     assert sum(metric_values(chat_url, "refinery_engine_generated_tokens_total")) > 0
     assert sum(metric_values(entry, "refinery_engine_generated_tokens_total")) == 0
-    assert sum(metric_values(chat_url, "bentoml_service_request_total", endpoint="/generate")) >= 2
+    # generations: /complete for whole answers, /generate for streams
+    calls = [
+        v for e in ("/complete", "/generate")
+        for v in metric_values(chat_url, "bentoml_service_request_total", endpoint=e)
+    ]  # fmt: skip
+    assert sum(calls) >= 2
+    assert metric_values(entry, "bentoml_service_request_total", endpoint="/complete") == []
     assert metric_values(entry, "bentoml_service_request_total", endpoint="/generate") == []
     # The entry's own health says ready only with its dependency reachable from it.
     assert httpx.get(entry + "/readyz", timeout=5).status_code == 200
@@ -425,8 +431,8 @@ def test_the_services_answer_when_they_run_apart(split):
 
 def test_the_chat_pods_requests_in_flight_last_until_the_last_token(split):
     """What the chat HPA scales on (deploy/prometheus/adapter-rules.yaml): BentoML's requests in
-    progress on the chat service count each generation from its arrival to its last token (a
-    stream), and fall back to none when they end."""
+    progress on the chat service count each generation from its arrival to its last token
+    (whole answers and streams), and fall back to none when they end."""
     entry, chat_url = split.urls["refinery"], split.urls["refinery-chat"]
     headers = {"Authorization": f"Bearer {API_KEY}"}
 
@@ -439,9 +445,11 @@ def test_the_chat_pods_requests_in_flight_last_until_the_last_token(split):
             entry + "/v1/chat/completions", json=body, headers=headers, timeout=120
         ).status_code
 
-    def in_flight() -> float:
-        return sum(metric_values(chat_url, "bentoml_service_request_in_progress",
-                                 endpoint="/generate"))  # fmt: skip
+    def in_flight() -> float:  # whole answers (/complete) and streams (/generate)
+        return sum(
+            v for e in ("/complete", "/generate")
+            for v in metric_values(chat_url, "bentoml_service_request_in_progress", endpoint=e)
+        )  # fmt: skip
 
     seen: list[float] = []
     with ThreadPoolExecutor(6) as pool:
