@@ -262,7 +262,9 @@ def _retire(engine: Any, grace_s: float = 300.0) -> None:
     deadline = time.monotonic() + grace_s
     while time.monotonic() < deadline:
         s = engine.stats()
-        if s.running == 0 and s.waiting == 0:
+        # the engine's own count too: a request submitted just before the swap may not have
+        # reached the backend's counters yet, and closing under it would leave it unanswered
+        if s.running == 0 and s.waiting == 0 and getattr(engine, "in_flight", 0) == 0:
             break
         time.sleep(0.5)
     engine.close()
