@@ -110,6 +110,51 @@ class _ChatLM:
             token_logprobs=None if logprobs is None else logprobs[: len(kept)],
         )
 
+    def generate(
+        self,
+        prompts: list[str | list[Message]],
+        max_new_tokens: int | Sequence[int] = 64,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        seed: int | None = None,
+        logprobs: bool = False,
+    ) -> list[Completion]:
+        """One padded batch. Greedy when temperature == 0. ``logprobs=True`` also returns each
+        generated token's log-probability (the default path records nothing)."""
+        if not prompts:
+            return []
+        limits = per_row(max_new_tokens, len(prompts))
+        ids = [self.prompt_ids(p) for p in prompts]
+        t0 = time.perf_counter()
+        generated, picked = self._generate(ids, limits, temperature, top_p, seed, logprobs)
+        seconds = time.perf_counter() - t0
+        return [
+            self._completion(g, len(i), seconds, None if picked is None else picked[n])
+            for n, (g, i) in enumerate(zip(generated, ids, strict=True))
+        ]
+
+    def generate_ids(
+        self,
+        prompt_ids: list[list[int]],
+        limits: list[int],
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        seed: int | None = None,
+    ) -> list[list[int]]:
+        """Token ids in, generated ids out (each cut to its own limit): one left-padded batch."""
+        return self._generate(prompt_ids, limits, temperature, top_p, seed, False)[0]
+
+    def _generate(
+        self,
+        prompt_ids: list[list[int]],
+        limits: list[int],
+        temperature: float,
+        top_p: float,
+        seed: int | None,
+        logprobs: bool,
+    ) -> tuple[list[list[int]], list[list[float]] | None]:
+        raise NotImplementedError
+
 
 class Generator(_ChatLM):
     """A causal LM and its tokenizer, ready to answer batches of chat prompts."""
@@ -146,40 +191,6 @@ class Generator(_ChatLM):
         self.device = (
             device if variant == "none" else "cpu" if variant == "torch-int8" else str(model.device)
         )
-
-    def generate(
-        self,
-        prompts: list[str | list[Message]],
-        max_new_tokens: int | Sequence[int] = 64,
-        temperature: float = 0.0,
-        top_p: float = 1.0,
-        seed: int | None = None,
-        logprobs: bool = False,
-    ) -> list[Completion]:
-        """One padded batch. Greedy when temperature == 0. ``logprobs=True`` also returns each
-        generated token's log-probability (the default path records nothing)."""
-        if not prompts:
-            return []
-        limits = per_row(max_new_tokens, len(prompts))
-        ids = [self.prompt_ids(p) for p in prompts]
-        t0 = time.perf_counter()
-        generated, picked = self._generate(ids, limits, temperature, top_p, seed, logprobs)
-        seconds = time.perf_counter() - t0
-        return [
-            self._completion(g, len(i), seconds, None if picked is None else picked[n])
-            for n, (g, i) in enumerate(zip(generated, ids, strict=True))
-        ]
-
-    def generate_ids(
-        self,
-        prompt_ids: list[list[int]],
-        limits: list[int],
-        temperature: float = 0.0,
-        top_p: float = 1.0,
-        seed: int | None = None,
-    ) -> list[list[int]]:
-        """Token ids in, generated ids out (each cut to its own limit): one left-padded batch."""
-        return self._generate(prompt_ids, limits, temperature, top_p, seed, False)[0]
 
     def _generate(
         self,
@@ -343,37 +354,6 @@ class OnnxGenerator(_ChatLM):
         (completion,) = self.generate([prompt], max_new_tokens, temperature, top_p)
         if completion.text:
             yield completion.text
-
-    def generate(
-        self,
-        prompts: list[str | list[Message]],
-        max_new_tokens: int | Sequence[int] = 64,
-        temperature: float = 0.0,
-        top_p: float = 1.0,
-        seed: int | None = None,
-        logprobs: bool = False,
-    ) -> list[Completion]:
-        if not prompts:
-            return []
-        limits = per_row(max_new_tokens, len(prompts))
-        ids = [self.prompt_ids(p) for p in prompts]
-        t0 = time.perf_counter()
-        generated, picked = self._generate(ids, limits, temperature, top_p, seed, logprobs)
-        seconds = time.perf_counter() - t0
-        return [
-            self._completion(g, len(i), seconds, None if picked is None else picked[n])
-            for n, (g, i) in enumerate(zip(generated, ids, strict=True))
-        ]
-
-    def generate_ids(
-        self,
-        prompt_ids: list[list[int]],
-        limits: list[int],
-        temperature: float = 0.0,
-        top_p: float = 1.0,
-        seed: int | None = None,
-    ) -> list[list[int]]:
-        return self._generate(prompt_ids, limits, temperature, top_p, seed, False)[0]
 
     def _generate(
         self,
