@@ -127,6 +127,11 @@ class VectorStore:
             set_={k: stmt.excluded[k] for k in values if k not in ("doc_id", "corpus", "source")},
         )
         with self.engine.begin() as conn:
+            # ON CONFLICT arbitrates on doc_id only: a concurrent insert of the same document
+            # would still trip the (corpus, source) key. Two runs write one document in turn.
+            conn.execute(
+                sa.text("SELECT pg_advisory_xact_lock(hashtextextended(:k, 0))"), {"k": doc_id}
+            )
             conn.execute(stmt)
         return doc_id
 
