@@ -39,6 +39,7 @@ $(STAMP): pyproject.toml constraints.txt scripts/openvino-export-env.sh
 	@touch $(STAMP)
 
 run: $(STAMP)
+	./scripts/system-deps.sh --ocr
 	$(BIN)/refinery run
 
 PORT ?= 3000

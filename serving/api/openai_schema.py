@@ -26,6 +26,9 @@ class Limits:
     max_tokens: int = 512
     max_embedding_inputs: int = 256
     max_inflight: int = 64  # requests in progress per gateway worker before 503
+    max_images: int = 4  # image_url parts per request
+    max_image_bytes: int = 700_000  # decoded, per image (the body limit allows ~730 KB of it)
+    max_image_pixels: int = 16_000_000  # per image, checked before it is decoded
 
     @classmethod
     def from_env(cls, env: dict[str, str]) -> Limits:
@@ -66,7 +69,8 @@ class ApiError(Exception):
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="ignore")
     role: Literal["system", "user", "assistant", "developer"]
-    # OpenAI also allows a list of content parts; only text parts are taken.
+    # OpenAI also allows a list of content parts: text, and image_url parts with data: URLs,
+    # which serving.api.images replaces by the text read from the image before this is read.
     content: str | list[dict[str, Any]]
 
     def text(self) -> str:
@@ -77,7 +81,7 @@ class ChatMessage(BaseModel):
             if part.get("type") != "text" or not isinstance(part.get("text"), str):
                 raise ApiError(
                     400,
-                    "only text content parts are supported",
+                    "only text and image_url content parts are supported",
                     param="messages",
                     code="unsupported_content",
                 )

@@ -35,6 +35,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from serving.api.bento import Pins
 from serving.api.gateway import RAG_DEFAULT_TOKENS, RETRY_AFTER_S, Gateway, unb64
+from serving.api.images import rag_image_text, resolve_images, with_image_text
 from serving.api.metrics import (
     ENGINE_RUNNING,
     ENGINE_TOKENS,
@@ -537,6 +538,7 @@ class Refinery:
         gw = self.gw
         await gw.refresh_label()
         gw.check_model(body.model)
+        await resolve_images(body.messages, self.limits)  # image_url parts → their OCR text
         item = body.engine_item(self.limits)
         if not body.stream:
             payload, headers = await gw.chat_completion(item, t0)
@@ -580,12 +582,17 @@ class Refinery:
         k: Annotated[int, Field(ge=1, le=20)] = 3,
         filters: RagFilters | None = None,
         max_tokens: Annotated[int | None, Field(ge=1, le=4096)] = None,
+        images: list[dict[str, Any]] | None = None,
         ctx: bentoml.Context = None,  # type: ignore[assignment]
     ) -> dict[str, Any]:
         """Answer a question from the corpus: the answer, its sources (document, chunk,
-        score) and a confidence in [0, 1] (see serving/rag.py for how it is computed)."""
+        score) and a confidence in [0, 1] (see serving/rag.py for how it is computed).
+        ``images``: OpenAI-style image_url parts with data: URLs; the text read from them
+        joins the question, for retrieval and for the prompt."""
         try:
             limit = max_tokens or min(RAG_DEFAULT_TOKENS, self.limits.max_tokens)
+            image_texts = await rag_image_text(images, self.limits)
+            question = with_image_text(question, image_texts) if image_texts else question
             answer, headers = await self._rag(question, k, filters, limit)
             ctx.response.headers.update(headers)
             return answer

@@ -139,7 +139,10 @@ class Chunker:
         format: str,
         title: str = "",
         pages: list[list[int]] | None = None,
+        regions: list[dict[str, Any]] | None = None,
     ) -> list[Chunk]:
+        """``regions``: where OCR'd lines were on their page (``chars``: their span in
+        ``text``); a chunk lists the regions its text came from."""
         # HTML is extracted to Markdown-like text (headings, lists), so it splits the same way.
         splitter = (
             self._markdown_splitter if format in ("markdown", "html") else self._text_splitter
@@ -157,6 +160,13 @@ class Chunker:
                 first = bisect.bisect_right(page_starts, start)
                 last = bisect.bisect_right(page_starts, start + len(piece) - 1)
                 meta["pages"] = list(range(first, last + 1))
+            if regions:
+                end = start + len(piece)
+                meta["regions"] = [
+                    {"page": r["page"], "box": r["box"]}
+                    for r in regions
+                    if r["chars"][0] < end and r["chars"][1] > start
+                ]
             context = self.context(title, paths.at(start)) if paths is not None else ""
             chunks.append(
                 Chunk(

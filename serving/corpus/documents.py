@@ -35,6 +35,11 @@ FORMATS = {
     ".html": "html",
     ".htm": "html",
     ".pdf": "pdf",
+    # images: read by OCR (serving.corpus.images)
+    ".png": "image",
+    ".jpg": "image",
+    ".jpeg": "image",
+    ".webp": "image",
 }
 
 DEFAULT_MAX_FILE_BYTES = 20 * 1024 * 1024
@@ -76,6 +81,9 @@ class RejectReason(enum.StrEnum):
     PARSE_TIMEOUT = "parse_timeout"
     TOO_MUCH_MEMORY = "too_much_memory"
     PARSER_CRASHED = "parser_crashed"
+    CORRUPT_IMAGE = "corrupt_image"  # truncated, or not an image at all
+    WRONG_TYPE = "wrong_type"  # a JPEG named .png
+    OCR_UNAVAILABLE = "ocr_unavailable"  # an image, and no OCR engine on this machine
     SUSPICIOUS = "suspicious"  # the injection screen flagged a passage (serving.screening)
 
 
@@ -93,6 +101,9 @@ class ParseLimits:
     max_decompressed_bytes: int = 64 * 1024 * 1024  # per PDF stream, and text extracted in all
     timeout_s: float = 60.0  # wall clock per file, enforced by the worker pool
     max_memory_mb: int = 2048  # address space of a parser worker
+    max_image_pixels: int = 40_000_000  # per image (a 6000×6000 scan is 36 M)
+    ocr_timeout_s: float = 45.0  # per image or scanned page, below the file's budget
+    max_ocr_pages: int = 50  # PDF pages without a text layer that are OCR'd, per file
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -308,8 +319,15 @@ def parse_bytes(file: CorpusFile, data: bytes, limits: ParseLimits | None = None
         raise DocumentRejected(RejectReason.EMPTY, "the file is empty")
     meta: dict[str, Any] = {}
     if fmt == "pdf":
-        text, title, pages = _pdf_text(data, limits)
+        text, title, pages, ocr = _pdf_text(data, limits)
         meta["pages"] = pages
+        if ocr:
+            meta["ocr"] = {"engine": "tesseract", "regions": ocr}
+    elif fmt == "image":
+        from serving.corpus.images import image_document
+
+        text, meta = image_document(data, file.path.suffix, limits)
+        title = None
     else:
         raw = _decode_text(data)
         _check_entities(raw, fmt)
@@ -649,8 +667,9 @@ def _limit_reason(err: Exception) -> RejectReason:
 
 def _pdf_text(
     data: bytes, limits: ParseLimits | None = None
-) -> tuple[str, str | None, list[list[int]]]:
-    """Text of a PDF's pages and the character span of each page in that text."""
+) -> tuple[str, str | None, list[list[int]], list[dict[str, Any]]]:
+    """Text of a PDF's pages, the character span of each page in that text, and the OCR
+    regions of the pages that had no text layer (scans), with spans relative to their page."""
     import logging
 
     import pypdf
@@ -699,9 +718,17 @@ def _pdf_text(
                     f"{n_pages} pages; the limit is {limits.max_pages}",
                 )
             pages: list[str] = []
+            page_regions: list[list[dict[str, Any]]] = []
             extracted = 0
-            for page in reader.pages:
-                pages.append(normalize_text(page.extract_text() or ""))
+            ocr_budget = limits.max_ocr_pages
+            for number, page in enumerate(reader.pages, start=1):
+                page_text = normalize_text(page.extract_text() or "")
+                regions: list[dict[str, Any]] = []
+                if not page_text.strip() and ocr_budget > 0:
+                    ocr_budget -= 1
+                    page_text, regions = _ocr_pdf_page(page, number, limits)
+                pages.append(page_text)
+                page_regions.append(regions)
                 extracted += len(pages[-1])
                 if extracted > cap:
                     raise DocumentRejected(
@@ -731,17 +758,40 @@ def _pdf_text(
         raise DocumentRejected(RejectReason.CORRUPT_PDF, f"unreadable PDF: {err}") from err
     spans: list[list[int]] = []
     parts: list[str] = []
+    ocr: list[dict[str, Any]] = []
     offset = 0
-    for page_text in pages:
+    for page_text, regions in zip(pages, page_regions, strict=True):
         if parts:
             offset += 2  # the "\n\n" joining pages
         spans.append([offset, offset + len(page_text)])
+        ocr += [{**r, "chars": [offset + r["chars"][0], offset + r["chars"][1]]} for r in regions]
         parts.append(page_text)
         offset += len(page_text)
     text = "\n\n".join(parts)
     if not text.strip():
         raise DocumentRejected(
-            RejectReason.NO_TEXT, "the PDF has no text layer (a scan?); OCR is not configured"
+            RejectReason.NO_TEXT, "the PDF has no text layer, and OCR found no text in its images"
         )
     title = str(meta_title).strip() if meta_title and str(meta_title).strip() else None
-    return text, title, spans
+    return text, title, spans, ocr
+
+
+def _ocr_pdf_page(page: Any, number: int, limits: ParseLimits) -> tuple[str, list[dict[str, Any]]]:
+    """OCR text of a page without a text layer: its images, largest first (a scan is one image
+    per page). Images that are not readable are skipped; the page may stay empty."""
+    from serving.corpus.images import lines_text, ocr_available, ocr_lines
+
+    if not ocr_available():
+        return "", []
+    images = []
+    try:
+        for image_file in page.images:
+            img = image_file.image
+            if img is not None and img.width * img.height <= limits.max_image_pixels:
+                images.append(img)
+    except Exception:  # noqa: BLE001 - pypdf raises many kinds for broken image streams
+        return "", []
+    lines = []
+    for img in sorted(images, key=lambda i: -i.width * i.height):
+        lines += ocr_lines(img, timeout_s=limits.ocr_timeout_s)
+    return lines_text(lines, page=number)

@@ -303,6 +303,7 @@ def sync_chunks(
             format=doc.format,
             title=doc.title,
             pages=doc.meta.get("pages"),
+            regions=(doc.meta.get("ocr") or {}).get("regions"),
         )
         new, deleted = store.replace_chunks(doc, chunks, fingerprint)
         result.chunks_new += new

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import multiprocessing as mp
+import os
 from datetime import datetime
 from multiprocessing.connection import Connection
 from pathlib import Path
@@ -32,7 +33,15 @@ from serving.corpus.documents import (
     parse_bytes,
 )
 
-_PRELOAD = ["serving.corpus.documents", "bs4", "pypdf", "pypdf.filters"]
+_PRELOAD = [
+    "serving.corpus.documents",
+    "serving.corpus.images",
+    "bs4",
+    "pypdf",
+    "pypdf.filters",
+    "PIL.Image",
+    "pytesseract",
+]
 
 
 def _worker(conn: Connection, max_memory_mb: int) -> None:
@@ -41,6 +50,8 @@ def _worker(conn: Connection, max_memory_mb: int) -> None:
 
     limit = max_memory_mb * 1024 * 1024
     resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+    # Workers run side by side: one Tesseract thread each (OCR), instead of each taking all.
+    os.environ["OMP_THREAD_LIMIT"] = "1"
     while True:
         try:
             header = json.loads(conn.recv_bytes())

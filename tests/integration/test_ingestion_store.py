@@ -247,3 +247,37 @@ def test_two_ingests_of_one_corpus_at_once_leave_no_duplicates(
         n_vectors = conn.execute(sa.select(sa.func.count()).select_from(space.table)).scalar_one()
         n_docs = conn.execute(sa.select(sa.func.count()).select_from(schema.documents)).scalar_one()
     assert n_docs == 6 and n_chunks == n_vectors == max(r[1].chunks_total for r in results)
+
+
+def test_images_and_scans_are_indexed_through_ocr_and_bad_images_go_to_the_ledger(
+    store, small_corpus, embedder
+):
+    """Image documents (parsed in the worker pool, Tesseract under its memory limit) become
+    searchable chunks that say where on the page their text was; bad images are recorded."""
+    import shutil
+
+    from refinery.settings import REPO_ROOT
+    from tests.images import png_declaring, text_image
+
+    corpus = REPO_ROOT / "data" / "corpus"
+    for name in ("apiary-notice-board.png", "scanned-hive-inspection-record.pdf"):
+        shutil.copy(corpus / name, small_corpus / name)
+    poster = text_image(["Robbing season starts in August"])
+    (small_corpus / "cut.png").write_bytes(poster[: len(poster) // 2])
+    (small_corpus / "photo.png").write_bytes(text_image(["A JPEG"], fmt="JPEG"))
+    (small_corpus / "bomb.png").write_bytes(png_declaring(50_000, 50_000))
+    docs, _chunks, _vectors = ingest(store, small_corpus, embedder)
+    assert docs.documents == 8
+    assert {r.source: r.reason.value for r in docs.rejections} == {
+        "cut.png": "corrupt_image",
+        "photo.png": "wrong_type",
+        "bomb.png": "decompression_bomb",
+    }
+    retriever = Retriever(store, embedder)
+    (top,) = retriever.search("When are hive inspections at the community garden?", k=1)
+    assert top.source == "apiary-notice-board.png" and "Saturdays 10:00" in top.text
+    assert top.meta["format"] == "image" and top.meta["regions"]
+    assert all(len(r["box"]) == 4 and r["page"] == 1 for r in top.meta["regions"])
+    (scan,) = retriever.search("How many varroa mites were on the sticky board?", k=1)
+    assert scan.source == "scanned-hive-inspection-record.pdf" and "4 mites" in scan.text
+    assert 2 in scan.meta["pages"] and any(r["page"] == 2 for r in scan.meta["regions"])
