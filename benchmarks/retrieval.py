@@ -3,7 +3,7 @@ own size and among 100k chunks; the simple baseline measured in the same run.
 
 Question sets (each split into tune and test, fixed in the files; only test rows are reported
 here, tuning used only tune rows: `python -m benchmarks.retrieval --tune`):
-- beekeeping: data/eval/rag_questions.jsonl over data/corpus (32 documents);
+- beekeeping: data/eval/rag_questions.jsonl over data/corpus (34 documents, two of them images);
 - sqlite: data/eval/sqlite/questions.jsonl over 93 pages of SQLite's documentation (public
   domain, Debian's sqlite3-doc, fetched by scripts/sqlite-docs.sh), questions written here.
 A question counts as found at rank r when the r-th chunk comes from one of its gold documents:
