@@ -110,7 +110,42 @@ def _execute(job_name: str, run_config: dict[str, Any]) -> bool:
     for event in result.get_asset_check_evaluations():
         status = "passed" if event.passed else f"FAILED ({event.severity.value})"
         click.echo(f"  check {event.asset_key.to_user_string()}:{event.check_name} {status}")
+    for step, error in _step_failures(result):
+        click.echo(f"  step {step} failed: {error}", err=True)
     return bool(result.success)
+
+
+# What a lost database connection looks like once Dagster has serialized the error.
+_STORE_LOST = ("OperationalError", "InterfaceError", "AdminShutdown", "ConnectionFailure")
+
+
+def _step_failures(result: Any) -> list[tuple[str, str]]:
+    """(step, one-line reason) for each failed step; a database that went away mid-run is
+    named as such, with what to do: committed work is kept and a rerun carries on from it."""
+    out = []
+    for event in result.all_events:
+        if event.event_type_value != "STEP_FAILURE":
+            continue
+        error = event.event_specific_data.error
+        while error is not None and error.cause is not None and not error.message.strip():
+            error = error.cause
+        chain, e = [], error
+        while e is not None:
+            chain.append(e)
+            e = e.cause
+        lost = next((e for e in chain if any(n in e.cls_name for n in _STORE_LOST)), None)
+        if lost is not None:
+            first = lost.message.strip().splitlines()[0] if lost.message.strip() else ""
+            reason = (
+                f"the database connection was lost ({first[:200]}). What was committed before "
+                "is kept; once Postgres is reachable again (the embedded one starts with the "
+                "next command), rerun the same command to finish."
+            )
+        else:
+            text = (error.message if error is not None else "").strip()
+            reason = text.splitlines()[0][:300] if text else "see the full log"
+        out.append((str(event.step_key), reason))
+    return out
 
 
 def _ingest_config(corpus: Path | None, batch_size: int | None = None) -> dict[str, Any]:

@@ -73,6 +73,18 @@ def _prune_dead_handles(pgdata: Path) -> None:
         handles.write_text(json.dumps(alive))
 
 
+def _forget_dead_postmaster(pgdata: Path) -> None:
+    """Remove the pid file of a postmaster that was killed and is now a zombie: Postgres and
+    pgserver both take a pid that still exists for a running server and would refuse to start."""
+    pid_file = pgdata / "postmaster.pid"
+    try:
+        pid = int(pid_file.read_text().splitlines()[0])
+        if psutil.Process(pid).status() == psutil.STATUS_ZOMBIE:
+            pid_file.unlink()
+    except (OSError, ValueError, IndexError, psutil.Error):
+        pass
+
+
 def start_embedded_postgres(settings: Settings, *, persistent: bool = False) -> str:
     """Start (or attach to) the embedded Postgres and return its SQLAlchemy URL.
 
@@ -96,6 +108,7 @@ def start_embedded_postgres(settings: Settings, *, persistent: bool = False) -> 
     # without looking: after `refinery db stop` (or a crash) the server it names is gone.
     with PostgresServer._lock:
         if not embedded_postgres_running(settings):
+            _forget_dead_postmaster(pgdata)
             server.ensure_postgres_running()
 
     def _prune_at_exit() -> None:
@@ -114,7 +127,14 @@ def embedded_postgres_running(settings: Settings) -> bool:
     if not (settings.pgdata / "PG_VERSION").exists():
         return False
     info = PostmasterInfo.read_from_pgdata(settings.pgdata)
-    return info is not None and info.is_running()
+    if info is None or not info.is_running():
+        return False
+    # A killed postmaster whose parent never reaps it (no init in a container) stays a zombie:
+    # its pid exists, the server does not.
+    try:
+        return bool(info.process.status() != psutil.STATUS_ZOMBIE)
+    except psutil.Error:
+        return False
 
 
 def stop_embedded_postgres(settings: Settings) -> bool:

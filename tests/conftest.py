@@ -157,3 +157,20 @@ def dataset(tokenizer):
     from training.sft_data import SFTConfig, build_dataset
 
     return build_dataset(SFTConfig(max_tokens=512), tokenizer)
+
+
+def kill_embedded_postgres(settings) -> None:
+    """SIGKILL the embedded Postgres's postmaster (a crash, not a shutdown) and wait until it
+    is gone; its backends notice and exit. The next Refinery process starts it again."""
+    import signal
+    import time
+
+    from refinery.stores import embedded_postgres_running
+
+    pid = int((settings.pgdata / "postmaster.pid").read_text().splitlines()[0])
+    os.kill(pid, signal.SIGKILL)
+    deadline = time.monotonic() + 30
+    while embedded_postgres_running(settings):
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"postmaster {pid} still running 30 s after SIGKILL")
+        time.sleep(0.1)

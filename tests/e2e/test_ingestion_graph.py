@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import sqlalchemy as sa
 
+from refinery import schema
 from refinery.settings import Settings
 from refinery.stores import database_url
 from refinery.tracking import client_for
@@ -24,7 +25,7 @@ from serving.corpus.embedding import Embedder
 from serving.corpus.ingestion import sync_embeddings
 from serving.corpus.retrieval import Retriever
 from serving.corpus.vectorstore import VectorStore
-from tests.conftest import SAMPLE_CORPUS
+from tests.conftest import SAMPLE_CORPUS, kill_embedded_postgres
 
 pytestmark = pytest.mark.e2e
 
@@ -65,7 +66,7 @@ def test_sample_corpus_through_dagster_with_mlflow_lineage(fresh_home):
     meta = materializations(result)
     assert set(meta) == set(INGESTION)
     assert all(v for v, _ in checks(result).values())
-    assert meta["source_documents"]["documents"].value == 32
+    assert meta["source_documents"]["documents"].value == 34
     assert (
         meta["chunk_embeddings"]["embedded_now"].value
         == meta["chunk_embeddings"]["chunks"].value
@@ -102,7 +103,7 @@ def test_sample_corpus_through_dagster_with_mlflow_lineage(fresh_home):
     again = run_ingest(SAMPLE_CORPUS)
     meta2 = materializations(again)
     assert again.success
-    assert meta2["source_documents"]["unchanged"].value == 32
+    assert meta2["source_documents"]["unchanged"].value == 34
     assert meta2["document_chunks"]["documents_rechunked"].value == 0
     assert meta2["chunk_embeddings"]["embedded_now"].value == 0
     assert meta2["source_documents"]["corpus_hash"].value == corpus_hash
@@ -235,3 +236,55 @@ def test_sigkill_at_two_points_leaves_whole_batches_and_the_rerun_embeds_exactly
     assert all(np.array_equal(before[i], after[i]) for i in before)  # committed ones untouched
     store.engine.dispose()
     shutil.rmtree(fresh_home / "dagster" / "storage", ignore_errors=True)
+
+
+def test_postgres_killed_mid_ingest_fails_clearly_and_the_rerun_completes(fresh_home, tmp_path):
+    """The database crashes (postmaster SIGKILLed) while `refinery ingest` embeds: the command
+    fails saying the database went away, and the rerun, which starts Postgres again, finishes
+    the index with every document and chunk once."""
+    refinery = str(Path(sys.executable).parent / "refinery")
+    cmd = [refinery, "ingest", "--corpus", str(SAMPLE_CORPUS), "--batch-size", str(BATCH)]
+    log = tmp_path / "first.log"
+    with log.open("w") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    store = None
+    try:
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.1)
+            try:
+                store = store or store_for_home()
+                space = store.find_space(MODEL)
+                if space is not None and store.integrity(space).embedded >= BATCH:
+                    break
+            except sa.exc.SQLAlchemyError:
+                continue  # the server or the tables are not there yet
+        assert proc.poll() is None, "the ingest ended before Postgres could be killed"
+        kill_embedded_postgres(Settings.from_env())
+        assert proc.wait(timeout=120) == 1
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        if store is not None:
+            store.engine.dispose()
+    first = log.read_text()
+    assert "FAILED" in first and "the database connection was lost" in first, first[-3000:]
+    assert "rerun the same command" in first
+
+    again = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    store = store_for_home()
+    try:
+        space = store.find_space(MODEL)
+        final = store.integrity(space)
+        assert final.missing == final.orphans == final.stale == final.wrong_dim == final.nan == 0
+        assert final.embedded == final.chunks > BATCH
+        with store.engine.connect() as conn:
+            sources = conn.execute(sa.select(schema.documents.c.source)).scalars().all()
+        expected = sorted(p.name for p in SAMPLE_CORPUS.iterdir() if p.is_file())
+        assert sorted(sources) == expected  # every document, once
+        assert store.rejections() == []
+    finally:
+        store.engine.dispose()
+        shutil.rmtree(fresh_home / "dagster" / "storage", ignore_errors=True)

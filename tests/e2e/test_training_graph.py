@@ -3,6 +3,12 @@ lineage reaches back to the Dagster run, and a rerun that changes nothing."""
 
 from __future__ import annotations
 
+import shutil
+import subprocess
+import sys
+import threading
+import time
+import uuid
 from pathlib import Path
 
 import dagster as dg
@@ -11,7 +17,7 @@ import yaml
 
 from refinery.settings import Settings
 from refinery.tracking import client_for
-from tests.conftest import SAMPLE_CORPUS
+from tests.conftest import SAMPLE_CORPUS, kill_embedded_postgres
 
 pytestmark = pytest.mark.e2e
 
@@ -23,12 +29,40 @@ SMALL = {
 }
 
 
-def run(job: str, ops: dict) -> dg.ExecuteInProcessResult:
+def run(job: str, ops: dict, run_id: str | None = None) -> dg.ExecuteInProcessResult:
     from orchestration.definitions import defs
 
     return defs.resolve_job_def(job).execute_in_process(
-        run_config={"ops": ops}, instance=dg.DagsterInstance.get(), raise_on_error=False
-    )
+        run_config={"ops": ops}, instance=dg.DagsterInstance.get(), raise_on_error=False,
+        run_id=run_id,
+    )  # fmt: skip
+
+
+def with_steps(n: int) -> dict:
+    return {
+        **SMALL,
+        "lora_adapter": {"config": {**SMALL["lora_adapter"]["config"], "max_steps": n}},
+    }
+
+
+def kill_postgres_when_step_starts(run_id: str, step: str) -> threading.Thread:
+    """In the background: SIGKILL the embedded Postgres as soon as ``step`` of the run starts."""
+
+    def watch() -> None:
+        instance = dg.DagsterInstance.get()
+        deadline = time.monotonic() + 600
+        while time.monotonic() < deadline:
+            records = instance.get_records_for_run(
+                run_id, of_type=dg.DagsterEventType.STEP_START
+            ).records
+            if any(r.event_log_entry.step_key == step for r in records):
+                kill_embedded_postgres(Settings.from_env())
+                return
+            time.sleep(0.2)
+
+    thread = threading.Thread(target=watch, daemon=True)
+    thread.start()
+    return thread
 
 
 def metadata(result, asset: str) -> dict:
@@ -90,6 +124,51 @@ def test_train_job_registers_a_challenger_with_its_lineage(fresh_home, tmp_path)
     assert metadata(again, "openvino_model")["reused"] is True
     assert metadata(again, "candidate_model")["version"] == "1"
     assert len(client.search_model_versions("name = 'refinery-chat'")) == 1
+
+    # Two runs at once, both writing MLflow and Postgres: an ingest (another process) of a
+    # grown corpus while a changed training runs here. Neither sees "database is locked" and
+    # neither loses a row.
+    corpus = tmp_path / "corpus"
+    shutil.copytree(SAMPLE_CORPUS, corpus)
+    (corpus / "new-note.md").write_text("# Drone congregation areas\n\nDrones gather in areas.")
+    refinery = str(Path(sys.executable).parent / "refinery")
+    ingest_proc = subprocess.Popen(
+        [refinery, "ingest", "--corpus", str(corpus)],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    both = run("train", with_steps(4))
+    ingest_out, _ = ingest_proc.communicate(timeout=600)
+    assert both.success
+    assert ingest_proc.returncode == 0, ingest_out[-3000:]
+    assert "database is locked" not in ingest_out
+    v2 = metadata(both, "lora_adapter")
+    assert metadata(both, "candidate_model")["version"] == "2"
+    assert [m.step for m in client.get_metric_history(v2["mlflow_run_id"], "loss")] == [1, 2, 3, 4]
+    ingest_runs = client.search_runs(
+        [client.get_experiment_by_name("refinery-ingestion").experiment_id],
+        filter_string="tags.`dagster.asset_key` = 'source_documents'",
+    )
+    assert any(r.data.metrics.get("documents") == 35 for r in ingest_runs)
+
+    # Postgres crashes while a training run is under way: the first step that needs it after
+    # the crash fails saying so, nothing is half-registered, and the rerun (which starts
+    # Postgres again) completes without training anything twice.
+    from orchestration.cli import _step_failures
+
+    run_id = str(uuid.uuid4())
+    watcher = kill_postgres_when_step_starts(run_id, "lora_adapter")
+    crashed = run("train", with_steps(5), run_id=run_id)
+    watcher.join(timeout=5)
+    assert not crashed.success
+    failures = dict(_step_failures(crashed))
+    assert list(failures) == ["candidate_model"], failures
+    assert "the database connection was lost" in failures["candidate_model"]
+    assert len(client.search_model_versions("name = 'refinery-chat'")) == 2
+    rerun = run("train", with_steps(5))
+    assert rerun.success
+    assert metadata(rerun, "lora_adapter")["reused"] is True  # trained once, before the crash
+    assert metadata(rerun, "candidate_model")["version"] == "3"
+    assert len(client.search_model_versions("name = 'refinery-chat'")) == 3
 
 
 BAD_CASES = [
