@@ -38,7 +38,7 @@ import numpy as np
 import sqlalchemy as sa
 from sqlalchemy.dialects.postgresql import insert
 
-from benchmarks.common import WORK, Timer, fresh_home, percentile, write_table
+from benchmarks.common import RESULTS, WORK, Timer, fresh_home, percentile, write_table
 from evaluation.datasets import (
     DEFAULT_RAG_QUESTIONS,
     SQLITE_CORPUS,
@@ -250,6 +250,12 @@ def build_index(
 ) -> tuple[VectorStore, EmbeddingSpace, int]:
     store = VectorStore(engine)
     store.create_schema()
+    # An index holds its one corpus: the same files read from another checkout (a worktree)
+    # are another corpus folder to the ingestion, and would be indexed a second time.
+    with engine.begin() as conn:
+        conn.execute(
+            sa.delete(schema.documents).where(schema.documents.c.corpus != str(corpus.resolve()))
+        )
     sync_documents(store, corpus)
     chunks = sync_chunks(store, make_chunker(config, embedder))
     sync_embeddings(store, embedder, batch_size=32)
@@ -533,13 +539,29 @@ def tune() -> None:
     )
 
 
-def main(tune_only: bool = False) -> None:
+def kept_rows(other_sets: set[str]) -> list[list[str]]:
+    """Rows of the committed table for the sets not re-run now."""
+    path = RESULTS / "retrieval.md"
+    if not other_sets or not path.exists():
+        return []
+    rows = []
+    for line in path.read_text().splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if line.startswith("| ") and cells[0] in other_sets:
+            rows.append(cells)
+    return rows
+
+
+def main(tune_only: bool = False, only: Sequence[str] = ()) -> None:
     if tune_only:
         tune()
         return
     split = "test"
     embedder = Embedder()
     sets = question_sets(embedder)
+    others = {qs.name for qs in sets if only and qs.name not in only}
+    previous = kept_rows(others)
+    sets = [qs for qs in sets if qs.name not in others]
     reranker = reranker_for_benchmark()
     rows: list[list[Any]] = []
     notes: list[str] = []
@@ -601,6 +623,13 @@ def main(tune_only: bool = False) -> None:
         ]
         + ["| " + " | ".join(str(c) for c in r) + " |" for r in cold]
     )
+    if previous:
+        order = ["beekeeping", "sqlite"]  # the table's order: each size, then each set
+        rows = sorted(rows + previous, key=lambda r: (r[1] == "100k", order.index(r[0])))
+        notes.append(
+            f"Rows of {', '.join(sorted(others))} are from the previous run of this table "
+            "(not re-run: `--only` named the other sets)."
+        )
     notes.append(
         f"`refinery query` from a cold start (Postgres stopped before each of {COLD_RUNS} runs, "
         "process start to exit, including starting and stopping the embedded Postgres):\n\n"
@@ -620,4 +649,6 @@ def main(tune_only: bool = False) -> None:
 if __name__ == "__main__":
     parser = argparse.ArgumentParser()
     parser.add_argument("--tune", action="store_true", help="tune on the tune split instead")
-    main(tune_only=parser.parse_args().tune)
+    parser.add_argument("--only", nargs="*", default=[], help="re-run these question sets only")
+    args = parser.parse_args()
+    main(tune_only=args.tune, only=args.only)

@@ -132,7 +132,7 @@ def embedded_postgres_running(settings: Settings) -> bool:
     # A killed postmaster whose parent never reaps it (no init in a container) stays a zombie:
     # its pid exists, the server does not.
     try:
-        return bool(info.process.status() != psutil.STATUS_ZOMBIE)
+        return info.process is not None and info.process.status() != psutil.STATUS_ZOMBIE
     except psutil.Error:
         return False
 

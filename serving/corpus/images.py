@@ -138,11 +138,12 @@ def ocr_lines(img: Any, timeout_s: float) -> list[OcrLine]:
         top = min(data["top"][i] for i in idx)
         right = max(data["left"][i] + data["width"][i] for i in idx)
         bottom = max(data["top"][i] + data["height"][i] for i in idx)
-        box = tuple(round(v / scale) for v in (left, top, right - left, bottom - top))
+        box = (round(left / scale), round(top / scale),
+               round((right - left) / scale), round((bottom - top) / scale))  # fmt: skip
         out.append(
             OcrLine(
                 text=normalize_text(" ".join(data["text"][i].strip() for i in idx)),
-                box=box,  # type: ignore[arg-type]
+                box=box,
                 confidence=sum(float(data["conf"][i]) for i in idx) / len(idx) / 100,
             )
         )
