@@ -18,6 +18,7 @@ ALL = [
     "traffic",
     "guard",
     "soak",
+    "images",
 ]
 
 
