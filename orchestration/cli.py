@@ -127,8 +127,6 @@ def _step_failures(result: Any) -> list[tuple[str, str]]:
         if event.event_type_value != "STEP_FAILURE":
             continue
         error = event.event_specific_data.error
-        while error is not None and error.cause is not None and not error.message.strip():
-            error = error.cause
         chain, e = [], error
         while e is not None:
             chain.append(e)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import io
 import shutil
+import threading
 from dataclasses import dataclass
 from typing import Any
 
@@ -52,21 +53,21 @@ def open_image(data: bytes, limits: ParseLimits, expected: str | None = None) ->
     if not data:
         raise DocumentRejected(RejectReason.EMPTY, "the image file is empty")
     try:
-        with _own_pixel_check():
+        with _HEADER_LOCK, _own_pixel_check():  # only the header is read in here
             img = Image.open(io.BytesIO(data), formats=_PIL_FORMATS)
-            w, h = img.size
-            if w * h > limits.max_image_pixels:
-                raise DocumentRejected(
-                    RejectReason.DECOMPRESSION_BOMB,
-                    f"{w}×{h} pixels declared in a {len(data) / 1e3:.0f} KB file; "
-                    f"the limit is {limits.max_image_pixels:,} pixels",
-                )
-            if expected is not None and img.format != expected:
-                raise DocumentRejected(
-                    RejectReason.WRONG_TYPE,
-                    f"the file is a {img.format} image but its name says {expected}",
-                )
-            img.load()
+        w, h = img.size
+        if w * h > limits.max_image_pixels:
+            raise DocumentRejected(
+                RejectReason.DECOMPRESSION_BOMB,
+                f"{w}×{h} pixels declared in a {len(data) / 1e3:.0f} KB file; "
+                f"the limit is {limits.max_image_pixels:,} pixels",
+            )
+        if expected is not None and img.format != expected:
+            raise DocumentRejected(
+                RejectReason.WRONG_TYPE,
+                f"the file is a {img.format} image but its name says {expected}",
+            )
+        img.load()
     except DocumentRejected:
         raise
     except Image.DecompressionBombError as err:
@@ -83,6 +84,11 @@ def open_image(data: bytes, limits: ParseLimits, expected: str | None = None) ->
             RejectReason.TOO_MUCH_MEMORY, "the image needs more memory than a parser may use"
         ) from err
     return img
+
+
+# Pillow's limit is a module global: threads reading headers at once (the service reads request
+# images in threads) take turns, so that none restores another's setting.
+_HEADER_LOCK = threading.Lock()
 
 
 class _own_pixel_check:
