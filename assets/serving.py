@@ -4,6 +4,7 @@ import dagster as dg
 from pydantic import Field
 
 from assets.evaluation import champion_model
+from assets.images import image_evaluation
 from assets.resources import EmbeddingModelResource, MLflowResource
 from serving.api.bento import BentoBuildError, build_bento
 from serving.runtime.models import CHAMPION, ModelNotFoundError
@@ -18,7 +19,8 @@ class BentoConfig(dg.Config):
 
 @dg.asset(
     group_name=GROUP,
-    deps=[champion_model],
+    # image_evaluation: the image champion it serves beside the chat model (when one exists).
+    deps=[champion_model, image_evaluation],
     kinds={"bentoml"},
     # Follows the champion: rebuilt (or reused) after each promotion run, by the automation sensor.
     automation_condition=dg.AutomationCondition.eager(),

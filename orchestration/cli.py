@@ -397,6 +397,16 @@ def examples_reject(ids: tuple[str, ...], reviewer: str) -> None:
 
 
 @main.command()
+@config_option(None, "asset config, e.g. ops.image_model.config.max_steps.")
+def images(config_file: Path | None) -> None:
+    """Materialize the image lineage: data set → image model (refinery-image) → evaluation
+    and the promotion gate (alias champion)."""
+    _settings()
+    if not _execute("images", _load_config(config_file)):
+        sys.exit(1)
+
+
+@main.command()
 def train() -> None:
     """Materialize base model → … → candidate model (registered, alias "challenger")."""
     _settings()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dagster as dg
 
-from assets import evaluation, ingestion, monitoring, serving, training
+from assets import evaluation, images, ingestion, monitoring, serving, training
 from assets.handoff import HandoffIOManager
 from assets.resources import (
     EmbeddingModelResource,
@@ -45,6 +45,7 @@ EVALUATION_ASSETS = [
     evaluation.human_evaluation,
     evaluation.champion_model,
 ]
+IMAGE_ASSETS = [images.image_dataset, images.image_model, images.image_evaluation]
 SERVING_ASSETS = [serving.bento]
 MONITORING_ASSETS = [monitoring.traffic_log, monitoring.drift_report, monitoring.cost_report]
 ASSET_CHECKS = [
@@ -72,6 +73,14 @@ evaluate_job = dg.define_asset_job(
     selection=dg.AssetSelection.groups(evaluation.GROUP),
     tags=MODEL_JOB_TAGS,
     description="Automatic and human evaluation, the promotion gate, the champion alias.",
+)
+# `refinery images`: image data set → image model (registered) → evaluation, gate, champion.
+images_job = dg.define_asset_job(
+    "images",
+    selection=dg.AssetSelection.groups(images.GROUP),
+    tags=MODEL_JOB_TAGS,
+    description="Image data set → diffusers image model (refinery-image) → judged evaluation "
+    "and the promotion gate.",
 )
 # `refinery bento`: package the champion as a Bento. (A job may not share the asset's name.)
 bento_job = dg.define_asset_job(
@@ -101,6 +110,7 @@ defs = dg.Definitions(
         *INGESTION_ASSETS,
         *TRAINING_ASSETS,
         *EVALUATION_ASSETS,
+        *IMAGE_ASSETS,
         *SERVING_ASSETS,
         *MONITORING_ASSETS,
     ],
@@ -109,6 +119,7 @@ defs = dg.Definitions(
         ingest_job,
         train_job,
         evaluate_job,
+        images_job,
         promote_job,
         bento_job,
         refinery_job,

@@ -47,3 +47,16 @@ def png_declaring(width: int, height: int) -> bytes:
     data[12:29] = ihdr
     data[29:33] = struct.pack(">I", zlib.crc32(bytes(ihdr)) & 0xFFFFFFFF)
     return bytes(data)
+
+
+def tiny_image_model(folder, steps: int = 20):
+    """A class-conditioned diffusers model trained for ``steps`` steps on the digits (a few
+    seconds): real weights and code paths, not a good model."""
+    from pathlib import Path
+
+    from training.images import ImageTrainingConfig, prepare_digits, train_class_conditioned
+
+    folder = Path(folder)
+    dataset = prepare_digits(folder.parent / "image-datasets")
+    config = ImageTrainingConfig(max_steps=steps, batch_size=32, log_every=5, sample_steps=5)
+    return train_class_conditioned(dataset, config, folder).folder

@@ -19,6 +19,8 @@ from serving.runtime.models import CHALLENGER
 
 PYFUNC_FILE = REPO_ROOT / "serving" / "runtime" / "pyfunc_model.py"
 GENERATION_FILE = REPO_ROOT / "serving" / "runtime" / "generation.py"
+IMAGE_PYFUNC_FILE = REPO_ROOT / "serving" / "runtime" / "image_pyfunc.py"
+IMAGEGEN_FILE = REPO_ROOT / "serving" / "runtime" / "imagegen.py"
 TAG_LINEAGE_KEY = "refinery.lineage_key"
 TAG_VARIANT = "refinery.variant"
 
@@ -36,11 +38,11 @@ class RegisteredVersion:
         return f"models:/{self.name}/{self.version}"
 
 
-def pip_requirements() -> list[str]:
+def pip_requirements(extra: tuple[str, ...] = ()) -> list[str]:
     """What the model needs to load, pinned to what made it."""
     from importlib.metadata import version
 
-    pkgs = ["mlflow", "torch", "transformers", "safetensors", "numpy", "accelerate"]
+    pkgs = ["mlflow", "torch", "transformers", "safetensors", "numpy", "accelerate", *extra]
     optional = ["bitsandbytes", "onnxruntime"]
     out = []
     for pkg in pkgs + optional:
@@ -49,6 +51,23 @@ def pip_requirements() -> list[str]:
         except Exception:  # noqa: BLE001 - an optional package that is not installed
             continue
     return out
+
+
+def image_signature() -> Any:
+    from mlflow.models import ModelSignature
+    from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
+
+    return ModelSignature(
+        inputs=Schema([ColSpec("string")]),  # prompts
+        outputs=Schema([ColSpec("string")]),  # base64 PNGs
+        params=ParamSchema(
+            [
+                ParamSpec("seed", "long", 0),
+                ParamSpec("steps", "long", 0),
+                ParamSpec("size", "long", 0),
+            ]
+        ),
+    )
 
 
 def signature() -> Any:
@@ -90,8 +109,10 @@ def register(
     alias: str | None = CHALLENGER,
     description: str = "",
     extra_artifacts: Mapping[str, Path] | None = None,
+    kind: str = "chat",
 ) -> RegisteredVersion:
     """Log ``model_dir`` as a pyfunc model in run ``run_id`` and register it under ``name``.
+    ``kind``: "chat" (a causal LM) or "image" (``serving.runtime.imagegen``).
 
     Through an explicit client: the fluent ``log_model`` would set process-wide tracking and
     registry URIs that outlive the call.
@@ -120,23 +141,29 @@ def register(
         # was given: the signature below says what the model takes.
         warnings.simplefilter("ignore", UserWarning)
         local = Path(tmp) / artifact_path
+        image = kind == "image"
         mlflow.pyfunc.save_model(
             str(local),
-            python_model=str(PYFUNC_FILE),
+            python_model=str(IMAGE_PYFUNC_FILE if image else PYFUNC_FILE),
             # "model": the weights MLflow's pyfunc loads; extra ones (an OpenVINO export for
             # the CPU serving engine) travel with the version.
             artifacts={
                 "model": str(model_dir),
                 **{k: str(v) for k, v in (extra_artifacts or {}).items()},
             },
-            code_paths=[str(GENERATION_FILE)],
+            code_paths=[str(IMAGEGEN_FILE if image else GENERATION_FILE)],
             model_config={"variant": variant},
-            signature=signature(),
-            pip_requirements=pip_requirements(),
+            signature=image_signature() if image else signature(),
+            pip_requirements=pip_requirements(("diffusers", "pillow") if image else ()),
         )
         client.log_artifacts(run_id, str(local), artifact_path)
     if not client.search_registered_models(filter_string=f"name = '{name}'"):
-        client.create_registered_model(name, description=f"Refinery chat model ({variant}).")
+        client.create_registered_model(
+            name,
+            description="Refinery image model (diffusers)."
+            if image
+            else f"Refinery chat model ({variant}).",
+        )
     mv = client.create_model_version(
         name,
         source=f"runs:/{run_id}/{artifact_path}",
@@ -159,6 +186,7 @@ def register_folder(
     experiment: str = "refinery-imports",
     tags: Mapping[str, Any] | None = None,
     extra_artifacts: Mapping[str, Path] | None = None,
+    kind: str = "chat",
 ) -> RegisteredVersion:
     """Register a model folder as it is, in a run of its own (for serving tests, benchmarks,
     or a model trained elsewhere); the version gets ``alias``. ``artifact_root``: where a local
@@ -179,6 +207,7 @@ def register_folder(
             tags=tags or {},
             alias=alias,
             extra_artifacts=extra_artifacts,
+            kind=kind,
         )
     finally:
         client.set_terminated(run.info.run_id)

@@ -25,9 +25,16 @@ from typing import Any
 
 from refinery.settings import OFFLINE_ENV, REPO_ROOT, Settings
 from serving.corpus.embedding import resolve_embedding_model
-from serving.runtime.models import CHAMPION, NotAChatModel, read_model_folder, resolve
+from serving.runtime.models import (
+    CHAMPION,
+    ModelNotFoundError,
+    NotAChatModel,
+    read_model_folder,
+    resolve,
+)
 
 BENTOFILE = REPO_ROOT / "deploy" / "bentofile.yaml"
+IMAGE_MODEL = "refinery-image"  # the registered image model a Bento serves, if promoted
 SERVICE_NAME = "refinery"  # the @bentoml.service name, and so the Bento's name
 PINS_FILE = Path(__file__).resolve().parents[1] / "pins.json"  # serving/pins.json
 STAGED = {
@@ -54,10 +61,18 @@ class Pins:
     embedding_model: str  # the name the vectors were made under
     embedding_model_tag: str
     refinery_home: str  # default home of the stores (REFINERY_HOME overrides)
+    # The image model's champion, when one exists ("" otherwise: no image generation).
+    image_model: str = ""
+    image_model_version: str = ""
+    image_model_tag: str = ""
 
     @property
     def model_label(self) -> str:
         return f"{self.registered_model}/{self.model_version}"
+
+    @property
+    def image_label(self) -> str:
+        return f"{self.image_model}/{self.image_model_version}" if self.image_model_tag else ""
 
     def labels(self) -> dict[str, str]:
         return {
@@ -66,6 +81,7 @@ class Pins:
             "refinery.run_id": self.run_id,
             "refinery.variant": self.variant,
             "refinery.embedding_model": self.embedding_model,
+            "refinery.image_model": self.image_label or "none",
         }
 
     @classmethod
@@ -161,8 +177,12 @@ def build_bento(
     registered_model: str,
     alias: str = CHAMPION,
     embedding_model: str | None = None,
+    image_model: str = IMAGE_MODEL,
 ) -> BuiltBento:
+    """``image_model``: the registered image model whose champion the Bento serves beside the
+    chat model, if it has one ("" for none)."""
     ref = resolve(tracking_uri, registered_model, alias)
+    image = _image_champion(tracking_uri, image_model)
     emb = resolve_embedding_model(embedding_model)
     emb_version = hashlib.sha256(f"{emb.name}|{emb.location}".encode()).hexdigest()[:12]
     code = sources_hash()
@@ -176,6 +196,11 @@ def build_bento(
         embedding_model=emb.name,
         embedding_model_tag=f"{bento_tag_part(Path(emb.name).name)}:{emb_version}",
         refinery_home=str(settings.home),
+        image_model=image.name if image else "",
+        image_model_version=image.version if image else "",
+        image_model_tag=f"{bento_tag_part(image.name)}:v{image.version}-{image.run_id[:8] or 'x'}"
+        if image
+        else "",
     )
     labels = {**pins.labels(), "refinery.sources": code}
     existing = find_bento(settings, labels)
@@ -197,12 +222,20 @@ def build_bento(
             )
         )
         read_mlflow_model(model_dir)  # fail here, not in the service, if it is not ours
+        image_dir = ""
+        if image is not None:
+            image_dir = mlflow.artifacts.download_artifacts(
+                artifact_uri=image.source, tracking_uri=tracking_uri,
+                dst_path=str(Path(tmp) / "image"),
+            )  # fmt: skip
+            read_mlflow_model(Path(image_dir))
         ctx = Path(tmp) / "ctx"
         _stage(ctx, pins)
         job = {
             "ctx": str(ctx),
             "chat_dir": str(model_dir),
             "embedding_dir": emb.location,
+            "image_dir": image_dir,
             "labels": labels,
         }
         proc = subprocess.run(
@@ -219,6 +252,16 @@ def build_bento(
     return BuiltBento(out["tag"], out["path"], pins, reused=False, image=out["tag"])
 
 
+def _image_champion(tracking_uri: str, name: str) -> Any:
+    """The image model's champion version, or None (none registered, or none promoted)."""
+    if not name:
+        return None
+    try:
+        return resolve(tracking_uri, name, CHAMPION)
+    except ModelNotFoundError:
+        return None
+
+
 def _package(job: dict[str, Any]) -> dict[str, str]:
     """In the child process: import both models into the store, then build the Bento."""
     import bentoml
@@ -227,10 +270,13 @@ def _package(job: dict[str, Any]) -> dict[str, str]:
     ctx = Path(job["ctx"])
     pins = Pins.load(ctx / "serving" / PINS_FILE.name)
     assert pins is not None
-    for tag, src, meta in (
+    models = [
         (pins.chat_model_tag, job["chat_dir"], pins.labels()),
         (pins.embedding_model_tag, job["embedding_dir"], {"name": pins.embedding_model}),
-    ):
+    ]
+    if pins.image_model_tag:
+        models.append((pins.image_model_tag, job["image_dir"], {"name": pins.image_label}))
+    for tag, src, meta in models:
         try:
             bentoml.models.get(tag)
         except NotFound:

@@ -35,6 +35,12 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from serving.api.bento import Pins
 from serving.api.gateway import RAG_DEFAULT_TOKENS, RETRY_AFTER_S, Gateway, unb64
+from serving.api.generations import (
+    ImageGenerationRequest,
+    ImageModel,
+    image_items,
+    images_response,
+)
 from serving.api.images import rag_image_text, resolve_images, with_image_text
 from serving.api.metrics import (
     ENGINE_RUNNING,
@@ -424,6 +430,8 @@ class Refinery:
     chat = bentoml.depends(ChatModel)
     if PINS is not None:
         embedding = bentoml.models.BentoModel(PINS.embedding_model_tag)
+    if PINS is not None and PINS.image_model_tag:  # an image champion existed at build time
+        images = bentoml.depends(ImageModel)
 
     def __init__(self) -> None:
 
@@ -573,6 +581,47 @@ class Refinery:
             embedding_response(self.pins.embedding_model, data, tokens),
             headers=gw.headers(state, cost),
         )
+
+    # -- images --
+    @openai_app.post("/images/generations")
+    async def images_generations(self, body: ImageGenerationRequest) -> JSONResponse:
+        return JSONResponse(await self._generate_images(body))
+
+    @bentoml.task(route="/images/jobs")
+    async def image_job(
+        self,
+        prompt: Annotated[str, Field(min_length=1, max_length=1000)],
+        n: Annotated[int, Field(ge=1)] = 1,
+        size: str = "256x256",
+        seed: Annotated[int | None, Field(ge=0, le=2**31 - 1)] = None,
+        steps: Annotated[int | None, Field(ge=1)] = None,
+    ) -> dict[str, Any]:
+        """The same generation as a long job: POST /images/jobs/submit answers a task id at
+        once; GET /images/jobs/status and /images/jobs/get (?task_id=) poll and fetch. A
+        request the service refuses completes with OpenAI's error body."""
+        try:
+            body = ImageGenerationRequest(prompt=prompt, n=n, size=size, seed=seed, steps=steps)
+            return await self._generate_images(body)
+        except ApiError as err:
+            return {**err.body(), "status": err.status}
+
+    async def _generate_images(self, body: ImageGenerationRequest) -> dict[str, Any]:
+        t0 = time.perf_counter()
+        label = self.pins.image_label
+        if not label:
+            raise ApiError(
+                501, "this deployment serves no image model: none was promoted when its Bento "
+                "was built (run `refinery images`, then rebuild the Bento)",
+                type="server_error", code="images_unavailable",
+            )  # fmt: skip
+        if body.model and body.model not in (self.pins.image_model, label):
+            raise ApiError(404, f"model {body.model!r} is not served here; use "
+                           f"{self.pins.image_model!r}", param="model",
+                           code="model_not_found")  # fmt: skip
+        items = image_items(body)
+        await self.gw.screen("images", [body.prompt], t0)
+        results = await _call(self.images.to_async.generate, items)
+        return images_response(list(results), label)
 
     # -- RAG --
     @bentoml.api(route="/rag")

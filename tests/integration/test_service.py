@@ -124,6 +124,7 @@ def served(settings, server_url, embedder, serve_env, tmp_path_factory) -> Itera
     from serving.corpus.chunking import ChunkingConfig
     from serving.corpus.ingestion import make_chunker, sync_chunks, sync_documents, sync_embeddings
     from serving.corpus.vectorstore import VectorStore
+    from tests.images import tiny_image_model
     from training.base_model import resolve_base_model
     from training.openvino_export import export_openvino
     from training.registry import register_folder
@@ -144,7 +145,14 @@ def served(settings, server_url, embedder, serve_env, tmp_path_factory) -> Itera
         uri, MODEL, Path(base.path), alias="champion", artifact_root=settings.mlflow_artifacts_dir,
         extra_artifacts={"openvino": openvino},
     )  # fmt: skip
+    # An image champion too (a few training steps: serving, not image quality, is tested here).
+    image_dir = tiny_image_model(settings.models_dir / "image-service-test")
+    register_folder(
+        uri, "refinery-image", image_dir, alias="champion",
+        artifact_root=settings.mlflow_artifacts_dir, kind="image",
+    )  # fmt: skip
     built = build_bento(settings, uri, MODEL, "champion")
+    assert built.pins.image_label.startswith("refinery-image/")
 
     redis = Redis(free_port())
     redis.start()
