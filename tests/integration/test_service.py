@@ -345,6 +345,84 @@ def test_images_in_chat_and_rag_are_read_and_screened_like_text(served):
     assert bad.status_code == 400 and bad.json()["error"]["code"] == "remote_image_refused"
 
 
+def test_image_generation_through_the_openai_client(served):
+    """images.generate: n images of the asked size as base64 PNGs, reproducible by seed
+    (Refinery's extension, in extra_body); prompts the model cannot draw, url responses and
+    sizes out of range are 400s that say why; concurrent requests are all answered."""
+    import base64
+    import io
+    from concurrent.futures import ThreadPoolExecutor
+
+    import openai
+    from PIL import Image
+
+    client = openai_client(served)
+
+    def generate(prompt: str = "a handwritten 7", **kw):
+        kw.setdefault("extra_body", {"seed": 5})
+        kw.setdefault("response_format", "b64_json")
+        kw.setdefault("model", "refinery-image")
+        return client.images.generate(prompt=prompt, **kw)
+
+    first = generate(n=2, size="64x64")
+    assert len(first.data) == 2
+    pngs = [base64.b64decode(d.b64_json) for d in first.data]
+    assert all(Image.open(io.BytesIO(p)).size == (64, 64) for p in pngs)
+    assert pngs[0] != pngs[1]  # seeds 5 and 6
+    again = generate(n=1, size="64x64")
+    assert base64.b64decode(again.data[0].b64_json) == pngs[0]
+
+    def refused(**kw) -> dict:
+        with pytest.raises(openai.BadRequestError) as err:
+            generate(**kw)
+        return err.value.body
+
+    assert refused(prompt="a cat")["code"] == "invalid_prompt"
+    assert "draws one of 0, 1" in refused(prompt="a cat")["message"]
+    assert refused(response_format="url")["code"] == "unsupported_response_format"
+    assert refused(size="4096x4096")["code"] == "invalid_size"
+    assert refused(n=50)["code"] == "too_many_images"
+    assert refused(extra_body={"steps": 10_000})["code"] == "too_many_steps"
+    with pytest.raises(openai.NotFoundError):
+        generate(model="dall-e-3")
+
+    # 8 clients at once (the image service batches them): every one answered, in order.
+    with ThreadPoolExecutor(8) as pool:
+        results = list(
+            pool.map(lambda i: generate(f"the digit {i}", extra_body={"seed": i}), range(8))
+        )
+    assert all(len(r.data) == 1 and r.data[0].seed == i for i, r in enumerate(results))
+
+
+def test_image_generation_as_a_task_submit_poll_and_get(served):
+    submitted = served.post("/images/jobs/submit", {"prompt": "a 3", "n": 2, "size": "32x32",
+                                                    "seed": 9})  # fmt: skip
+    assert submitted.status_code == 200, submitted.text
+    task_id = submitted.json()["task_id"]
+    params = {"task_id": task_id}
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        status = httpx.get(served.url + "/images/jobs/status", params=params,
+                           headers=served.headers(), timeout=30)  # fmt: skip
+        assert status.status_code == 200, status.text
+        if status.json()["status"] in ("success", "failure", "completed", "failed"):
+            break
+        time.sleep(0.5)
+    assert status.json()["status"] in ("success", "completed"), status.text
+    result = httpx.get(served.url + "/images/jobs/get", params=params, headers=served.headers(),
+                       timeout=30).json()  # fmt: skip
+    assert [d["seed"] for d in result["data"]] == [9, 10]
+    refused = served.post("/images/jobs/submit", {"prompt": "a cat"}).json()["task_id"]
+    deadline = time.monotonic() + 60
+    body: dict = {}
+    while time.monotonic() < deadline and "error" not in body:
+        got = httpx.get(served.url + "/images/jobs/get", params={"task_id": refused},
+                        headers=served.headers(), timeout=30)  # fmt: skip
+        body = got.json() if got.status_code == 200 else {}
+        time.sleep(0.5)
+    assert body["status"] == 400 and body["error"]["code"] == "invalid_prompt"
+
+
 def test_missing_or_wrong_api_key_is_401_for_both_clients(served):
     import bentoml
     import openai
