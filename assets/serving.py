@@ -23,7 +23,13 @@ class BentoConfig(dg.Config):
     deps=[champion_model, image_evaluation],
     kinds={"bentoml"},
     # Follows the champion: rebuilt (or reused) after each promotion run, by the automation sensor.
-    automation_condition=dg.AutomationCondition.eager(),
+    # A deployment that never ran the image lineage has no image_evaluation: not a reason to wait.
+    automation_condition=(
+        dg.AutomationCondition.eager().without(~dg.AutomationCondition.any_deps_missing())
+        & ~dg.AutomationCondition.any_deps_missing().ignore(
+            dg.AssetSelection.assets("image_evaluation")
+        )
+    ).with_label("eager, image model optional"),
     description="A Bento of the model version the champion alias points to (pinned by version "
     "and recorded in its labels), with the embedding model; `make serve` serves it.",
 )
