@@ -2,6 +2,7 @@
 
 documents ─< chunks ─< emb_<space>   (one embedding table per embedding space: model + dimension)
                                      chunks.tsv: full-text search (generated, GIN index)
+documents ─ image_vectors             (image documents: a vision model's vector and labels)
 rejected_files                       (the ledger of corpus files that could not be ingested)
 reviewers, review_items, ratings     (human evaluation)
 traffic_log                          (what the service saw; monitoring reads it)
@@ -99,6 +100,27 @@ lexeme_stats = sa.Table(
     metadata,
     sa.Column("lexeme", sa.Text, primary_key=True),
     sa.Column("ndoc", sa.Integer, nullable=False),
+)
+
+# Image documents in their own embedding space (a vision model's pooled features; not
+# comparable with text vectors), with the model's top labels. One row per image document.
+IMAGE_VECTOR_DIM = 1280
+image_vectors = sa.Table(
+    "image_vectors",
+    metadata,
+    sa.Column(
+        "doc_id",
+        sa.String(32),
+        sa.ForeignKey("documents.doc_id", ondelete="CASCADE"),
+        primary_key=True,
+    ),
+    sa.Column("model", sa.Text, nullable=False),
+    sa.Column("file_hash", sa.String(64), nullable=False),  # the bytes that were described
+    sa.Column("embedding", Vector(IMAGE_VECTOR_DIM), nullable=False),
+    sa.Column("labels", JSONB, nullable=False),  # [{"label", "p"}], most likely first
+    sa.Column(
+        "updated_at", sa.DateTime(timezone=True), nullable=False, server_default=sa.func.now()
+    ),
 )
 
 rejected_files = sa.Table(

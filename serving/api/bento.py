@@ -42,6 +42,7 @@ STAGED = {
     "refinery": "*.py",
     "data/guard": "*.*",  # the guard's and the document screen's weights (.npz, .json)
     "data/rag": "*.json",  # the RAG confidence model's coefficients
+    "data/vision": "*.txt",  # ImageNet class names for the labels of images in requests
 }
 
 

@@ -142,7 +142,7 @@ class ImageModel:
         return self.load_error is None
 
     @bentoml.api(batchable=True, max_batch_size=MAX_BATCH, max_latency_ms=MAX_LATENCY_MS)
-    def generate(self, items: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    def draw(self, items: list[dict[str, Any]]) -> list[dict[str, Any]]:
         """Each item: prompt, seed, steps (0: the model's default), width, height. Returns
         ``b64_json`` and ``seed`` per item, or ``error``/``status`` for an item the model
         cannot draw (the others in the batch are still drawn)."""

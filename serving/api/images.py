@@ -2,8 +2,8 @@
 
 The service fetches nothing: a remote URL is refused. An image is decoded within limits
 (bytes, then pixels before any pixel is decoded) and read by OCR (the same Tesseract path as
-image documents at ingestion); its text then stands in the prompt, and in the retrieval query
-for RAG, marked as coming from the image. So the prompt guard screens it like typed text.
+image documents at ingestion) and by an ImageNet classifier (its likely labels); that text then
+stands in the prompt, and in the retrieval query for RAG, marked as coming from the image. So the prompt guard screens it like typed text.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ import asyncio
 import base64
 import binascii
 import re
+import threading
 from typing import Any
 
 from serving.api.openai_schema import ApiError, ChatMessage, Limits
@@ -76,7 +77,36 @@ def image_text(data: bytes, limits: Limits, param: str = "messages") -> str:
             RejectReason.PARSE_TIMEOUT: "image_too_slow",
         }.get(err.reason, "invalid_image")
         raise _bad(f"bad image: {err.detail}", code=code, param=param) from err
-    return text
+    seen = image_labels(img)
+    return f"{text}\n{seen}" if text.strip() and seen else text or seen
+
+
+_VISION: list[Any] = []  # the loaded vision model, or an error string: tried once per process
+_VISION_LOCK = threading.Lock()
+
+
+def image_labels(img: Any, min_p: float = 0.25) -> str:
+    """What an ImageNet classifier sees in the image ("Image labels: palace (0.50), …"), or ""
+    when nothing is likely enough or no vision model can load (its package missing)."""
+    with _VISION_LOCK:
+        if not _VISION:
+            try:
+                import tempfile
+                from pathlib import Path
+
+                from serving.corpus.vision import VisionModel
+
+                # the safetensors copy of the packaged weights: made once per machine
+                _VISION.append(VisionModel(Path(tempfile.gettempdir()) / "refinery-vision"))
+            except Exception as err:  # noqa: BLE001 - optional: OCR still reads the image
+                _VISION.append(f"{type(err).__name__}: {err}")
+    model = _VISION[0]
+    if isinstance(model, str):
+        return ""
+    labels = [(n, p) for n, p in model.describe([img], k=3)[0].labels if p >= min_p]
+    if not labels:
+        return ""
+    return "Image labels: " + ", ".join(f"{n} ({p:.2f})" for n, p in labels)
 
 
 def with_image_text(text: str, image_texts: list[str]) -> str:

@@ -620,7 +620,7 @@ class Refinery:
                            code="model_not_found")  # fmt: skip
         items = image_items(body)
         await self.gw.screen("images", [body.prompt], t0)
-        results = await _call(self.images.to_async.generate, items)
+        results = await _call(self.images.to_async.draw, items)
         return images_response(list(results), label)
 
     # -- RAG --

@@ -43,6 +43,42 @@ Progress = Callable[[str], None]
 Screen = Callable[[str], str | None]
 Parse = Callable[[CorpusFile, bytes], ParsedDocument]
 
+
+class ImageDescriber:
+    """Vectors and labels for image documents (``serving.corpus.vision``), the model loaded at
+    the first image. If it cannot load (its package missing), images are still indexed by
+    their OCR text, without vector or labels, and the reason is logged once."""
+
+    def __init__(self, models_dir: Path | None = None, limits: ParseLimits | None = None) -> None:
+        self.models_dir = models_dir
+        self.limits = limits or ParseLimits()
+        self._model: Any = None
+        self.error: str | None = None
+
+    @property
+    def model_name(self) -> str:
+        from serving.corpus.vision import MODEL_NAME
+
+        return MODEL_NAME
+
+    def __call__(self, data: bytes) -> Any:
+        """The image's ``ImageDescription``, or None when no vision model is available."""
+        from serving.corpus.images import open_image
+
+        if self._model is None and self.error is None:
+            try:
+                from refinery.settings import Settings
+                from serving.corpus.vision import VisionModel
+
+                self._model = VisionModel(self.models_dir or Settings.from_env().models_dir)
+            except Exception as err:  # noqa: BLE001 - optional: OCR text still indexes the image
+                self.error = f"{type(err).__name__}: {err}"
+                log.warning("image vectors and labels are off: %s", self.error)
+        if self._model is None:
+            return None
+        return self._model.describe([open_image(data, self.limits)])[0]
+
+
 # Missing chunks are fetched this many batches at a time and sorted by length (less padding).
 WINDOW_BATCHES = 16
 
@@ -97,6 +133,7 @@ def sync_documents(
     limits: ParseLimits | None = None,
     isolate: bool = True,
     screen: Screen | str | None = "default",
+    describe: ImageDescriber | None = None,
 ) -> DocumentSyncResult:
     """Bring the documents table in line with the corpus folder.
 
@@ -110,7 +147,9 @@ def sync_documents(
     ``limits``: what parsing one file may cost; with ``isolate`` (the default) files are parsed
     in a worker process killed at ``limits.timeout_s`` (``isolate=False`` parses in this process,
     with the limits but without the time budget). ``screen``: documents it flags are not indexed
-    but recorded in the ledger as ``suspicious`` (``None``: no screen).
+    but recorded in the ledger as ``suspicious`` (``None``: no screen). ``describe``: gives
+    image documents their vector and labels (default: EfficientNet-Lite0, loaded at the first
+    image).
     """
     t0 = time.perf_counter()
     corpus_dir = Path(corpus_dir)
@@ -134,6 +173,7 @@ def sync_documents(
         from serving.screening.documents import document_screen
 
         screen = document_screen()
+    describe = describe or ImageDescriber(limits=limits)
     good: set[str] = set()
     with ParserPool(limits) as pool:  # starts its worker at the first file that needs parsing
         parse: Parse = pool.parse if isolate else (lambda f, data: parse_bytes(f, data, limits))
@@ -143,7 +183,7 @@ def sync_documents(
                 result.rejections.append(item)
                 continue
             rejection = _sync_one(
-                store, corpus, item, existing, max_file_bytes, result, parse, screen
+                store, corpus, item, existing, max_file_bytes, result, parse, screen, describe
             )
             if rejection is not None:
                 result.rejections.append(rejection)
@@ -183,6 +223,7 @@ def _sync_one(
     result: DocumentSyncResult,
     parse: Parse,
     screen: Screen | None,
+    describe: ImageDescriber,
 ) -> Rejection | None:
     """Upsert one file if it changed; return why it was rejected, if it was."""
     try:
@@ -199,13 +240,20 @@ def _sync_one(
         flagged = screen(doc.text) if screen is not None else None
         if flagged is not None:
             raise DocumentRejected(RejectReason.SUSPICIOUS, flagged)
+        seen = describe(data) if doc.format == "image" else None
+        if seen is not None:
+            doc.meta["labels"] = [{"label": name, "p": p} for name, p in seen.labels]
     except DocumentRejected as err:
         return Rejection(file.source, err.reason, err.detail, file.size_bytes)
     if state is not None and state.content_hash == doc.content_hash:
         store.touch_document(state.doc_id, doc.file_hash, doc.modified_at)
         result.unchanged += 1
     else:
-        store.upsert_document(corpus, doc)
+        doc_id = store.upsert_document(corpus, doc)
+        if seen is not None:
+            store.upsert_image_vector(
+                doc_id, describe.model_name, doc.file_hash, seen.vector, seen.labels
+            )
         if state is None:
             result.new += 1
         else:

@@ -135,6 +135,44 @@ class VectorStore:
             conn.execute(stmt)
         return doc_id
 
+    def upsert_image_vector(
+        self, doc_id: str, model: str, file_hash: str, vector: Any, labels: list[tuple[str, float]]
+    ) -> None:
+        """An image document's vector and labels (replacing what an older version had)."""
+        t = schema.image_vectors
+        values = {
+            "doc_id": doc_id, "model": model, "file_hash": file_hash,
+            "embedding": [float(x) for x in vector],
+            "labels": [{"label": name, "p": p} for name, p in labels], "updated_at": now(),
+        }  # fmt: skip
+        stmt = insert(t).values(**values)
+        stmt = stmt.on_conflict_do_update(
+            index_elements=[t.c.doc_id], set_={k: stmt.excluded[k] for k in values if k != "doc_id"}
+        )
+        with self.engine.begin() as conn:
+            conn.execute(stmt)
+
+    def similar_images(self, vector: Any, k: int = 5) -> list[dict[str, Any]]:
+        """Image documents nearest to ``vector`` (cosine), with their labels."""
+        t, d = schema.image_vectors, schema.documents
+        distance = t.c.embedding.cosine_distance([float(x) for x in vector])
+        stmt = (
+            sa.select(d.c.doc_id, d.c.source, t.c.labels, (1 - distance).label("score"))
+            .join(d, d.c.doc_id == t.c.doc_id)
+            .order_by(distance)
+            .limit(k)
+        )
+        with self.engine.connect() as conn:
+            return [dict(r._mapping) for r in conn.execute(stmt)]
+
+    def image_vector_count(self) -> int:
+        with self.engine.connect() as conn:
+            return int(
+                conn.execute(
+                    sa.select(sa.func.count()).select_from(schema.image_vectors)
+                ).scalar_one()
+            )
+
     def touch_document(self, doc_id: str, file_hash: str, modified_at: datetime) -> None:
         """Same text, different bytes (re-saved, metadata edited): record the new file hash."""
         d = schema.documents

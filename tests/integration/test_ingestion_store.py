@@ -281,3 +281,77 @@ def test_images_and_scans_are_indexed_through_ocr_and_bad_images_go_to_the_ledge
     (scan,) = retriever.search("How many varroa mites were on the sticky board?", k=1)
     assert scan.source == "scanned-hive-inspection-record.pdf" and "4 mites" in scan.text
     assert 2 in scan.meta["pages"] and any(r["page"] == 2 for r in scan.meta["regions"])
+
+
+def test_image_documents_get_a_vector_and_labels_from_a_vision_model(
+    store, small_corpus, embedder, tmp_path, monkeypatch
+):
+    """EfficientNet-Lite0 (from its package, converted to safetensors) gives each image
+    document a unit vector in its own space and its top ImageNet labels; an edited image is
+    described again, a removed one loses its vector; without the model, images are still
+    indexed by their text."""
+    import numpy as np
+    from PIL import Image
+    from sklearn.datasets import load_sample_images
+
+    from serving.corpus import vision
+    from serving.corpus.ingestion import ImageDescriber
+
+    def captioned(pixels: np.ndarray, caption: str) -> Image.Image:
+        """A photo with a printed caption under it (image documents need text to index)."""
+        from PIL import ImageDraw, ImageFont
+
+        photo = Image.fromarray(pixels)
+        page = Image.new("RGB", (photo.width, photo.height + 70), "white")
+        page.paste(photo, (0, 0))
+        font = ImageFont.load_default(size=36)
+        ImageDraw.Draw(page).text((10, photo.height + 15), caption, fill="black", font=font)
+        return page
+
+    china, flower_pixels = load_sample_images().images
+    palace = captioned(china, "The Summer Palace in spring")
+    flower = captioned(flower_pixels, "A flower in the apiary garden")
+    palace.save(small_corpus / "palace.jpg", quality=90)
+    flower.save(small_corpus / "flower.jpg", quality=90)
+    models = tmp_path / "models"
+    describe = ImageDescriber(models)
+    docs = sync_documents(store, small_corpus, describe=describe)
+    assert not docs.rejections and describe.error is None
+    assert (models / "efficientnet-lite0" / "model.safetensors").exists()
+    assert store.image_vector_count() == 2
+    with store.engine.connect() as conn:
+        rows = {
+            r.source: r
+            for r in conn.execute(
+                sa.select(
+                    schema.documents.c.source,
+                    schema.documents.c.meta,
+                    schema.image_vectors.c.embedding,
+                ).join(
+                    schema.image_vectors, schema.image_vectors.c.doc_id == schema.documents.c.doc_id
+                )
+            )
+        }
+    labels = [x["label"] for x in rows["palace.jpg"].meta["labels"]]
+    assert len(labels) == 5 and "palace" in labels[:2]
+    assert abs(float(np.linalg.norm(np.asarray(rows["palace.jpg"].embedding))) - 1) < 1e-4
+    nearest = store.similar_images(rows["flower.jpg"].embedding, k=2)
+    assert [n["source"] for n in nearest] == ["flower.jpg", "palace.jpg"]
+    assert nearest[0]["score"] > 0.99 > nearest[1]["score"]
+
+    # An edited image is described again; a removed one takes its vector with it.
+    flower.transpose(Image.Transpose.FLIP_LEFT_RIGHT).save(small_corpus / "palace.jpg", quality=90)
+    (small_corpus / "flower.jpg").unlink()
+    sync_documents(store, small_corpus, describe=describe)
+    assert store.image_vector_count() == 1
+    (only,) = store.similar_images(rows["flower.jpg"].embedding, k=5)
+    assert only["source"] == "palace.jpg" and only["score"] > 0.9
+
+    # No vision model: the image is still indexed (by its OCR text), without vector or labels.
+    monkeypatch.setattr(vision, "PACKAGE", "no_such_package")
+    (small_corpus / "again.jpg").write_bytes((small_corpus / "palace.jpg").read_bytes())
+    blind = ImageDescriber(tmp_path / "empty-models")
+    result = sync_documents(store, small_corpus, describe=blind)
+    assert result.new == 1 and not result.rejections
+    assert "not installed" in (blind.error or "")
+    assert store.image_vector_count() == 1

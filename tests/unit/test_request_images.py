@@ -43,9 +43,26 @@ def test_an_image_part_becomes_the_text_read_from_it_after_the_typed_text():
     )  # fmt: skip
     assert asyncio.run(resolve_images(request.messages, Limits())) == 1
     (message,) = request.engine_item(Limits())["messages"]
-    assert message["content"] == (
+    assert message["content"].startswith(
         f"What does the sign say?\n\n{IMAGE_TEXT_HEADER}\nKeep 10 metres from the hives"
-    )
+    )  # then the labels a vision model is sure enough of, if any
+
+
+def test_a_photo_part_brings_what_a_vision_model_sees():
+    import io
+
+    from PIL import Image
+    from sklearn.datasets import load_sample_images
+
+    buf = io.BytesIO()
+    Image.fromarray(load_sample_images().images[0]).save(buf, format="PNG")
+    request = ChatCompletionRequest(
+        messages=[{"role": "user", "content": [{"type": "text", "text": "Where is this?"},
+                                               part(url(buf.getvalue()))]}]
+    )  # fmt: skip
+    asyncio.run(resolve_images(request.messages, Limits()))
+    content = request.engine_item(Limits())["messages"][0]["content"]
+    assert "Image labels: palace (" in content
 
 
 def test_an_image_without_text_says_so():
