@@ -19,6 +19,7 @@ ALL = [
     "guard",
     "soak",
     "images",
+    "image_vectors",
     "image_generation",
 ]
 

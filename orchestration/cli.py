@@ -588,19 +588,38 @@ def deploy() -> None:
     help="Image repository the image was pushed to (e.g. registry.example/ml/refinery).",
 )
 @click.option("--model", default="refinery-chat", show_default=True, help="Registered model.")
+@click.option(
+    "--images/--no-images",
+    default=None,
+    help="With the image model service (default: when the champion's Bento serves images).",
+)
 def deploy_render(
-    overlay: str, out_dir: Path | None, bento_tag: str | None, repository: str | None, model: str
+    overlay: str,
+    out_dir: Path | None,
+    bento_tag: str | None,
+    repository: str | None,
+    model: str,
+    images: bool | None,
 ) -> None:
     """Render an overlay with the image of the champion's Bento (`refinery bento` builds it)."""
     from refinery.stores import prepare_mlflow
-    from serving.api.deploy import DeployError, champion_bento, image_tag, render, write_manifests
+    from serving.api.deploy import (
+        DeployError,
+        champion_bento,
+        image_tag,
+        render,
+        serves_images,
+        write_manifests,
+    )
     from serving.runtime.models import ModelNotFoundError
 
     settings = _settings()
     try:
         if bento_tag is None:
-            bento_tag = str(champion_bento(settings, prepare_mlflow(settings), model)["tag"])
-        text = render(overlay, image_tag(bento_tag, repository))
+            found = champion_bento(settings, prepare_mlflow(settings), model)
+            bento_tag = str(found["tag"])
+            images = serves_images(found) if images is None else images
+        text = render(overlay, image_tag(bento_tag, repository), images=bool(images))
     except (DeployError, ModelNotFoundError) as err:
         raise click.ClickException(str(err)) from err
     if out_dir is None:

@@ -54,9 +54,15 @@ def champion_bento(
     return found
 
 
-def render(overlay: str, image: str, kubectl: str | None = None) -> str:
+def serves_images(bento: dict[str, Any]) -> bool:
+    """Whether a Bento (``find_bento``'s record) pins an image model."""
+    return bento.get("labels", {}).get("refinery.image_model", "none") not in ("", "none")
+
+
+def render(overlay: str, image: str, kubectl: str | None = None, images: bool = False) -> str:
     """The manifests of ``deploy/k8s/overlays/<overlay>`` with ``image`` for the Bento, as
-    multi-document YAML (``kubectl kustomize``)."""
+    multi-document YAML (``kubectl kustomize``); ``images``: with the image model service
+    (``deploy/k8s/components/images``), for a Bento that serves one."""
     if overlay not in OVERLAYS:
         raise DeployError(f"overlay must be one of {OVERLAYS}, got {overlay!r}")
     name, sep, tag = image.rpartition(":")
@@ -69,11 +75,13 @@ def render(overlay: str, image: str, kubectl: str | None = None) -> str:
         # Kustomize refuses absolute paths to other kustomizations: point at the overlay
         # relative to this temporary folder.
         target = os.path.relpath(K8S_DIR / "overlays" / overlay, tmp)
+        component = os.path.relpath(K8S_DIR / "components" / "images", tmp)
         (Path(tmp) / "kustomization.yaml").write_text(
             "apiVersion: kustomize.config.k8s.io/v1beta1\n"
             "kind: Kustomization\n"
             f"resources:\n  - {target}\n"
-            f"images:\n  - name: {IMAGE_NAME}\n    newName: {name}\n    newTag: {tag!r}\n"
+            + (f"components:\n  - {component}\n" if images else "")
+            + f"images:\n  - name: {IMAGE_NAME}\n    newName: {name}\n    newTag: {tag!r}\n"
         )
         proc = subprocess.run([exe, "kustomize", tmp], capture_output=True, text=True, check=False)
     if proc.returncode != 0:

@@ -46,9 +46,18 @@ def kustomize(path: Path) -> list[dict[str, Any]]:
 @pytest.fixture(scope="module")
 def rendered() -> dict[str, list[dict[str, Any]]]:
     """Every manifest set deploy/ holds, as kubectl builds it."""
+    from serving.api.deploy import render
+
     return {
         **{name: kustomize(K8S / "overlays" / name) for name in OVERLAYS},
         "mlflow": kustomize(DEPLOY / "mlflow"),
+        # with the image model service (a Bento that serves an image champion)
+        **{
+            f"{name}+images": [
+                d for d in yaml.safe_load_all(render(name, "refinery:1.0", images=True)) if d
+            ]
+            for name in OVERLAYS
+        },
     }
 
 
@@ -306,6 +315,24 @@ def test_the_gpu_overlay_puts_the_chat_model_on_cuda(rendered):
         for name, c in found.items():
             if name != "refinery-chat/chat":
                 assert "nvidia.com/gpu" not in c["resources"]["limits"], name
+
+
+def test_the_image_component_adds_its_service_and_the_entrys_dependency(rendered):
+    for overlay in OVERLAYS:
+        plain, full = rendered[overlay], rendered[f"{overlay}+images"]
+        assert "refinery-image" not in by_kind(plain, "Deployment")
+        for kind in ("Deployment", "Service", "HorizontalPodAutoscaler", "PodDisruptionBudget",
+                     "NetworkPolicy"):  # fmt: skip
+            assert "refinery-image" in by_kind(full, kind), kind
+        args = by_kind(full, "Deployment")["refinery"]["spec"]["template"]["spec"]["containers"][0][
+            "args"
+        ]
+        assert "--depends=refinery-image=http://refinery-image:3000" in args
+        assert "--depends=refinery-chat=http://refinery-chat:3000" in args
+        image_args = by_kind(full, "Deployment")["refinery-image"]["spec"]["template"]["spec"][
+            "containers"
+        ][0]["args"]
+        assert "--service-name=refinery-image" in image_args
 
 
 # --- rendering with the champion's image --------------------------------------------------------
