@@ -5,13 +5,13 @@ Models: the class-conditioned UNet2DModel trained by ``training.images`` on scik
 digits for the demo's 250 steps (``make run``) and the asset's default 600 steps; cached under
 benchmarks/.work/images.
 
-Load: 8 client threads in one process, closed loop, each asking for one 64×64 image (25 DDIM
-steps, a prompt naming a random digit, its own seed) again as soon as it has its answer, for a
-fixed time. "one at a time": each request runs alone (the model behind a lock). "batched": a
-collector takes every request waiting (up to 8) and runs them as one batch, as BentoML's
-adaptive batching does in the image service (``serving.api.generations.ImageModel``). This is
-the model in-process, without HTTP: it shows what batching gains on this CPU, not the service's
-end-to-end latency.
+Load: 8 client threads, closed loop, each asking for one 64×64 image (25 DDIM steps, a prompt
+naming a random digit, its own seed) again as soon as it has its answer, for a fixed time.
+Through the service: `POST /v1/images/generations` on a served Bento (the 600-step model as the
+image champion beside the packaged chat model), once with adaptive batching
+(`REFINERY_IMAGE_MAX_BATCH=16`) and once with batches of one (`=1`), the load generator on the
+same 2 cores. In-process, the model alone: "one at a time" runs each request alone (the model
+behind a lock); "batched" has a collector take every request waiting (up to 8) as one batch.
 
 Accuracy: 20 images per class (200), judged by a logistic-regression classifier fitted on the
 digits' train split; the judge's own accuracy on the held-out test split is shown beside it.
@@ -70,7 +70,7 @@ def _load(generator: ImageGenerator, mode: str) -> dict[str, Any]:
                 with lock:
                     generator.generate([req])
             else:
-                done, box = threading.Event(), []
+                done, box = threading.Event(), list[Any]()
                 pending.put((req, done, box))
                 done.wait()
             latencies.append(time.perf_counter() - t0)
@@ -93,6 +93,66 @@ def _load(generator: ImageGenerator, mode: str) -> dict[str, Any]:
     }
 
 
+def _service_load(url: str, seconds: float = DURATION_S) -> dict[str, Any]:
+    import httpx
+
+    latencies: list[float] = []
+    errors: list[str] = []
+    stop = time.monotonic() + seconds
+
+    def client(i: int) -> None:
+        rng = random.Random(100 + i)
+        with httpx.Client(timeout=120) as http:
+            while time.monotonic() < stop:
+                body = {"prompt": f"a handwritten {rng.randrange(10)}", "size": f"{SIZE}x{SIZE}",
+                        "seed": rng.randrange(2**30), "steps": 25, "response_format": "b64_json"}  # fmt: skip
+                t0 = time.perf_counter()
+                r = http.post(url + "/v1/images/generations", json=body)
+                if r.status_code == 200:
+                    latencies.append(time.perf_counter() - t0)
+                else:
+                    errors.append(f"{r.status_code}")
+
+    t0 = time.perf_counter()
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(CLIENTS)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - t0
+    latencies.sort()
+    return {
+        "images": len(latencies),
+        "errors": len(errors),
+        "per_s": len(latencies) / wall,
+        "p50": statistics.median(latencies),
+        "p99": latencies[min(len(latencies) - 1, int(0.99 * len(latencies)))],
+    }
+
+
+def through_service(model_dir: Path) -> list[list[Any]]:
+    from benchmarks.common import fresh_home
+    from benchmarks.serving import champion_bento, serve
+    from refinery.stores import prepare_mlflow
+    from training.registry import register_folder
+
+    rows: list[list[Any]] = []
+    with fresh_home("image-service") as settings:
+        register_folder(
+            prepare_mlflow(settings), "refinery-image", model_dir, alias="champion",
+            artifact_root=settings.mlflow_artifacts_dir, kind="image",
+        )  # fmt: skip
+        tag, _, _, env = champion_bento(settings)
+        for label, batch in (("one at a time (batches of 1)", "1"), ("adaptive batching", "16")):
+            with serve(tag, {**env, "REFINERY_IMAGE_MAX_BATCH": batch}) as url:
+                _service_load(url, 5)  # a short warm-up round, not counted
+                r = _service_load(url)
+            rows.append([f"service, {CLIENTS} clients, {label}", f"{r['per_s']:.1f} images/s",
+                         f"{r['p50'] * 1000:.0f} ms", f"{r['p99'] * 1000:.0f} ms"
+                         + (f" ({r['errors']} errors)" if r["errors"] else "")])  # fmt: skip
+    return rows
+
+
 def main() -> None:
     work = WORK / "images"
     dataset = prepare_digits(work / "datasets")
@@ -110,11 +170,12 @@ def main() -> None:
         rows.append([f"accuracy, {steps} training steps ({trained.seconds:.0f} s)",
                      f"{ev.accuracy:.3f} (judge on real test digits: {ev.judge_test_accuracy:.3f})",
                      "", ""])  # fmt: skip
+    rows += through_service(models[600])
     generator = ImageGenerator(models[600])
     generator.generate([ImageRequest("a 1", 0, 25, SIZE, SIZE)])  # warm-up
     for mode in ("one at a time", "batched"):
         r = _load(generator, mode)
-        rows.append([f"{CLIENTS} clients, {mode}", f"{r['per_s']:.1f} images/s",
+        rows.append([f"in-process, {CLIENTS} clients, {mode}", f"{r['per_s']:.1f} images/s",
                      f"{r['p50'] * 1000:.0f} ms", f"{r['p99'] * 1000:.0f} ms"])  # fmt: skip
     write_table(
         "image_generation",

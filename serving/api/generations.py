@@ -30,7 +30,9 @@ log = logging.getLogger("refinery.images")
 
 _ENV = dict(os.environ)
 PINS = Pins.load()
-MAX_BATCH = int(_ENV.get("REFINERY_IMAGE_MAX_BATCH", 16))  # images sampled together
+# Images sampled together across requests; 1 turns adaptive batching off (BentoML refuses a
+# batchable API whose batches hold one item): each request is then sampled on its own.
+MAX_BATCH = int(_ENV.get("REFINERY_IMAGE_MAX_BATCH", 16))
 MAX_LATENCY_MS = int(_ENV.get("REFINERY_IMAGE_MAX_LATENCY_MS", 30_000))
 MAX_STEPS = int(_ENV.get("REFINERY_IMAGE_MAX_STEPS", 50))  # the step limit per request
 MAX_N = int(_ENV.get("REFINERY_IMAGE_MAX_N", 4))
@@ -141,7 +143,9 @@ class ImageModel:
     def __is_alive__(self) -> bool:
         return self.load_error is None
 
-    @bentoml.api(batchable=True, max_batch_size=MAX_BATCH, max_latency_ms=MAX_LATENCY_MS)
+    @bentoml.api(
+        batchable=MAX_BATCH > 1, max_batch_size=max(2, MAX_BATCH), max_latency_ms=MAX_LATENCY_MS
+    )
     def draw(self, items: list[dict[str, Any]]) -> list[dict[str, Any]]:
         """Each item: prompt, seed, steps (0: the model's default), width, height. Returns
         ``b64_json`` and ``seed`` per item, or ``error``/``status`` for an item the model
