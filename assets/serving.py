@@ -51,7 +51,9 @@ def bento(
         raise dg.Failure(description=str(err), allow_retries=False) from err
     pins = built.pins
     context.log.info(
-        f"Bento {built.tag} serves {pins.model_label}" + (" (reused)" if built.reused else "")
+        f"Bento {built.tag} serves {pins.model_label}"
+        + (f" and {pins.image_label}" if pins.image_label else "")
+        + (" (reused)" if built.reused else "")
     )
     return dg.MaterializeResult(
         metadata={
@@ -62,6 +64,7 @@ def bento(
             "model_version": pins.model_label,
             "variant": pins.variant,
             "embedding_model": pins.embedding_model,
+            "image_model": pins.image_label or "none",
             "reused": built.reused,
             "mlflow_model_version": dg.MetadataValue.url(
                 f"{mlflow.ui_base}/#/models/{pins.registered_model}/versions/{pins.model_version}"
