@@ -24,6 +24,7 @@ import random
 import statistics
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -37,81 +38,23 @@ DURATION_S = 40.0
 SIZE = 64
 
 
-def _load(generator: ImageGenerator, mode: str) -> dict[str, Any]:
-    lock = threading.Lock()
+def _closed_loop(
+    step: Callable[[random.Random], bool], seconds: float, seed: int
+) -> dict[str, Any]:
+    """``CLIENTS`` threads, each calling ``step`` (one request; True when it succeeded) again as
+    soon as it returns, until ``seconds`` are up."""
     latencies: list[float] = []
-    stop = time.monotonic() + DURATION_S
-    pending: queue.Queue[tuple[ImageRequest, threading.Event, list[Any]]] = queue.Queue()
-
-    def collector() -> None:
-        while time.monotonic() < stop + 30:
-            try:
-                first = pending.get(timeout=0.5)
-            except queue.Empty:
-                continue
-            batch = [first]
-            while len(batch) < CLIENTS:
-                try:
-                    batch.append(pending.get_nowait())
-                except queue.Empty:
-                    break
-            images = generator.generate([r for r, _, _ in batch])
-            for (_, done, box), image in zip(batch, images, strict=True):
-                box.append(image)
-                done.set()
-
-    def client(i: int) -> None:
-        rng = random.Random(i)
-        while time.monotonic() < stop:
-            req = ImageRequest(f"a handwritten {rng.randrange(10)}", rng.randrange(2**31), 25,
-                               SIZE, SIZE)  # fmt: skip
-            t0 = time.perf_counter()
-            if mode == "one at a time":
-                with lock:
-                    generator.generate([req])
-            else:
-                done, box = threading.Event(), list[Any]()
-                pending.put((req, done, box))
-                done.wait()
-            latencies.append(time.perf_counter() - t0)
-
-    if mode == "batched":
-        threading.Thread(target=collector, daemon=True).start()
-    t0 = time.perf_counter()
-    threads = [threading.Thread(target=client, args=(i,)) for i in range(CLIENTS)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    wall = time.perf_counter() - t0
-    latencies.sort()
-    return {
-        "images": len(latencies),
-        "per_s": len(latencies) / wall,
-        "p50": statistics.median(latencies),
-        "p99": latencies[min(len(latencies) - 1, int(0.99 * len(latencies)))],
-    }
-
-
-def _service_load(url: str, seconds: float = DURATION_S) -> dict[str, Any]:
-    import httpx
-
-    latencies: list[float] = []
-    errors: list[str] = []
+    errors: list[int] = []
     stop = time.monotonic() + seconds
 
     def client(i: int) -> None:
-        rng = random.Random(100 + i)
-        with httpx.Client(timeout=120) as http:
-            while time.monotonic() < stop:
-                body = {"prompt": f"a handwritten {rng.randrange(10)}", "size": f"{SIZE}x{SIZE}",
-                        "seed": rng.randrange(2**30), "steps": 25, "response_format": "b64_json"}  # fmt: skip
-                t0 = time.perf_counter()
-                r = http.post(url + "/v1/images/generations", json=body)
-                if r.status_code == 200:
-                    latencies.append(time.perf_counter() - t0)
-                else:
-                    errors.append(f"{r.status_code}")
+        rng = random.Random(seed + i)
+        while time.monotonic() < stop:
+            t0 = time.perf_counter()
+            if step(rng):
+                latencies.append(time.perf_counter() - t0)
+            else:
+                errors.append(1)
 
     t0 = time.perf_counter()
     threads = [threading.Thread(target=client, args=(i,)) for i in range(CLIENTS)]
@@ -128,6 +71,59 @@ def _service_load(url: str, seconds: float = DURATION_S) -> dict[str, Any]:
         "p50": statistics.median(latencies),
         "p99": latencies[min(len(latencies) - 1, int(0.99 * len(latencies)))],
     }
+
+
+def _request(rng: random.Random) -> ImageRequest:
+    return ImageRequest(f"a handwritten {rng.randrange(10)}", rng.randrange(2**31), 25, SIZE, SIZE)
+
+
+def _load(generator: ImageGenerator, mode: str) -> dict[str, Any]:
+    """The model in-process: each request alone (behind a lock), or batched by a collector."""
+    lock = threading.Lock()
+    pending: queue.Queue[tuple[ImageRequest, threading.Event]] = queue.Queue()
+    done_at = time.monotonic() + DURATION_S + 30
+
+    def collector() -> None:
+        while time.monotonic() < done_at:
+            try:
+                batch = [pending.get(timeout=0.5)]
+            except queue.Empty:
+                continue
+            while len(batch) < CLIENTS and not pending.empty():
+                batch.append(pending.get_nowait())
+            generator.generate([r for r, _ in batch])
+            for _, done in batch:
+                done.set()
+
+    def alone(rng: random.Random) -> bool:
+        with lock:
+            generator.generate([_request(rng)])
+        return True
+
+    def batched(rng: random.Random) -> bool:
+        done = threading.Event()
+        pending.put((_request(rng), done))
+        done.wait()
+        return True
+
+    if mode == "batched":
+        threading.Thread(target=collector, daemon=True).start()
+    return _closed_loop(alone if mode == "one at a time" else batched, DURATION_S, seed=0)
+
+
+def _service_load(url: str, seconds: float = DURATION_S) -> dict[str, Any]:
+    """``POST /v1/images/generations`` on a served Bento; a non-200 answer counts as an error."""
+    import httpx
+
+    with httpx.Client(timeout=120) as http:
+
+        def post(rng: random.Random) -> bool:
+            r = _request(rng)
+            body = {"prompt": r.prompt, "size": f"{SIZE}x{SIZE}", "seed": r.seed,
+                    "steps": r.steps, "response_format": "b64_json"}  # fmt: skip
+            return http.post(url + "/v1/images/generations", json=body).status_code == 200
+
+        return _closed_loop(post, seconds, seed=100)
 
 
 def through_service(model_dir: Path) -> list[list[Any]]:

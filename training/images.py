@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from serving.runtime.imagegen import ImageModelError, ModelCard, is_image_model
+from serving.runtime.imagegen import MODEL_CARD, ImageModelError, ModelCard, is_image_model
 
 DATASET_FILE = "images.safetensors"
 
@@ -290,7 +290,7 @@ def train_and_register(
         folder = check_checkpoint(checkpoint)
         key = hashlib.sha256(f"checkpoint:{folder.resolve()}".encode()).hexdigest()[:16]
         kind, steps, final_loss = "pipeline", 0, float("nan")
-        if (folder / "refinery_image.json").exists():
+        if (folder / MODEL_CARD).exists():
             kind = "class-conditioned"
         run.log_params({"checkpoint": str(folder)})
     else:

@@ -12,7 +12,7 @@ import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from refinery.settings import REPO_ROOT
 from serving.runtime.models import CHALLENGER
@@ -22,6 +22,7 @@ GENERATION_FILE = REPO_ROOT / "serving" / "runtime" / "generation.py"
 IMAGE_PYFUNC_FILE = REPO_ROOT / "serving" / "runtime" / "image_pyfunc.py"
 IMAGEGEN_FILE = REPO_ROOT / "serving" / "runtime" / "imagegen.py"
 TAG_LINEAGE_KEY = "refinery.lineage_key"
+ModelKind = Literal["chat", "image"]  # a causal LM, or an image model (serving.runtime.imagegen)
 TAG_VARIANT = "refinery.variant"
 
 
@@ -109,7 +110,7 @@ def register(
     alias: str | None = CHALLENGER,
     description: str = "",
     extra_artifacts: Mapping[str, Path] | None = None,
-    kind: str = "chat",
+    kind: ModelKind = "chat",
 ) -> RegisteredVersion:
     """Log ``model_dir`` as a pyfunc model in run ``run_id`` and register it under ``name``.
     ``kind``: "chat" (a causal LM) or "image" (``serving.runtime.imagegen``).
@@ -186,7 +187,7 @@ def register_folder(
     experiment: str = "refinery-imports",
     tags: Mapping[str, Any] | None = None,
     extra_artifacts: Mapping[str, Path] | None = None,
-    kind: str = "chat",
+    kind: ModelKind = "chat",
 ) -> RegisteredVersion:
     """Register a model folder as it is, in a run of its own (for serving tests, benchmarks,
     or a model trained elsewhere); the version gets ``alias``. ``artifact_root``: where a local

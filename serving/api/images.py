@@ -11,12 +11,14 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import functools
+import logging
 import re
-import threading
 from typing import Any
 
 from serving.api.openai_schema import ApiError, ChatMessage, Limits
 
+log = logging.getLogger("refinery.images")
 _DATA_URL = re.compile(r"^data:image/(png|jpeg|jpg|webp);base64,", re.IGNORECASE)
 OCR_TIMEOUT_S = 10.0
 IMAGE_TEXT_HEADER = "[Text read from the attached image]"
@@ -81,27 +83,27 @@ def image_text(data: bytes, limits: Limits, param: str = "messages") -> str:
     return f"{text}\n{seen}" if text.strip() and seen else text or seen
 
 
-_VISION: list[Any] = []  # the loaded vision model, or an error string: tried once per process
-_VISION_LOCK = threading.Lock()
+@functools.cache
+def vision_model() -> Any:
+    """The ImageNet classifier for image parts, or None (its package missing): loaded once per
+    process, at the entry's start-up (``Refinery._load``), from a safetensors copy of the
+    packaged weights made once per machine."""
+    import tempfile
+    from pathlib import Path
+
+    from serving.corpus.vision import load_optional
+
+    model, error = load_optional(Path(tempfile.gettempdir()) / "refinery-vision")
+    if error:
+        log.warning("labels of image parts are off: %s", error)
+    return model
 
 
 def image_labels(img: Any, min_p: float = 0.25) -> str:
     """What an ImageNet classifier sees in the image ("Image labels: palace (0.50), …"), or ""
-    when nothing is likely enough or no vision model can load (its package missing)."""
-    with _VISION_LOCK:
-        if not _VISION:
-            try:
-                import tempfile
-                from pathlib import Path
-
-                from serving.corpus.vision import VisionModel
-
-                # the safetensors copy of the packaged weights: made once per machine
-                _VISION.append(VisionModel(Path(tempfile.gettempdir()) / "refinery-vision"))
-            except Exception as err:  # noqa: BLE001 - optional: OCR still reads the image
-                _VISION.append(f"{type(err).__name__}: {err}")
-    model = _VISION[0]
-    if isinstance(model, str):
+    when nothing is likely enough or no vision model could load."""
+    model = vision_model()
+    if model is None:
         return ""
     labels = [(n, p) for n, p in model.describe([img], k=3)[0].labels if p >= min_p]
     if not labels:

@@ -41,7 +41,7 @@ from serving.api.generations import (
     image_items,
     images_response,
 )
-from serving.api.images import rag_image_text, resolve_images, with_image_text
+from serving.api.images import rag_image_text, resolve_images, vision_model, with_image_text
 from serving.api.metrics import (
     ENGINE_RUNNING,
     ENGINE_TOKENS,
@@ -498,6 +498,7 @@ class Refinery:
         for reason in ("queue_full", "db_error"):  # the series exist before the first drop
             TRAFFIC_DROPPED.labels(reason=reason).inc(0)
         embedder.encode(["warm up"])
+        vision_model()  # labels of image parts: loaded now, not on the first image request
         ENTRY_READY.set()
         log.info("serving %s (variant %s)", self.pins.model_label, self.pins.variant)
 

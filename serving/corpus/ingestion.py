@@ -66,13 +66,13 @@ class ImageDescriber:
         from serving.corpus.images import open_image
 
         if self._model is None and self.error is None:
-            try:
-                from refinery.settings import Settings
-                from serving.corpus.vision import VisionModel
+            from refinery.settings import Settings
+            from serving.corpus.vision import load_optional
 
-                self._model = VisionModel(self.models_dir or Settings.from_env().models_dir)
-            except Exception as err:  # noqa: BLE001 - optional: OCR text still indexes the image
-                self.error = f"{type(err).__name__}: {err}"
+            self._model, self.error = load_optional(
+                self.models_dir or Settings.from_env().models_dir
+            )
+            if self.error:  # OCR text still indexes the image
                 log.warning("image vectors and labels are off: %s", self.error)
         if self._model is None:
             return None

@@ -12,6 +12,7 @@ batch norm with eps 1e-3, the centre square of the image at
 from __future__ import annotations
 
 import importlib.util
+import os
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -117,7 +118,7 @@ def convert(models_dir: Path) -> Path:
     state = torch.load(packaged_weights(), map_location="cpu", weights_only=True)
     tensors = {k: v.contiguous() for k, v in state.items() if k != "num_batches_tracked"}
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_suffix(".tmp")
+    tmp = target.with_suffix(f".{os.getpid()}.tmp")  # two processes converting at once
     save_file(tensors, str(tmp))
     tmp.replace(target)
     return target
@@ -128,6 +129,15 @@ def imagenet_labels() -> list[str]:
     if len(names) != 1000:
         raise VisionModelError(f"{LABELS_FILE} must hold 1000 class names, found {len(names)}")
     return names
+
+
+def load_optional(models_dir: Path) -> tuple[VisionModel | None, str | None]:
+    """The model, or None and why not (its package missing, weights that do not fit): image
+    vectors and labels are an extra, so callers go on without them."""
+    try:
+        return VisionModel(models_dir), None
+    except Exception as err:  # noqa: BLE001 - any failure only turns the extra off
+        return None, f"{type(err).__name__}: {err}"
 
 
 class VisionModel:
