@@ -24,7 +24,7 @@ import bentoml
 from pydantic import BaseModel, ConfigDict, Field
 
 from serving.api.bento import Pins
-from serving.api.openai_schema import ApiError
+from serving.api.openai_schema import ApiError, Text
 
 log = logging.getLogger("refinery.images")
 
@@ -42,7 +42,7 @@ _SIZE = re.compile(r"^(\d{1,4})x(\d{1,4})$")
 
 class ImageGenerationRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    prompt: str = Field(min_length=1, max_length=1000)
+    prompt: Text = Field(min_length=1, max_length=1000)
     model: str | None = None
     n: int = Field(default=1, ge=1)
     size: str = "256x256"

@@ -8,12 +8,27 @@ tools are refused with a 400 that says so. Errors use OpenAI's body:
 
 from __future__ import annotations
 
+import re
 import time
 import uuid
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
+
+# Control characters other than tab and newlines carry no meaning in a prompt, and Postgres
+# refuses NUL in text; a lone UTF-16 surrogate (JSON allows "\ud800") cannot be encoded at all.
+_CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
+_LONE_SURROGATE = re.compile(r"[\ud800-\udfff]")
+
+
+def clean_text(text: str) -> str:
+    """A client's text as every part of the service can take it: control characters (but tab
+    and newlines) dropped, a lone surrogate replaced by U+FFFD."""
+    return _LONE_SURROGATE.sub("\ufffd", _CONTROL.sub("", text))
+
+
+Text = Annotated[str, AfterValidator(clean_text)]
 
 
 @dataclass(frozen=True)
@@ -71,7 +86,7 @@ class ChatMessage(BaseModel):
     role: Literal["system", "user", "assistant", "developer"]
     # OpenAI also allows a list of content parts: text, and image_url parts with data: URLs,
     # which serving.api.images replaces by the text read from the image before this is read.
-    content: str | list[dict[str, Any]]
+    content: Text | list[dict[str, Any]]
 
     def text(self) -> str:
         if isinstance(self.content, str):
@@ -85,7 +100,7 @@ class ChatMessage(BaseModel):
                     param="messages",
                     code="unsupported_content",
                 )
-            parts.append(part["text"])
+            parts.append(clean_text(part["text"]))
         return "\n".join(parts)
 
 
@@ -101,7 +116,7 @@ class ChatCompletionRequest(BaseModel):
     stream: bool = False
     stream_options: dict[str, Any] | None = None
     tools: list[Any] | None = None
-    stop: str | list[str] | None = None
+    stop: Text | list[Text] | None = None
     seed: int | None = None
 
     @field_validator("temperature", "top_p", mode="before")
@@ -176,7 +191,7 @@ class ChatCompletionRequest(BaseModel):
 
 class EmbeddingRequest(BaseModel):
     model_config = ConfigDict(extra="ignore")
-    input: str | list[str] = Field(description="a text or a list of texts")
+    input: Text | list[Text] = Field(description="a text or a list of texts")
     model: str | None = None
     encoding_format: Literal["float", "base64"] = "float"
     dimensions: int | None = Field(default=None, ge=1)

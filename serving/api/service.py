@@ -56,6 +56,7 @@ from serving.api.openai_schema import (
     ChatCompletionRequest,
     EmbeddingRequest,
     Limits,
+    Text,
     embedding_response,
 )
 
@@ -411,11 +412,11 @@ async def _validation_error(_: Request, err: RequestValidationError) -> JSONResp
 
 class RagFilters(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    sources: list[Annotated[str, Field(min_length=1, max_length=500)]] = Field(
+    sources: list[Annotated[Text, Field(min_length=1, max_length=500)]] = Field(
         default_factory=list, max_length=50, description="corpus paths; * is a wildcard"
     )
-    formats: list[str] = Field(default_factory=list, max_length=10)
-    doc_ids: list[str] = Field(default_factory=list, max_length=100)
+    formats: list[Text] = Field(default_factory=list, max_length=10)
+    doc_ids: list[Text] = Field(default_factory=list, max_length=100)
 
 
 @bentoml.service(
@@ -591,7 +592,7 @@ class Refinery:
     @bentoml.task(route="/images/jobs")
     async def image_job(
         self,
-        prompt: Annotated[str, Field(min_length=1, max_length=1000)],
+        prompt: Annotated[Text, Field(min_length=1, max_length=1000)],
         n: Annotated[int, Field(ge=1)] = 1,
         size: str = "256x256",
         seed: Annotated[int | None, Field(ge=0, le=2**31 - 1)] = None,
@@ -628,7 +629,7 @@ class Refinery:
     @bentoml.api(route="/rag")
     async def rag(
         self,
-        question: Annotated[str, Field(min_length=1, max_length=4000)],
+        question: Annotated[Text, Field(min_length=1, max_length=4000)],
         k: Annotated[int, Field(ge=1, le=20)] = 3,
         filters: RagFilters | None = None,
         max_tokens: Annotated[int | None, Field(ge=1, le=4096)] = None,

@@ -12,7 +12,13 @@ import pytest
 from serving.api.accounting import price_per_hour, request_cost
 from serving.api.bento import BentoBuildError, Pins, bento_tag_part, read_mlflow_model
 from serving.api.cache import InProcessCache, RedisCache, cache_key, make_cache
-from serving.api.openai_schema import ApiError, ChatCompletionRequest, EmbeddingRequest, Limits
+from serving.api.openai_schema import (
+    ApiError,
+    ChatCompletionRequest,
+    EmbeddingRequest,
+    Limits,
+    clean_text,
+)
 from serving.guard import heuristic_reasons, load_labeled
 from serving.runtime.generation import per_row
 
@@ -109,6 +115,26 @@ def test_embedding_request_limits():
     for bad, match in ((["a"] * 5, "at most 4"), ([], "empty"), (["x" * 101], "at most 100")):
         with pytest.raises(ApiError, match=match):
             EmbeddingRequest(input=bad).texts(LIMITS)
+
+
+def test_request_text_loses_control_characters_and_lone_surrogates():
+    """Postgres refuses NUL in text and UTF-8 cannot encode a lone surrogate: both reached the
+    retrieval query from /rag as a 500 before (found by the schemathesis fuzz test)."""
+    assert clean_text("a\x00b\x07c\td\ne\r\x7f") == "abc\td\ne\r"
+    assert clean_text("x\ud800y\udfff") == "x\ufffdy\ufffd"
+    assert clean_text("Ĳ café 🐝") == "Ĳ café 🐝"
+    chat = ChatCompletionRequest.model_validate(
+        {"messages": [{"role": "user", "content": [{"type": "text", "text": "q\x00?"}]},
+                      {"role": "user", "content": "\x00hi\ud83d"}], "stop": ["\x01."]}
+    )  # fmt: skip
+    assert [m["content"] for m in chat.plain_messages(LIMITS)] == ["q?", "hi\ufffd"]
+    assert chat.stop == ["."]
+    assert EmbeddingRequest(input=["\x00one", "two\x1b"]).texts(LIMITS) == ["one", "two"]
+    only_control = ChatCompletionRequest.model_validate(
+        {"messages": [{"role": "user", "content": "\x00\x01"}]}
+    )
+    with pytest.raises(ApiError, match="empty"):
+        only_control.plain_messages(LIMITS)
 
 
 def test_limits_from_environment():
