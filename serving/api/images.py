@@ -99,16 +99,13 @@ def vision_model() -> Any:
     return model
 
 
-def image_labels(img: Any, min_p: float = 0.25) -> str:
+def image_labels(img: Any) -> str:
     """What an ImageNet classifier sees in the image ("Image labels: palace (0.50), …"), or ""
     when nothing is likely enough or no vision model could load."""
+    from serving.corpus.vision import labels_text
+
     model = vision_model()
-    if model is None:
-        return ""
-    labels = [(n, p) for n, p in model.describe([img], k=3)[0].labels if p >= min_p]
-    if not labels:
-        return ""
-    return "Image labels: " + ", ".join(f"{n} ({p:.2f})" for n, p in labels)
+    return "" if model is None else labels_text(model.describe([img], k=3)[0].labels)
 
 
 def with_image_text(text: str, image_texts: list[str]) -> str:

@@ -108,7 +108,8 @@ class _own_pixel_check:
 
 
 def ocr_lines(img: Any, timeout_s: float) -> list[OcrLine]:
-    """Lines of text Tesseract finds in ``img``, top to bottom, with their boxes."""
+    """Lines of text Tesseract finds in ``img``, top to bottom, with their boxes; lines with
+    neither a letter nor a digit are left out."""
     import pytesseract
     from PIL import Image, ImageOps
 
@@ -140,6 +141,9 @@ def ocr_lines(img: Any, timeout_s: float) -> list[OcrLine]:
             lines.setdefault(key, []).append(i)
     out = []
     for idx in lines.values():
+        words = [data["text"][i].strip() for i in idx]
+        if not any(c.isalnum() for word in words for c in word):
+            continue  # "®", "|", "—": what Tesseract reads in the edges of a photo
         left = min(data["left"][i] for i in idx)
         top = min(data["top"][i] for i in idx)
         right = max(data["left"][i] + data["width"][i] for i in idx)
@@ -148,7 +152,7 @@ def ocr_lines(img: Any, timeout_s: float) -> list[OcrLine]:
                round((right - left) / scale), round((bottom - top) / scale))  # fmt: skip
         out.append(
             OcrLine(
-                text=normalize_text(" ".join(data["text"][i].strip() for i in idx)),
+                text=normalize_text(" ".join(words)),
                 box=box,
                 confidence=sum(float(data["conf"][i]) for i in idx) / len(idx) / 100,
             )

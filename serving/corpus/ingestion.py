@@ -20,6 +20,7 @@ from refinery.lineage import sha256_hex
 from serving.corpus.chunking import Chunker, ChunkingConfig
 from serving.corpus.documents import (
     DEFAULT_MAX_FILE_BYTES,
+    FORMATS,
     CorpusFile,
     DocumentRejected,
     ParsedDocument,
@@ -236,11 +237,15 @@ def _sync_one(
                 store.touch_document(state.doc_id, file_hash, file.modified_at)
             result.unchanged += 1
             return None
-        doc = parse(file, data)
+        try:
+            doc, seen = parse(file, data), None
+        except DocumentRejected as err:
+            doc, seen = labelled_photo(file, data, err, describe)
         flagged = screen(doc.text) if screen is not None else None
         if flagged is not None:
             raise DocumentRejected(RejectReason.SUSPICIOUS, flagged)
-        seen = describe(data) if doc.format == "image" else None
+        if seen is None and doc.format == "image":
+            seen = describe(data)
         if seen is not None:
             doc.meta["labels"] = [{"label": name, "p": p} for name, p in seen.labels]
     except DocumentRejected as err:
@@ -259,6 +264,44 @@ def _sync_one(
         else:
             result.changed += 1
     return None
+
+
+def labelled_photo(
+    file: CorpusFile, data: bytes, err: DocumentRejected, describe: ImageDescriber
+) -> tuple[ParsedDocument, Any]:
+    """An image in which OCR found no text (a photo) is indexed by what the vision model names
+    in it: its likely labels become the document's text ("Image labels: palace, bell cote").
+    Re-raises ``err`` for any other rejection, and when the model names nothing likely."""
+    from serving.corpus.images import open_image
+    from serving.corpus.vision import LABEL_MIN_P, labels_text
+
+    if err.reason is not RejectReason.NO_TEXT or FORMATS[file.path.suffix.lower()] != "image":
+        raise err
+    seen = describe(data)
+    if seen is None:
+        raise DocumentRejected(err.reason, f"{err.detail}, and no vision model could name what "
+                               f"it shows ({describe.error})") from err  # fmt: skip
+    text = labels_text(seen.labels, with_p=False)
+    if not text:
+        best, p = seen.labels[0]
+        raise DocumentRejected(err.reason, f"{err.detail}, and the vision model's best label "
+                               f"({best}, {p:.2f}) is below {LABEL_MIN_P}") from err  # fmt: skip
+    img = open_image(data, describe.limits)
+    doc = ParsedDocument(
+        source=file.source,
+        title=Path(file.source).stem[:200],
+        format="image",
+        text=text,
+        file_hash=sha256_hex(data),
+        content_hash=sha256_hex(text),
+        size_bytes=len(data),
+        modified_at=file.modified_at,
+        meta={
+            "image": {"format": img.format, "width": img.width, "height": img.height},
+            "pages": [[0, len(text)]],
+        },
+    )
+    return doc, seen
 
 
 def _same_time(a: datetime | None, b: datetime | None) -> bool:

@@ -8,6 +8,7 @@ import sqlalchemy as sa
 
 from refinery import schema
 from serving.corpus.chunking import ChunkingConfig
+from serving.corpus.documents import RejectReason
 from serving.corpus.ingestion import (
     EmptyCorpusError,
     make_chunker,
@@ -288,8 +289,8 @@ def test_image_documents_get_a_vector_and_labels_from_a_vision_model(
 ):
     """EfficientNet-Lite0 (from its package, converted to safetensors) gives each image
     document a unit vector in its own space and its top ImageNet labels; an edited image is
-    described again, a removed one loses its vector; without the model, images are still
-    indexed by their text."""
+    described again, a removed one loses its vector; a photo without text is indexed by its
+    labels; without the model, images are still indexed by their text."""
     import numpy as np
     from PIL import Image
     from sklearn.datasets import load_sample_images
@@ -347,11 +348,33 @@ def test_image_documents_get_a_vector_and_labels_from_a_vision_model(
     (only,) = store.similar_images(rows["flower.jpg"].embedding, k=5)
     assert only["source"] == "palace.jpg" and only["score"] > 0.9
 
+    # A photo without text is indexed by its likely labels; one with none likely is rejected.
+    Image.fromarray(china).save(small_corpus / "summer-palace.jpg", quality=90)
+    Image.fromarray(flower_pixels).save(small_corpus / "garden.jpg", quality=90)
+    result = sync_documents(store, small_corpus, describe=describe)
+    assert result.new == 1 and store.image_vector_count() == 2
+    (why,) = result.rejections
+    assert why.source == "garden.jpg" and why.reason is RejectReason.NO_TEXT
+    assert "daisy" in why.detail and "below 0.25" in why.detail
+    with store.engine.connect() as conn:
+        photo = conn.execute(
+            sa.select(schema.documents.c.text, schema.documents.c.meta).where(
+                schema.documents.c.source == "summer-palace.jpg"
+            )
+        ).one()
+    assert photo.text.startswith("Image labels: palace") and "(" not in photo.text
+    assert photo.meta["image"]["width"] == china.shape[1] and photo.meta["labels"]
+    (small_corpus / "garden.jpg").unlink()
+
     # No vision model: the image is still indexed (by its OCR text), without vector or labels.
     monkeypatch.setattr(vision, "PACKAGE", "no_such_package")
     (small_corpus / "again.jpg").write_bytes((small_corpus / "palace.jpg").read_bytes())
+    (small_corpus / "again-photo.jpg").write_bytes(
+        (small_corpus / "summer-palace.jpg").read_bytes()
+    )
     blind = ImageDescriber(tmp_path / "empty-models")
     result = sync_documents(store, small_corpus, describe=blind)
-    assert result.new == 1 and not result.rejections
-    assert "not installed" in (blind.error or "")
-    assert store.image_vector_count() == 1
+    assert result.new == 1 and "not installed" in (blind.error or "")
+    (why,) = result.rejections  # a photo needs the model to be indexed
+    assert why.source == "again-photo.jpg" and "no vision model" in why.detail
+    assert store.image_vector_count() == 2
