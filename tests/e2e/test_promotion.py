@@ -22,6 +22,10 @@ pytestmark = pytest.mark.e2e
 SMALL_TRAINING = {
     "quantized_models": {"config": {"variants": ["torch-int8"], "eval_rows": 4, "gen_tokens": 4}},
 }
+# Only the first model is exported to OpenVINO (60 s a time on 2 cores): as the champion it is
+# evaluated through the OpenVINO engine in every evaluate run, the later challengers through
+# transformers'.
+NO_OPENVINO = {"openvino_model": {"config": {"enabled": False}}}
 SMALL_EVAL = {
     "automatic_evaluation": {"config": {"heldout_limit": 8, "rag_limit": 4, "max_new_tokens": 24}},
     "human_evaluation": {"config": {"sample_per_model": 4}},
@@ -57,7 +61,7 @@ def run(
     )
 
 
-def train(lr: float, steps: int) -> str:
+def train(lr: float, steps: int, openvino: bool = False) -> str:
     lora = {
         "lora_adapter": {
             "config": {
@@ -69,7 +73,7 @@ def train(lr: float, steps: int) -> str:
             }
         }
     }
-    result = run("train", {**SMALL_TRAINING, **lora})
+    result = run("train", {**SMALL_TRAINING, **lora, **({} if openvino else NO_OPENVINO)})
     assert result.success
     (event,) = [
         e
@@ -97,7 +101,7 @@ def test_refuse_worse_promote_better_after_human_review_and_roll_back(fresh_home
         return str(client.get_model_version_by_alias("refinery-chat", "champion").version)
 
     # 1. The first model: no champion yet, the human gate explicitly waived -> promoted.
-    v1 = train(lr=1e-5, steps=2)
+    v1 = train(lr=1e-5, steps=2, openvino=True)
     first = run("evaluate", SMALL_EVAL, WAIVED)
     assert first.success and gate_result(first)[0]
     assert champion() == v1
@@ -221,7 +225,7 @@ def test_refuse_worse_promote_better_after_human_review_and_roll_back(fresh_home
                                         "save_every": 8, "warmup_steps": 0}}}  # fmt: skip
     job = request.job_name or retraining_sensor.job_name
     tags = {**request.tags, "dagster/run_key": request.run_key}
-    retrained = run(job, {**SMALL_TRAINING, **lora, **SMALL_EVAL}, WAIVED, tags=tags)
+    retrained = run(job, {**SMALL_TRAINING, **NO_OPENVINO, **lora, **SMALL_EVAL}, WAIVED, tags=tags)
     stored = instance.get_run_by_id(retrained.run_id)
     assert stored.job_name == "retrain" and stored.tags["refinery/trigger"] == "retraining_sensor"
     assert stored.tags["dagster/run_key"] == request.run_key
