@@ -206,12 +206,16 @@ class ChatModel:
             yield line
 
     async def _events(self, item: dict[str, Any]) -> AsyncGenerator[str, None]:
-        from serving.runtime.engine.base import EngineBusy, PromptTooLong, SamplingParams
+        from serving.runtime.engine.base import (
+            EngineBusy,
+            EngineClosed,
+            PromptTooLong,
+            SamplingParams,
+        )
 
         if self.active is None:
             yield json.dumps({"status": 503, "error": "the model is loading", "finished": True})
             return
-        engine, label = self.active
         params = SamplingParams(
             max_tokens=int(item["max_tokens"]),
             temperature=float(item.get("temperature", 0.0)),
@@ -220,16 +224,25 @@ class ChatModel:
             stop=tuple(item.get("stop") or ()),
             speculation=item.get("speculation"),
         )
+        engine, label = self.active
         try:
-            async for delta in engine.stream(item["messages"], params):
-                event = {"text": delta.text}
-                if delta.finished:
-                    event.update(
-                        finished=True, finish_reason=delta.finish_reason, error=delta.error,
-                        prompt_tokens=delta.prompt_tokens, completion_tokens=delta.completion_tokens,
-                        compute_s=delta.compute_s, model=label,
-                    )  # fmt: skip
-                yield json.dumps(event) + "\n"
+            for attempt in range(2):
+                try:
+                    async for delta in engine.stream(item["messages"], params):
+                        event = {"text": delta.text}
+                        if delta.finished:
+                            event.update(
+                                finished=True, finish_reason=delta.finish_reason,
+                                error=delta.error, prompt_tokens=delta.prompt_tokens,
+                                completion_tokens=delta.completion_tokens,
+                                compute_s=delta.compute_s, model=label,
+                            )  # fmt: skip
+                        yield json.dumps(event) + "\n"
+                    break
+                except EngineClosed:  # raised before any delta: swapped out between reading
+                    if attempt:  # self.active and submitting; the new engine takes it
+                        raise
+                    engine, label = self.active
         except EngineBusy as err:
             yield json.dumps({"status": 503, "error": str(err), "finished": True}) + "\n"
         except PromptTooLong as err:
@@ -269,11 +282,12 @@ def _retire(engine: Any, grace_s: float = 300.0) -> None:
     """Close an engine the service swapped out once its last requests ended."""
     deadline = time.monotonic() + grace_s
     while time.monotonic() < deadline:
-        s = engine.stats()
-        # the engine's own count too: a request submitted just before the swap may not have
-        # reached the backend's counters yet, and closing under it would leave it unanswered
-        if s.running == 0 and s.waiting == 0 and getattr(engine, "in_flight", 0) == 0:
-            break
+        # Atomic with submit: a request that read the old engine just before the swap is
+        # either counted (and waited for) or refused with EngineClosed and sent to the new one.
+        # Checking counters and then closing left such a request on a closed backend, unanswered
+        # (seen once in CI: a 504 after 120 s during a swap).
+        if engine.close_if_idle():
+            return
         time.sleep(0.5)
     engine.close()
 

@@ -13,6 +13,7 @@ from serving.runtime.engine.base import (
     Delta,
     Engine,
     EngineBusy,
+    EngineClosed,
     EngineStats,
     PromptTooLong,
     SamplingParams,
@@ -149,6 +150,47 @@ def test_full_queue_and_long_prompts_are_refused_before_anything_runs():
     with pytest.raises(ValueError):
         engine.submit("Tell me", SamplingParams(max_tokens=0), lambda d: None)
     assert not backend.active
+
+
+def test_an_engine_closes_only_when_idle_and_then_refuses_requests():
+    """A swapped-out engine is retired with close_if_idle, atomic with submit: a request that
+    read the old engine just before the swap is counted (the engine stays open for it) or is
+    refused with EngineClosed (and goes to the new engine), never left on a closed backend."""
+    backend = ScriptedBackend(SCRIPT * 20, tick_s=0.01)
+    engine = Engine(backend, WordTokenizer())
+    rid = engine.submit("Tell me", SamplingParams(max_tokens=50), lambda d: None)
+    assert not engine.close_if_idle() and not backend.stop.is_set()
+    engine.cancel(rid)
+    assert engine.close_if_idle() and backend.stop.is_set()
+    with pytest.raises(EngineClosed):
+        engine.submit("Tell me", SamplingParams(max_tokens=4), lambda d: None)
+
+    # Many threads submitting while another retires the engine: every request either ends or
+    # was refused; none is accepted after the close.
+    backend = ScriptedBackend(SCRIPT, tick_s=0.001)
+    engine = Engine(backend, WordTokenizer())
+    outcomes: list[str] = []
+
+    def client() -> None:
+        for _ in range(50):
+            done = threading.Event()
+            try:
+                engine.submit("Tell me", SamplingParams(max_tokens=8),
+                              lambda d, done=done: d.finished and done.set())  # fmt: skip
+            except EngineClosed:
+                outcomes.append("refused")
+                return
+            outcomes.append("answered" if done.wait(5) else "lost")
+
+    threads = [threading.Thread(target=client) for _ in range(4)]
+    for th in threads:
+        th.start()
+    time.sleep(0.02)
+    while not engine.close_if_idle():
+        time.sleep(0.0005)
+    for th in threads:
+        th.join(30)
+    assert outcomes and "lost" not in outcomes, sorted(set(outcomes))
 
 
 def test_generate_answers_many_prompts_through_the_batch():

@@ -328,3 +328,22 @@ def test_dependency_calls_retry_dropped_connections_then_answer_503():
     with pytest.raises(ApiError) as err:
         asyncio.run(_call(dead, 1))
     assert err.value.status == 503 and err.value.headers["Retry-After"] == "1"
+
+
+def test_the_bentofile_includes_everything_the_build_stages():
+    """A file staged for the build but missing from the bentofile's include list is left out
+    of the Bento (the ImageNet labels were: request images got no labels when served)."""
+    import fnmatch
+
+    import yaml
+
+    from serving.api.bento import BENTOFILE, REPO_ROOT, STAGED
+
+    include = yaml.safe_load(BENTOFILE.read_text())["include"]
+    for folder, pattern in STAGED.items():
+        for path in (REPO_ROOT / folder).glob(pattern):
+            if "__pycache__" in path.parts:
+                continue
+            rel = path.relative_to(REPO_ROOT).as_posix()
+            globs = [g for inc in include for g in (inc, inc.replace("**/", ""))]  # "**/" = 0+ dirs
+            assert any(fnmatch.fnmatch(rel, g) for g in globs), rel

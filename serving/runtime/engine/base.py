@@ -52,6 +52,11 @@ class EngineBusy(RuntimeError):
     """The engine's queue is full: the caller should answer 503 with Retry-After."""
 
 
+class EngineClosed(RuntimeError):
+    """The engine was retired (a newer model took its place) before the request reached it:
+    the caller should submit to the engine now in place."""
+
+
 class PromptTooLong(ValueError):
     """The prompt (plus max_tokens) does not fit the model's context."""
 
@@ -140,6 +145,7 @@ class Engine:
         self._requests: dict[str, _Request] = {}
         self._lock = threading.Lock()
         self._ids = itertools.count()
+        self._closed = False
         self.cancelled = 0
         backend.start(self._on_tokens)
 
@@ -179,6 +185,8 @@ class Engine:
             )
         rid = f"r{next(self._ids)}"
         with self._lock:
+            if self._closed:
+                raise EngineClosed("this engine was retired; submit to the one in its place")
             if self.backend.stats().waiting >= self.max_waiting:
                 raise EngineBusy(f"{self.max_waiting} requests are waiting for the model")
             self._requests[rid] = _Request(rid, len(ids), params, loop, on_delta)
@@ -274,7 +282,21 @@ class Engine:
         return self.backend.stats()
 
     def close(self) -> None:
+        with self._lock:
+            self._closed = True
         self.backend.close()
+
+    def close_if_idle(self) -> bool:
+        """Close the engine if no request is in it; atomic with ``submit`` (same lock), so a
+        request either is counted here or is refused with ``EngineClosed``, never left waiting
+        on a closed backend. True when it closed."""
+        with self._lock:
+            s = self.backend.stats()
+            if self._requests or s.running or s.waiting:
+                return False
+            self._closed = True
+        self.backend.close()
+        return True
 
     # -- from the backend's thread --
     def _on_tokens(
