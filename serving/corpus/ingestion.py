@@ -66,6 +66,10 @@ class ImageDescriber:
         """The image's ``ImageDescription``, or None when no vision model is available."""
         from serving.corpus.images import open_image
 
+        return self.describe_image(open_image(data, self.limits))
+
+    def describe_image(self, img: Any) -> Any:
+        """The same for an image already decoded (Pillow)."""
         if self._model is None and self.error is None:
             from refinery.settings import Settings
             from serving.corpus.vision import load_optional
@@ -77,7 +81,7 @@ class ImageDescriber:
                 log.warning("image vectors and labels are off: %s", self.error)
         if self._model is None:
             return None
-        return self._model.describe([open_image(data, self.limits)])[0]
+        return self._model.describe([img])[0]
 
 
 # Missing chunks are fetched this many batches at a time and sorted by length (less padding).
@@ -277,7 +281,8 @@ def labelled_photo(
 
     if err.reason is not RejectReason.NO_TEXT or FORMATS[file.path.suffix.lower()] != "image":
         raise err
-    seen = describe(data)
+    img = open_image(data, describe.limits)
+    seen = describe.describe_image(img)
     if seen is None:
         raise DocumentRejected(err.reason, f"{err.detail}, and no vision model could name what "
                                f"it shows ({describe.error})") from err  # fmt: skip
@@ -286,7 +291,6 @@ def labelled_photo(
         best, p = seen.labels[0]
         raise DocumentRejected(err.reason, f"{err.detail}, and the vision model's best label "
                                f"({best}, {p:.2f}) is below {LABEL_MIN_P}") from err  # fmt: skip
-    img = open_image(data, describe.limits)
     doc = ParsedDocument(
         source=file.source,
         title=Path(file.source).stem[:200],

@@ -193,12 +193,6 @@ class Engine:
         self.backend.add(rid, ids, params)
         return rid
 
-    @property
-    def in_flight(self) -> int:
-        """Requests submitted and not yet ended (including one the backend has not seen yet)."""
-        with self._lock:
-            return len(self._requests)
-
     def cancel(self, rid: str) -> None:
         with self._lock:
             req = self._requests.pop(rid, None)
