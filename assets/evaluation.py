@@ -27,8 +27,8 @@ from evaluation.challenge import (
 from evaluation.datasets import DEFAULT_RAG_QUESTIONS, EvaluationDataError
 from evaluation.promotion import ChampionRef, promote
 from evaluation.review import HumanEvaluation
-from serving.corpus.retrieval import Retriever
-from serving.runtime.models import ModelNotFoundError
+from refinery.core.registry import ModelNotFoundError
+from refinery.retrieval.search import Retriever
 from training.registry import CandidateRef
 from training.sft_data import SFTDatasetRef
 

@@ -18,7 +18,7 @@ from typing import Any
 import dagster as dg
 
 from assets.resources import _settings
-from refinery.records import RecordError, from_record, to_record
+from refinery.core.records import RecordError, from_record, to_record
 
 PIN_TAG = "refinery/pin/"
 LATEST = "latest.json"

@@ -14,7 +14,7 @@ from assets.resources import (
     mlflow_metadata,
 )
 from evaluation.images import DigitJudge, evaluate_image_model, record_and_promote
-from serving.runtime.imagegen import ImageGenerator, ImageModelError
+from refinery.vision.diffusion import ImageGenerator, ImageModelError
 from training.images import (
     ImageDataError,
     ImageDatasetRef,

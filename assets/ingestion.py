@@ -12,9 +12,9 @@ from assets.resources import (
     PostgresResource,
     mlflow_metadata,
 )
-from refinery.lineage import TAG_CORPUS_HASH
-from serving.corpus.chunking import ChunkingConfig
-from serving.corpus.ingestion import make_chunker, sync_chunks, sync_documents, sync_embeddings
+from refinery.core.lineage import TAG_CORPUS_HASH
+from refinery.corpus.chunking import ChunkingConfig
+from refinery.ingestion.sync import make_chunker, sync_chunks, sync_documents, sync_embeddings
 
 GROUP = "ingestion"
 EXPERIMENT = "refinery-ingestion"

@@ -21,13 +21,13 @@ from evaluation.monitoring import (
     cost_over_window,
     drift_over_window,
 )
-from refinery.tracking import TrackedRun
+from refinery.core.tracking import TrackedRun
 
 GROUP = "monitoring"
 EXPERIMENT = "refinery-monitoring"
 DRIFT_CHECK = "drift_within_thresholds"
 
-# Written by the running service (serving/api/traffic.py), not by Dagster: an external asset, so
+# Written by the running service (serving/traffic.py), not by Dagster: an external asset, so
 # that the lineage graph shows where the reports' data come from.
 traffic_log = dg.AssetSpec(
     "traffic_log",

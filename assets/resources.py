@@ -17,18 +17,18 @@ import sqlalchemy as sa
 from pydantic import Field, PrivateAttr
 
 from evaluation.gate import GatePolicy, HumanGate, policy_from
-from refinery.lineage import (
+from refinery.core.lineage import (
     TAG_CODE_VERSION,
     TAG_DAGSTER_ASSET_KEY,
     TAG_DAGSTER_RUN_ID,
     TAG_DAGSTER_RUN_URL,
     code_version,
 )
-from refinery.settings import Settings
-from refinery.stores import make_engine, prepare_mlflow
-from refinery.tracking import RunOpener, TrackedRun, tracked_run
-from serving.corpus.embedding import Embedder
-from serving.corpus.vectorstore import VectorStore
+from refinery.core.settings import Settings
+from refinery.core.stores import make_engine, prepare_mlflow
+from refinery.core.tracking import RunOpener, TrackedRun, tracked_run
+from refinery.retrieval.embedding import Embedder
+from refinery.retrieval.vectorstore import VectorStore
 
 
 def _settings(home: str) -> Settings:
@@ -66,7 +66,7 @@ class HomeResource(dg.ConfigurableResource):
 
 
 class PostgresResource(dg.ConfigurableResource):
-    """Postgres + pgvector through the one engine factory (``refinery.stores.make_engine``).
+    """Postgres + pgvector through the one engine factory (``refinery.core.stores.make_engine``).
 
     ``url`` empty (the default): REFINERY_DATABASE_URL if set, else the embedded server under
     REFINERY_HOME, started on first use. The schema is created when the resource starts.
@@ -175,7 +175,7 @@ class MLflowResource(dg.ConfigurableResource):
 
     def existing_run(self, run_id: str) -> TrackedRun:
         """A handle on a run made earlier (the training run that later steps add to)."""
-        from refinery.tracking import client_for
+        from refinery.core.tracking import client_for
 
         uri, ui_url, _, _ = self._resolved()
         client = client_for(uri)

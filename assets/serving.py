@@ -6,8 +6,8 @@ from pydantic import Field
 from assets.evaluation import champion_model
 from assets.images import image_evaluation
 from assets.resources import EmbeddingModelResource, MLflowResource
-from serving.api.bento import BentoBuildError, build_bento
-from serving.runtime.models import CHAMPION, ModelNotFoundError
+from refinery.core.registry import CHAMPION, ModelNotFoundError
+from serving.bento import BentoBuildError, build_bento
 
 GROUP = "serving"
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import importlib
 import sys
 
-from refinery.settings import OFFLINE_ENV
+from refinery.core.settings import OFFLINE_ENV
 
 ALL = [
     "ingestion",

@@ -66,11 +66,11 @@ def react(n: int) -> list[object]:
     from assets.resources import PostgresResource
     from orchestration.automation import corpus_sensor
     from orchestration.definitions import defs
-    from refinery.stores import make_engine
-    from serving.corpus.chunking import ChunkingConfig
-    from serving.corpus.embedding import Embedder
-    from serving.corpus.ingestion import make_chunker, sync_chunks, sync_documents, sync_embeddings
-    from serving.corpus.vectorstore import VectorStore
+    from refinery.core.stores import make_engine
+    from refinery.corpus.chunking import ChunkingConfig
+    from refinery.ingestion.sync import make_chunker, sync_chunks, sync_documents, sync_embeddings
+    from refinery.retrieval.embedding import Embedder
+    from refinery.retrieval.vectorstore import VectorStore
 
     with fresh_home(f"automation-{n}") as settings:
         corpus = make_corpus(settings.home / "corpus", n)

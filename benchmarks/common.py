@@ -13,7 +13,7 @@ from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
 
-from refinery.settings import REPO_ROOT, Settings
+from refinery.core.settings import REPO_ROOT, Settings
 
 RESULTS = Path(__file__).resolve().parent / "results"
 WORK = Path(__file__).resolve().parent / ".work"
@@ -43,7 +43,7 @@ def machine() -> str:
 @contextlib.contextmanager
 def fresh_home(name: str) -> Iterator[Settings]:
     """A new REFINERY_HOME under benchmarks/.work/, with its embedded Postgres stopped after."""
-    from refinery.stores import stop_embedded_postgres
+    from refinery.core.stores import stop_embedded_postgres
 
     home = WORK / name
     shutil.rmtree(home, ignore_errors=True)

@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from benchmarks.common import RESULTS, machine, median
-from refinery.settings import REPO_ROOT
+from refinery.core.settings import REPO_ROOT
 
 BASELINE_COMMIT = "237b744"  # the last commit with the nearest-neighbour guard and old parser
 
@@ -68,11 +68,11 @@ def _by_category(path: Path, blocked: np.ndarray) -> list[str]:
 
 
 def prompt_guard(embedder: Any) -> tuple[list[str], dict[str, Any]]:
-    from serving.guard import GUARD_DIR, InjectionGuard, heuristic_reasons, measure
-    from serving.screening import load_labeled
+    from refinery.safety.guard import GUARD_DIR, InjectionGuard, heuristic_reasons, measure
+    from refinery.safety.screening import load_labeled
 
     guard = InjectionGuard(embedder.encode)
-    old = _old_module("serving/guard.py", "refinery_old_guard")
+    old = _old_module("refinery/safety/guard.py", "refinery_old_guard")
     old_guard = old.InjectionGuard(embedder.encode)
     lines: list[str] = []
     figures: dict[str, Any] = {}
@@ -129,11 +129,11 @@ def prompt_guard(embedder: Any) -> tuple[list[str], dict[str, Any]]:
 
 
 def document_screen(embedder: Any) -> tuple[list[str], dict[str, Any]]:
-    from serving.corpus.chunking import ChunkingConfig
-    from serving.corpus.documents import corpus_file, parse_file
-    from serving.corpus.ingestion import make_chunker
-    from serving.guard import measure_documents
-    from serving.screening.documents import document_screen as load
+    from refinery.corpus.chunking import ChunkingConfig
+    from refinery.corpus.documents import corpus_file, parse_file
+    from refinery.ingestion.sync import make_chunker
+    from refinery.safety.guard import measure_documents
+    from refinery.safety.screening.documents import document_screen as load
 
     screen = load()
     m = measure_documents(screen, "test")
@@ -182,8 +182,8 @@ def document_screen(embedder: Any) -> tuple[list[str], dict[str, Any]]:
 
 
 def parser_overhead(rounds: int = 5) -> tuple[list[str], dict[str, Any]]:
-    from serving.corpus.documents import corpus_file, parse_bytes, read_bytes
-    from serving.corpus.isolation import ParserPool
+    from refinery.corpus.documents import corpus_file, parse_bytes, read_bytes
+    from refinery.corpus.isolation import ParserPool
 
     corpus = REPO_ROOT / "data" / "corpus"
     files = [corpus_file(p, corpus) for p in sorted(corpus.iterdir())]
@@ -205,8 +205,8 @@ def parser_overhead(rounds: int = 5) -> tuple[list[str], dict[str, Any]]:
             warm.append(time.perf_counter() - t1)
         pooled.append(time.perf_counter() - t0)
     n = len(data)
-    old = _old_module("serving/corpus/documents.py", "refinery_old_documents")
-    from serving.corpus.documents import ParseLimits, _html_text
+    old = _old_module("refinery/corpus/documents.py", "refinery_old_documents")
+    from refinery.corpus.documents import ParseLimits, _html_text
 
     depth_rows = []
     for depth in (2000, 4000, 8000):  # the old walk is quadratic: 200,000 would take hours
@@ -249,7 +249,7 @@ def parser_overhead(rounds: int = 5) -> tuple[list[str], dict[str, Any]]:
 
 
 def main() -> None:
-    from serving.corpus.embedding import Embedder
+    from refinery.retrieval.embedding import Embedder
 
     embedder = Embedder()
     started = datetime.now(UTC)
@@ -269,7 +269,7 @@ def main() -> None:
             f"Run {started:%Y-%m-%d %H:%M} UTC on: {machine()}.",
             "Command: `python -m benchmarks guard`. The guard's and the document screen's "
             "weights and thresholds were chosen on the *tune* splits "
-            "(`python -m serving.guard train`); every figure below is on the *test* splits, "
+            "(`python -m refinery.safety.guard train`); every figure below is on the *test* splits, "
             "which training and tuning never read, unless it says otherwise.",
             "",
             *sections,

@@ -20,11 +20,11 @@ import sqlalchemy as sa
 from sqlalchemy.dialects.postgresql import insert
 
 from benchmarks.common import Timer, fresh_home, median, percentile, write_table
-from refinery import schema
-from refinery.settings import DEFAULT_CORPUS_DIR
-from refinery.stores import database_url
-from serving.corpus.retrieval import DEFAULT_EF_SEARCH, Filters, explain_search, search_vector
-from serving.corpus.vectorstore import VectorStore
+from refinery.core import schema
+from refinery.core.settings import DEFAULT_CORPUS_DIR
+from refinery.core.stores import database_url
+from refinery.retrieval.search import DEFAULT_EF_SEARCH, Filters, explain_search, search_vector
+from refinery.retrieval.vectorstore import VectorStore
 
 DIM = 384
 CHUNKS_PER_DOC = 100
@@ -36,7 +36,7 @@ SIZES = [10_000, 100_000]
 
 
 def corpus_sentences() -> list[str]:
-    from serving.corpus.documents import CorpusFile, parse_file, scan_corpus
+    from refinery.corpus.documents import CorpusFile, parse_file, scan_corpus
 
     sentences: set[str] = set()
     for item in scan_corpus(DEFAULT_CORPUS_DIR):
@@ -86,7 +86,7 @@ DATASETS = {"manifold": synthetic, "gaussian": gaussian}
 
 
 def real_embeddings() -> np.ndarray:
-    from serving.corpus.embedding import Embedder
+    from refinery.retrieval.embedding import Embedder
 
     return Embedder().encode(corpus_sentences(), batch_size=64)  # (n_sentences, 384)
 

@@ -30,7 +30,7 @@ from typing import Any
 
 from benchmarks.common import WORK, write_table
 from evaluation.images import DigitJudge, evaluate_image_model
-from serving.runtime.imagegen import ImageGenerator, ImageRequest
+from refinery.vision.diffusion import ImageGenerator, ImageRequest
 from training.images import ImageTrainingConfig, load_split, prepare_digits, train_class_conditioned
 
 CLIENTS = 8
@@ -129,7 +129,7 @@ def _service_load(url: str, seconds: float = DURATION_S) -> dict[str, Any]:
 def through_service(model_dir: Path) -> list[list[Any]]:
     from benchmarks.common import fresh_home
     from benchmarks.serving import champion_bento, serve
-    from refinery.stores import prepare_mlflow
+    from refinery.core.stores import prepare_mlflow
     from training.registry import register_folder
 
     rows: list[list[Any]] = []

@@ -16,7 +16,7 @@ import time
 
 from benchmarks.common import WORK, fresh_home, write_table
 from benchmarks.images import scanned_corpus
-from refinery.stores import make_engine
+from refinery.core.stores import make_engine
 
 N_IMAGES = 24
 
@@ -24,9 +24,9 @@ N_IMAGES = 24
 def main() -> None:
     import pytesseract
 
-    from serving.corpus.ingestion import ImageDescriber, sync_documents
-    from serving.corpus.vectorstore import VectorStore
-    from serving.corpus.vision import VisionModel
+    from refinery.ingestion.sync import ImageDescriber, sync_documents
+    from refinery.retrieval.vectorstore import VectorStore
+    from refinery.vision.classifier import VisionModel
 
     pages = [p for ps in scanned_corpus(WORK / "scanned-corpus").values() for p in ps][:N_IMAGES]
     corpus = WORK / "png-pages"

@@ -28,8 +28,8 @@ from typing import Any
 
 from benchmarks.common import WORK, fresh_home, write_table
 from evaluation.datasets import DEFAULT_RAG_QUESTIONS, load_rag_questions
-from refinery.settings import DEFAULT_CORPUS_DIR
-from refinery.stores import make_engine
+from refinery.core.settings import DEFAULT_CORPUS_DIR
+from refinery.core.stores import make_engine
 
 K = 5
 PAGE = (1240, 1754)
@@ -57,7 +57,7 @@ def page_images(text: str) -> list[Any]:
 
 def scanned_corpus(out: Path) -> dict[str, list[Any]]:
     """Write the scanned copies; return their page images by scanned file name."""
-    from serving.corpus.documents import Rejection, parse_file, scan_corpus
+    from refinery.corpus.documents import Rejection, parse_file, scan_corpus
 
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
@@ -89,11 +89,11 @@ def bare_ocr(pages_by_file: dict[str, list[Any]]) -> tuple[int, float, int]:
 
 def index_and_ask(corpus: Path, rows: list[dict[str, Any]], stem_gold: bool) -> dict[str, Any]:
     """Ingest ``corpus`` into a fresh home and ask the test questions; returns metrics."""
-    from serving.corpus.chunking import ChunkingConfig
-    from serving.corpus.embedding import Embedder
-    from serving.corpus.ingestion import make_chunker, sync_chunks, sync_documents, sync_embeddings
-    from serving.corpus.retrieval import Retriever
-    from serving.corpus.vectorstore import VectorStore
+    from refinery.corpus.chunking import ChunkingConfig
+    from refinery.ingestion.sync import make_chunker, sync_chunks, sync_documents, sync_embeddings
+    from refinery.retrieval.embedding import Embedder
+    from refinery.retrieval.search import Retriever
+    from refinery.retrieval.vectorstore import VectorStore
 
     with fresh_home(f"images-{corpus.name}") as settings:
         engine = make_engine(settings=settings, create_schema=True)

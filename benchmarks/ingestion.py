@@ -12,12 +12,12 @@ from pathlib import Path
 import sqlalchemy as sa
 
 from benchmarks.common import WORK, Timer, fresh_home, median, write_table
-from refinery.settings import DEFAULT_CORPUS_DIR
-from refinery.stores import make_engine
-from serving.corpus.chunking import ChunkingConfig
-from serving.corpus.embedding import Embedder
-from serving.corpus.ingestion import make_chunker, sync_chunks, sync_documents, sync_embeddings
-from serving.corpus.vectorstore import VectorStore
+from refinery.core.settings import DEFAULT_CORPUS_DIR
+from refinery.core.stores import make_engine
+from refinery.corpus.chunking import ChunkingConfig
+from refinery.ingestion.sync import make_chunker, sync_chunks, sync_documents, sync_embeddings
+from refinery.retrieval.embedding import Embedder
+from refinery.retrieval.vectorstore import VectorStore
 
 COPIES = 5
 BATCH = 64

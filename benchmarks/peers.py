@@ -239,7 +239,7 @@ def _wait_ready(proc: subprocess.Popen, url: str, log: Path, timeout: float) -> 
 
 @contextlib.contextmanager
 def _serve(cmd: Sequence[str], port: int, name: str, timeout: float = 120) -> Iterator[str]:
-    from refinery.processes import stop_tree
+    from refinery.core.processes import stop_tree
 
     log = PEERS / "logs" / f"{name}-{port}.log"
     log.parent.mkdir(parents=True, exist_ok=True)

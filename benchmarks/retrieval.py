@@ -45,15 +45,15 @@ from evaluation.datasets import (
     SQLITE_QUESTIONS,
     load_rag_questions,
 )
-from refinery import schema
-from refinery.settings import DEFAULT_CORPUS_DIR, REPO_ROOT
-from refinery.stores import database_url, make_engine
-from serving.corpus.chunking import ChunkingConfig
-from serving.corpus.documents import CorpusFile, parse_file, scan_corpus
-from serving.corpus.embedding import Embedder
-from serving.corpus.ingestion import make_chunker, sync_chunks, sync_documents, sync_embeddings
-from serving.corpus.retrieval import DEFAULT_FUSION, Fusion, Mode, search
-from serving.corpus.vectorstore import EmbeddingSpace, VectorStore
+from refinery.core import schema
+from refinery.core.settings import DEFAULT_CORPUS_DIR, REPO_ROOT
+from refinery.core.stores import database_url, make_engine
+from refinery.corpus.chunking import ChunkingConfig
+from refinery.corpus.documents import CorpusFile, parse_file, scan_corpus
+from refinery.ingestion.sync import make_chunker, sync_chunks, sync_documents, sync_embeddings
+from refinery.retrieval.embedding import Embedder
+from refinery.retrieval.search import DEFAULT_FUSION, Fusion, Mode, search
+from refinery.retrieval.vectorstore import EmbeddingSpace, VectorStore
 
 K = 5
 REPEATS = 3
@@ -199,8 +199,8 @@ def index_home() -> Iterator[str]:
     import os
     from dataclasses import replace as dc_replace
 
-    from refinery.settings import Settings
-    from refinery.stores import stop_embedded_postgres
+    from refinery.core.settings import Settings
+    from refinery.core.stores import stop_embedded_postgres
 
     home = WORK / "retrieval-indexes"
     home.mkdir(parents=True, exist_ok=True)
@@ -218,7 +218,7 @@ def index_home() -> Iterator[str]:
 
 
 def index_name(qs: QuestionSet, config: ChunkingConfig, embedder: Embedder) -> str:
-    from refinery.lineage import sha256_hex
+    from refinery.core.lineage import sha256_hex
 
     return "idx_" + sha256_hex(f"{qs.name}\x00{config.fingerprint(embedder.name)}")[:16]
 
@@ -269,8 +269,8 @@ def build_index(
 def reranker_for_benchmark() -> Any:
     """Query-likelihood reranking with the packaged SmolLM2-135M-Instruct (the base chat
     model; converted once into benchmarks/.work/models)."""
-    from serving.runtime.generation import Generator
-    from serving.runtime.scoring import QueryLikelihoodReranker
+    from refinery.generation.generator import Generator
+    from refinery.generation.scoring import QueryLikelihoodReranker
     from training.base_model import resolve_base_model
 
     info = resolve_base_model(None, WORK / "models")
@@ -369,11 +369,11 @@ marks = {}
 def mark(name):
     marks[name] = time.perf_counter() - t0
 import sqlalchemy as sa
-from refinery.settings import Settings
-from refinery.stores import database_url, make_engine
-from serving.corpus.query import query_embedder
-from serving.corpus.retrieval import Retriever
-from serving.corpus.vectorstore import VectorStore
+from refinery.core.settings import Settings
+from refinery.core.stores import database_url, make_engine
+from refinery.retrieval.query import query_embedder
+from refinery.retrieval.search import Retriever
+from refinery.retrieval.vectorstore import VectorStore
 mark("imports")
 settings = Settings.from_env()
 engine = make_engine(settings=settings)
@@ -400,7 +400,7 @@ def cold_start(settings: Any, embedder: Embedder) -> list[list[Any]]:
     import os
     import sys
 
-    from refinery.stores import stop_embedded_postgres
+    from refinery.core.stores import stop_embedded_postgres
 
     engine = make_engine(settings=settings)
     store = VectorStore(engine)

@@ -34,8 +34,8 @@ import httpx
 
 from benchmarks.chatload import ChatLoadResult, chat_prompts, run_chat_load, run_wrk
 from benchmarks.common import WORK, fresh_home, machine, write_table
-from refinery.processes import stop_tree
-from refinery.settings import OFFLINE_ENV, REPO_ROOT
+from refinery.core.processes import stop_tree
+from refinery.core.settings import OFFLINE_ENV, REPO_ROOT
 
 MODEL = "refinery-chat"
 CLIENTS = (1, 8, 32)
@@ -47,8 +47,8 @@ def champion_bento(settings: Any) -> tuple[str, Path, Path, dict[str, str]]:
     """The packaged SmolLM2 (with its OpenVINO export) as the champion of a fresh home, built
     as a Bento: its tag, the weights, the export, and the environment to serve it in (open,
     in-process cache, pinned: no keys, no Redis, no alias following)."""
-    from refinery.stores import database_url, environment, prepare_mlflow
-    from serving.api.bento import build_bento
+    from refinery.core.stores import database_url, environment, prepare_mlflow
+    from serving.bento import build_bento
     from training.base_model import resolve_base_model
     from training.openvino_export import export_openvino
     from training.registry import register_folder
@@ -69,11 +69,11 @@ def champion_bento(settings: Any) -> tuple[str, Path, Path, dict[str, str]]:
 
 def ingest(settings: Any) -> None:
     """The sample corpus, for RAG (the speculative-decoding prompts and the service's /rag)."""
-    from refinery.stores import make_engine
-    from serving.corpus.chunking import ChunkingConfig
-    from serving.corpus.embedding import Embedder
-    from serving.corpus.ingestion import make_chunker, sync_chunks, sync_documents, sync_embeddings
-    from serving.corpus.vectorstore import VectorStore
+    from refinery.core.stores import make_engine
+    from refinery.corpus.chunking import ChunkingConfig
+    from refinery.ingestion.sync import make_chunker, sync_chunks, sync_documents, sync_embeddings
+    from refinery.retrieval.embedding import Embedder
+    from refinery.retrieval.vectorstore import VectorStore
 
     store = VectorStore(make_engine(settings=settings, create_schema=True))
     embedder = Embedder()
@@ -116,7 +116,7 @@ def serve(tag: str, env: dict[str, str]) -> Iterator[str]:
 
 def engine_load(engine: Any, prompts: list[str], clients: int, tag: str) -> ChatLoadResult:
     """The same closed loop as ``run_chat_load``, calling the engine in-process."""
-    from serving.runtime.engine.base import SamplingParams
+    from refinery.generation.engine.base import SamplingParams
 
     n = max(4 * clients, 16)
     result = ChatLoadResult(clients=clients, stream=False)
@@ -166,11 +166,11 @@ def rag_prompts(settings: Any) -> tuple[list[Any], list[Any]]:
     """The RAG question set as the service would prompt the model (retrieved chunks and the
     question), split in two by question id: tune (first half) and test."""
     from evaluation.datasets import load_rag_questions
-    from refinery.stores import make_engine
-    from serving.corpus.embedding import Embedder
-    from serving.corpus.retrieval import Retriever
-    from serving.corpus.vectorstore import VectorStore
-    from serving.rag import build_messages
+    from refinery.core.stores import make_engine
+    from refinery.rag.answer import build_messages
+    from refinery.retrieval.embedding import Embedder
+    from refinery.retrieval.search import Retriever
+    from refinery.retrieval.vectorstore import VectorStore
 
     rows, _ = load_rag_questions()
     store = VectorStore(make_engine(settings=settings))
@@ -195,7 +195,7 @@ def _one_client(engine: Any, prompts: list[Any], tokens: int = 64) -> tuple[floa
 def speculation(base: Path, openvino: Path, tune: list[Any], test: list[Any]) -> dict[str, Any]:
     """Prompt lookup at one client: the number of draft tokens chosen on the tune half of the
     RAG question set, then tokens/s with and without it, and acceptance, on the test half."""
-    from serving.runtime.engine.loader import load_engine
+    from refinery.generation.engine.loader import load_engine
 
     def engine(mode: str, lookup: int = 4) -> Any:
         return load_engine(base, backend="openvino", openvino_dir=openvino, speculation=mode,
@@ -230,7 +230,7 @@ def speculation(base: Path, openvino: Path, tune: list[Any], test: list[Any]) ->
 
 def embeddings_in_process(texts: list[str]) -> float:
     """Texts/s of the bare model, batches of 32 (its best on this CPU)."""
-    from serving.corpus.embedding import Embedder
+    from refinery.retrieval.embedding import Embedder
 
     embedder = Embedder()
     embedder.encode(texts[:32])
@@ -244,7 +244,7 @@ def embedding_agreement(url: str, texts: list[str]) -> float:
     """Largest |difference| between the service's vectors and the model's in-process ones."""
     import numpy as np
 
-    from serving.corpus.embedding import Embedder
+    from refinery.retrieval.embedding import Embedder
 
     got = httpx.post(url + "/v1/embeddings", json={"input": texts, "encoding_format": "float"},
                      timeout=120).json()  # fmt: skip
@@ -259,7 +259,7 @@ SENTENCES = [
 
 def main() -> None:
     from benchmarks import peers
-    from serving.runtime.engine.loader import load_engine
+    from refinery.generation.engine.loader import load_engine
 
     build = peers.setup()
     prompts = chat_prompts()

@@ -25,9 +25,9 @@ def writer_cpu(database: str) -> dict[str, float]:
     """CPU microseconds per row for the writer: COPY (what it does) vs INSERT."""
     import sqlalchemy as sa
 
-    from refinery.schema import traffic_log
-    from refinery.stores import make_engine
-    from serving.api.traffic import TrafficLog, TrafficSettings
+    from refinery.core.schema import traffic_log
+    from refinery.core.stores import make_engine
+    from serving.traffic import TrafficLog, TrafficSettings
 
     engine = make_engine(database, create_schema=True)
     log = TrafficLog(lambda: engine, TrafficSettings(flush_s=3600))
@@ -59,7 +59,7 @@ def writer_cpu(database: str) -> dict[str, float]:
 def main() -> None:
     from benchmarks.chatload import run_wrk
     from benchmarks.serving import champion_bento, serve
-    from refinery.stores import database_url, make_engine
+    from refinery.core.stores import database_url, make_engine
 
     runs: dict[str, list[dict[str, float]]] = {}
     with fresh_home("traffic") as settings:
@@ -88,7 +88,7 @@ def main() -> None:
             time.sleep(2)
         import sqlalchemy as sa
 
-        from refinery.schema import traffic_log
+        from refinery.core.schema import traffic_log
 
         engine = make_engine(db)
         with engine.connect() as conn:

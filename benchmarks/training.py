@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 from benchmarks.common import WORK, fresh_home, median, write_table
-from refinery.settings import Settings
+from refinery.core.settings import Settings
 
 STEPS = 30
 BATCH = 4
@@ -26,7 +26,7 @@ data = json.loads(Path(rows_file).read_text())
 if mode == "full":
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer, DataCollatorForSeq2Seq, Trainer, TrainingArguments
-    from serving.runtime.scoring import tokenize_for_sft
+    from refinery.generation.scoring import tokenize_for_sft
     tok = AutoTokenizer.from_pretrained(base)
     model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
     ds = Dataset.from_list(tokenize_for_sft(data["train"], tok, 256))
@@ -49,7 +49,7 @@ def bare_loop(base_dir: str, rows: list[dict], steps: int) -> float:
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer, DataCollatorForSeq2Seq
 
-    from serving.runtime.scoring import tokenize_for_sft
+    from refinery.generation.scoring import tokenize_for_sft
     from training.lora import DEFAULT_TARGET_MODULES
 
     torch.manual_seed(42)

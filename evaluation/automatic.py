@@ -5,7 +5,7 @@ Metrics (all in MLflow, per example and aggregated):
   the generated answers against them;
 - RAG questions: the same three against the reference answers; retrieval hit@k and MRR against
   the documents that hold the answer; groundedness of each answer in the chunks it was given
-  (``serving.rag.support``); whether the answer is correct (``evaluation.calibration.is_correct``)
+  (``refinery.rag.answer.support``); whether the answer is correct (``evaluation.calibration.is_correct``)
   and the calibrated confidence, with its expected calibration error on the test split
   (``rag_test_ece``) and a reliability diagram (``reliability_png``);
 - latency per question (generation is batched: batch time / batch size) and tokens/s.
@@ -22,8 +22,8 @@ from typing import Any
 
 from evaluation.calibration import calibration_metrics, is_correct, reliability_diagram
 from evaluation.metrics import exact_match, hit_at_k, reciprocal_rank, rouge_l, token_f1
-from serving.rag import answer_batch
-from serving.runtime.scoring import answer_nll
+from refinery.generation.scoring import answer_nll
+from refinery.rag.answer import answer_batch
 
 
 class EvaluationError(ValueError):

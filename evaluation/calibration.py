@@ -8,7 +8,7 @@ every answer, and what a small model gets wrong is mostly a number or the thing 
 answer that says it does not know is not correct (every question in the sets has an answer).
 
 The model (``fit_calibration``): logistic regression with an L2 penalty on standardized signals
-(``serving.rag.signals``), fitted by Newton's method in numpy; stored as JSON coefficients.
+(``refinery.rag.answer.signals``), fitted by Newton's method in numpy; stored as JSON coefficients.
 Fitted only on rows of the tune split; ECE and the reliability diagram are reported on the test
 split.
 """
@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from serving.rag import Calibration, ConfidenceModel, says_unknown
+from refinery.rag.answer import Calibration, ConfidenceModel, says_unknown
 
 LOGPROB_FEATURES = ("mean_logprob", "min_logprob")
 BASE_FEATURES = (

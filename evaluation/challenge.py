@@ -21,9 +21,9 @@ from evaluation.promotion import current_champion, record_decision
 from evaluation.report import examples_frame, write_report
 from evaluation.review import HumanEvaluation
 from evaluation.tracing import log_traces
-from refinery.tracking import TrackedRun
-from serving.corpus.retrieval import Retriever
-from serving.runtime.models import LocalModel, ModelRef, download, resolve
+from refinery.core.registry import LocalModel, ModelRef, download, resolve
+from refinery.core.tracking import TrackedRun
+from refinery.retrieval.search import Retriever
 
 Progress = Callable[[str], None]
 
@@ -39,8 +39,8 @@ class ServedModel:
 
     @classmethod
     def load(cls, local: LocalModel) -> ServedModel:
-        from serving.runtime.engine.loader import load_engine
-        from serving.runtime.generation import load_generator
+        from refinery.generation.engine.loader import load_engine
+        from refinery.generation.generator import load_generator
 
         scorer = load_generator(local.weights, variant=local.variant)
         engine = None

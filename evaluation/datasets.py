@@ -6,8 +6,8 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from refinery.jsonl import json_objects
-from refinery.settings import REPO_ROOT
+from refinery.core.jsonl import json_objects
+from refinery.core.settings import REPO_ROOT
 
 DEFAULT_RAG_QUESTIONS = REPO_ROOT / "data" / "eval" / "rag_questions.jsonl"
 # The second set: questions over SQLite's documentation (scripts/sqlite-docs.sh fetches it).

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from evaluation.gate import GateDecision, GatePolicy, HumanSummary, MetricRule, compare_to_champion
-from serving.runtime.imagegen import ImageGenerator, ImageRequest, prompt_class, sample_requests
+from refinery.vision.diffusion import ImageGenerator, ImageRequest, prompt_class, sample_requests
 
 ACCURACY = "classifier_accuracy"
 IMAGE_RULES = (MetricRule(ACCURACY, tolerance=0.02),)
@@ -174,7 +174,7 @@ TAG_PREFIX = "refinery.eval."
 
 def champion_metrics(tracking_uri: str, name: str) -> tuple[str | None, dict[str, float] | None]:
     """The current champion's version and the metrics its evaluation tagged it with."""
-    from serving.runtime.models import CHAMPION, ModelNotFoundError, resolve
+    from refinery.core.registry import CHAMPION, ModelNotFoundError, resolve
 
     try:
         ref = resolve(tracking_uri, name, CHAMPION)
@@ -201,8 +201,8 @@ def record_and_promote(
     """Log the evaluation to ``run``, tag the version with its metrics, gate it against the
     champion, and move the champion alias to it when it passes. The same version already
     champion stays champion (a rerun changes nothing)."""
-    from refinery.tracking import client_for
-    from serving.runtime.models import CHAMPION
+    from refinery.core.registry import CHAMPION
+    from refinery.core.tracking import client_for
 
     metrics = evaluation.metrics()
     run.log_metrics(metrics)

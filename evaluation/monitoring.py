@@ -24,9 +24,9 @@ import numpy as np
 import pandas as pd
 import sqlalchemy as sa
 
-from refinery.pushgateway import push_drift
-from refinery.schema import traffic_log
-from refinery.tracking import RunOpener
+from refinery.core.pushgateway import push_drift
+from refinery.core.schema import traffic_log
+from refinery.core.tracking import RunOpener
 
 EmbedFn = Callable[[list[str]], np.ndarray]
 

@@ -14,8 +14,8 @@ from datetime import UTC, datetime
 from typing import Any
 
 from evaluation.gate import GateDecision
-from refinery.tracking import client_for
-from serving.runtime.models import CHAMPION
+from refinery.core.registry import CHAMPION
+from refinery.core.tracking import client_for
 
 TAG_PASSED = "refinery.promotion.passed"
 TAG_PREVIOUS = "refinery.promotion.previous_champion"

@@ -26,7 +26,7 @@ from sqlalchemy.dialects.postgresql import insert
 from evaluation.automatic import ExampleResult
 from evaluation.gate import HumanSummary
 from evaluation.metrics import bootstrap_ci
-from refinery import schema
+from refinery.core import schema
 
 FEEDBACK_NAME = "rating"
 
@@ -287,7 +287,7 @@ def review_round(
 
     import mlflow.artifacts
 
-    from refinery.tracking import client_for
+    from refinery.core.tracking import client_for
 
     with tempfile.TemporaryDirectory(prefix="refinery-artifact-") as tmp:
         local = mlflow.artifacts.download_artifacts(

@@ -13,7 +13,7 @@ from collections.abc import Iterator, Sequence
 from typing import Any
 
 from evaluation.automatic import ExampleResult
-from refinery.tracking import client_for
+from refinery.core.tracking import client_for
 
 TAG_MODEL = "refinery.model"
 TAG_EXAMPLE = "refinery.example_id"

@@ -10,7 +10,7 @@ import dagster as dg
 from assets.resources import HomeResource, PostgresResource
 from evaluation.review import count_ratings
 from orchestration.cluster import model_job_tags
-from serving.corpus.ingestion import corpus_changes
+from refinery.ingestion.sync import corpus_changes
 from training.user_data import count_approved
 
 # New ratings that make it worth recomputing the human aggregate and the promotion gate.

@@ -16,8 +16,8 @@ from typing import Any
 
 import click
 
-from refinery.settings import Settings
-from refinery.stores import (
+from refinery.core.settings import Settings
+from refinery.core.stores import (
     apply_process_environment,
     database_url,
     embedded_postgres_running,
@@ -319,7 +319,7 @@ def examples() -> None:
 @click.option("--by", "submitted_by", required=True, help="Who proposes them.")
 def examples_propose(path: Path | None, request_ids: tuple[str, ...], submitted_by: str) -> None:
     """Propose examples from a file or from the traffic log; they wait for approval."""
-    from refinery.jsonl import json_objects
+    from refinery.core.jsonl import json_objects
     from training.user_data import Proposal, ReviewError, proposals_from_traffic, propose
 
     if path is None and not request_ids:
@@ -497,14 +497,14 @@ def query(
 ) -> None:
     """Print the chunks that best match QUESTION, with their sources and scores."""
     # Only what a query needs is imported here: no dagster, mlflow or torch (see
-    # serving.corpus.query); the query embedding runs on an ONNX export of the model.
-    from serving.corpus.query import QueryError, run_query
+    # refinery.retrieval.query); the query embedding runs on an ONNX export of the model.
+    from refinery.retrieval.query import QueryError, run_query
 
     settings = _settings()
     reranker = None
     if mode == "hybrid+rerank":
-        from serving.runtime.generation import Generator
-        from serving.runtime.scoring import QueryLikelihoodReranker
+        from refinery.generation.generator import Generator
+        from refinery.generation.scoring import QueryLikelihoodReranker
         from training.base_model import BaseModelError, resolve_base_model
 
         try:
@@ -602,8 +602,9 @@ def deploy_render(
     images: bool | None,
 ) -> None:
     """Render an overlay with the image of the champion's Bento (`refinery bento` builds it)."""
-    from refinery.stores import prepare_mlflow
-    from serving.api.deploy import (
+    from refinery.core.registry import ModelNotFoundError
+    from refinery.core.stores import prepare_mlflow
+    from serving.deploy import (
         DeployError,
         champion_bento,
         image_tag,
@@ -611,7 +612,6 @@ def deploy_render(
         serves_images,
         write_manifests,
     )
-    from serving.runtime.models import ModelNotFoundError
 
     settings = _settings()
     try:
@@ -641,7 +641,7 @@ def deploy_render(
 )
 def serve(bento_tag: str | None, host: str, port: int, follow: str) -> None:
     """Serve a Bento (default: the newest one built in this home) until Ctrl-C."""
-    from serving.api.bento import list_bentos
+    from serving.bento import list_bentos
 
     settings = _settings()
     if bento_tag is None:
@@ -672,7 +672,7 @@ def serve(bento_tag: str | None, host: str, port: int, follow: str) -> None:
     except KeyboardInterrupt:
         code = 0
     finally:
-        from refinery.processes import stop_tree
+        from refinery.core.processes import stop_tree
 
         # SIGTERM (Kubernetes, systemd) is passed on as SIGTERM: BentoML finishes the requests
         # in flight; after the grace period, everything the service started is killed.
@@ -744,7 +744,7 @@ def _default_signals() -> None:
 def _stop_groups(procs: list[subprocess.Popen[bytes]], timeout: float = 20.0) -> None:
     """SIGINT (what Ctrl-C sends: dagster dev shuts its children down on it), then SIGKILL to
     whatever is left of each one's process tree."""
-    from refinery.processes import stop_tree
+    from refinery.core.processes import stop_tree
 
     for p in procs:
         stop_tree(p, timeout)

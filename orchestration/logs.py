@@ -16,7 +16,7 @@ from typing import Any
 
 import dagster as dg
 
-from refinery.settings import Settings
+from refinery.core.settings import Settings
 
 _STEP_EVENTS = {"STEP_START", "STEP_SUCCESS", "STEP_FAILURE", "STEP_SKIPPED"}
 

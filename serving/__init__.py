@@ -1,9 +1,4 @@
-"""The online path and the code ingestion shares with it. Plain library code: never imports
-dagster.
-
-- ``serving.corpus``: parsing files, chunking, embedding, the pgvector store, retrieval
-- ``serving.runtime``: loading registered chat models, generation, scoring, alias following
-- ``serving.rag``, ``serving.guard``: RAG prompts and answers; the prompt-injection guard
-- ``serving.api``: the BentoML services and what they need (cache, limits, accounting,
-  traffic log), and the Bento build
-"""
+"""The HTTP side only: the BentoML services (OpenAI-compatible routes, RAG, images), cache,
+limits, accounting, metrics, the traffic log, and building and deploying the Bento. The domain
+lives in ``refinery``; nothing outside this package imports it except the Bento's own asset and
+command."""

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from refinery.settings import OFFLINE_ENV, REPO_ROOT
+from refinery.core.settings import OFFLINE_ENV, REPO_ROOT
 
 SAMPLE_CORPUS = REPO_ROOT / "data" / "corpus"
 
@@ -53,8 +53,8 @@ def _cuda() -> bool:
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:
-    from refinery.settings import Settings
-    from refinery.stores import stop_embedded_postgres
+    from refinery.core.settings import Settings
+    from refinery.core.stores import stop_embedded_postgres
 
     try:
         stop_embedded_postgres(Settings.from_env())
@@ -64,7 +64,7 @@ def pytest_unconfigure(config: pytest.Config) -> None:
 
 @pytest.fixture(scope="session")
 def settings():
-    from refinery.settings import Settings
+    from refinery.core.settings import Settings
 
     return Settings.from_env()
 
@@ -72,7 +72,7 @@ def settings():
 @pytest.fixture(scope="session")
 def server_url(settings) -> str:
     """URL of the session's embedded Postgres (database "postgres")."""
-    from refinery.stores import database_url
+    from refinery.core.stores import database_url
 
     return database_url(settings)
 
@@ -99,7 +99,7 @@ def db_url(server_url: str) -> Iterator[str]:
 def store(db_url: str):
     import sqlalchemy as sa
 
-    from serving.corpus.vectorstore import VectorStore
+    from refinery.retrieval.vectorstore import VectorStore
 
     engine = sa.create_engine(db_url)
     s = VectorStore(engine)
@@ -110,7 +110,7 @@ def store(db_url: str):
 
 @pytest.fixture(scope="session")
 def embedder():
-    from serving.corpus.embedding import Embedder
+    from refinery.retrieval.embedding import Embedder
 
     return Embedder()
 
@@ -165,7 +165,7 @@ def kill_embedded_postgres(settings) -> None:
     import signal
     import time
 
-    from refinery.stores import embedded_postgres_running
+    from refinery.core.stores import embedded_postgres_running
 
     pid = int((settings.pgdata / "postmaster.pid").read_text().splitlines()[0])
     os.kill(pid, signal.SIGKILL)

@@ -7,7 +7,7 @@ from pathlib import Path
 from evaluation import review
 from evaluation.automatic import ExampleResult
 from evaluation.tracing import log_traces
-from refinery.tracking import tracked_run
+from refinery.core.tracking import tracked_run
 
 
 def make_queue(

@@ -4,7 +4,7 @@ diffusion model trained on it with diffusers.
 The default data set is scikit-learn's handwritten digits (1,797 8×8 greyscale images, shipped
 inside the scikit-learn wheel): small enough that a class-conditioned ``UNet2DModel`` learns it
 in a few CPU minutes. The same assets take a real checkpoint folder instead (see
-``serving.runtime.imagegen``); training then is skipped.
+``refinery.vision.diffusion``); training then is skipped.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from serving.runtime.imagegen import MODEL_CARD, ImageModelError, ModelCard, is_image_model
+from refinery.vision.diffusion import MODEL_CARD, ImageModelError, ModelCard, is_image_model
 
 DATASET_FILE = "images.safetensors"
 
@@ -252,7 +252,7 @@ def sample_grid_png(folder: Path, path: Path, seed: int = 0) -> Path:
     """A grid of the model's samples (one row per class) for the training run."""
     from PIL import Image
 
-    from serving.runtime.imagegen import ImageGenerator, sample_requests
+    from refinery.vision.diffusion import ImageGenerator, sample_requests
 
     generator = ImageGenerator(folder)
     card = generator.card

@@ -17,8 +17,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from refinery.lineage import sha256_hex
-from serving.runtime.scoring import tokenize_for_sft
+from refinery.core.lineage import sha256_hex
+from refinery.generation.scoring import tokenize_for_sft
 
 log = logging.getLogger(__name__)
 

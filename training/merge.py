@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from serving.runtime.scoring import messages
+from refinery.generation.scoring import messages
 
 
 class MergeCheckError(RuntimeError):

@@ -1,5 +1,5 @@
 """The chat model as an OpenVINO model with int8 weights, for the CPU generation engine
-(OpenVINO GenAI's continuous batching, ``serving.runtime.engine.ov``).
+(OpenVINO GenAI's continuous batching, ``refinery.generation.engine.ov``).
 
 The exporter (``optimum-intel``) pins ``transformers<5.6`` and declares ``torchvision``, which
 the project's environment must not get (it pulls a CUDA build of torch; see ENVIRONMENT.md).
@@ -22,8 +22,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from refinery.lineage import sha256_hex
-from refinery.settings import OFFLINE_ENV, REPO_ROOT
+from refinery.core.lineage import sha256_hex
+from refinery.core.settings import OFFLINE_ENV, REPO_ROOT
 
 EXPORT_VENV = REPO_ROOT / ".venv-openvino"
 EXPORT_ENV_SCRIPT = REPO_ROOT / "scripts" / "openvino-export-env.sh"  # its pins live there

@@ -15,8 +15,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from refinery.lineage import sha256_hex
-from refinery.tracking import RunOpener, TrackedRun
+from refinery.core.lineage import sha256_hex
+from refinery.core.tracking import RunOpener, TrackedRun
 from training.base_model import BaseModelInfo
 from training.lora import (
     LoraTrainingConfig,
@@ -355,7 +355,7 @@ def lineage_tags(
     corpus_hash: str,
 ) -> dict[str, str]:
     """What made a registered version: base model, data, configs and the RAG index."""
-    from refinery.lineage import TAG_CORPUS_HASH
+    from refinery.core.lineage import TAG_CORPUS_HASH
 
     return {
         "dagster.asset_keys": "base_model,sft_dataset,lora_adapter,merged_model,quantized_models,candidate_model",

@@ -19,8 +19,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from serving.runtime.generation import ONNX_FILE, VARIANTS, load_generator
-from serving.runtime.scoring import answer_nll
+from refinery.generation.generator import ONNX_FILE, VARIANTS, load_generator
+from refinery.generation.scoring import answer_nll
 from training.merge import sample_batch
 
 QUANTIZED = tuple(v for v in VARIANTS if v != "none")

@@ -1,6 +1,6 @@
 """Register models in the MLflow registry in a form MLflow loads back, with their lineage.
 
-A registered version is an MLflow "model from code" (``serving/runtime/pyfunc_model.py``) whose
+A registered version is an MLflow "model from code" (``refinery/generation/pyfunc_model.py``) whose
 artifact is a model folder of safetensors (or an ONNX file): nothing pickled. Aliases, never
 stages. Registering the same lineage twice returns the existing version.
 """
@@ -14,15 +14,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from refinery.settings import REPO_ROOT
-from serving.runtime.models import CHALLENGER
+from refinery.core.registry import CHALLENGER
+from refinery.core.settings import REPO_ROOT
 
-PYFUNC_FILE = REPO_ROOT / "serving" / "runtime" / "pyfunc_model.py"
-GENERATION_FILE = REPO_ROOT / "serving" / "runtime" / "generation.py"
-IMAGE_PYFUNC_FILE = REPO_ROOT / "serving" / "runtime" / "image_pyfunc.py"
-IMAGEGEN_FILE = REPO_ROOT / "serving" / "runtime" / "imagegen.py"
+PYFUNC_FILE = REPO_ROOT / "refinery" / "generation" / "pyfunc_model.py"
+GENERATION_FILE = REPO_ROOT / "refinery" / "generation" / "generator.py"
+IMAGE_PYFUNC_FILE = REPO_ROOT / "refinery" / "vision" / "diffusion_pyfunc.py"
+IMAGEGEN_FILE = REPO_ROOT / "refinery" / "vision" / "diffusion.py"
 TAG_LINEAGE_KEY = "refinery.lineage_key"
-ModelKind = Literal["chat", "image"]  # a causal LM, or an image model (serving.runtime.imagegen)
+ModelKind = Literal["chat", "image"]  # a causal LM, or an image model (refinery.vision.diffusion)
 TAG_VARIANT = "refinery.variant"
 
 
@@ -113,14 +113,14 @@ def register(
     kind: ModelKind = "chat",
 ) -> RegisteredVersion:
     """Log ``model_dir`` as a pyfunc model in run ``run_id`` and register it under ``name``.
-    ``kind``: "chat" (a causal LM) or "image" (``serving.runtime.imagegen``).
+    ``kind``: "chat" (a causal LM) or "image" (``refinery.vision.diffusion``).
 
     Through an explicit client: the fluent ``log_model`` would set process-wide tracking and
     registry URIs that outlive the call.
     """
     import mlflow.pyfunc
 
-    from refinery.tracking import client_for
+    from refinery.core.tracking import client_for
 
     _check_name(name)
     client = client_for(tracking_uri)
@@ -192,7 +192,7 @@ def register_folder(
     """Register a model folder as it is, in a run of its own (for serving tests, benchmarks,
     or a model trained elsewhere); the version gets ``alias``. ``artifact_root``: where a local
     store keeps artifacts (``Settings.mlflow_artifacts_dir``); None for a server's default."""
-    from refinery.tracking import client_for, ensure_experiment
+    from refinery.core.tracking import client_for, ensure_experiment
 
     client = client_for(tracking_uri)
     experiment_id = ensure_experiment(client, experiment, artifact_root)

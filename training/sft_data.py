@@ -17,10 +17,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from refinery.jsonl import json_objects
-from refinery.lineage import sha256_hex
-from refinery.settings import REPO_ROOT
-from serving.runtime.scoring import messages
+from refinery.core.jsonl import json_objects
+from refinery.core.lineage import sha256_hex
+from refinery.core.settings import REPO_ROOT
+from refinery.generation.scoring import messages
 
 DEFAULT_SFT_PATH = REPO_ROOT / "data" / "sft" / "beekeeping_qa.jsonl"
 

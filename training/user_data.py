@@ -19,9 +19,9 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.dialects.postgresql import insert
 
-from refinery.lineage import sha256_hex
-from refinery.schema import create_schema, traffic_log, training_examples
-from serving.guard import heuristic_reasons
+from refinery.core.lineage import sha256_hex
+from refinery.core.schema import create_schema, traffic_log, training_examples
+from refinery.safety.guard import heuristic_reasons
 
 STATUSES = ("pending", "approved", "rejected")
 

@@ -61,7 +61,7 @@ def rows_and_tokenizer():
 
 
 def perplexity(scorer, rows) -> float:
-    from serving.runtime.scoring import answer_nll
+    from refinery.generation.scoring import answer_nll
 
     nll, n = answer_nll(scorer, rows, batch_size=1)
     return math.exp(nll / max(n, 1))

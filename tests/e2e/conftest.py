@@ -9,8 +9,8 @@ import pytest
 @pytest.fixture
 def fresh_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
     """A brand-new REFINERY_HOME (its own Postgres, MLflow store and Dagster instance)."""
-    from refinery.settings import Settings
-    from refinery.stores import prepare_dagster_home, stop_embedded_postgres
+    from refinery.core.settings import Settings
+    from refinery.core.stores import prepare_dagster_home, stop_embedded_postgres
 
     home = tmp_path / "home"
     monkeypatch.setenv("REFINERY_HOME", str(home))

@@ -11,8 +11,8 @@ import io
 import dagster as dg
 import pytest
 
-from refinery.settings import Settings
-from refinery.tracking import client_for
+from refinery.core.settings import Settings
+from refinery.core.tracking import client_for
 
 pytestmark = pytest.mark.e2e
 

@@ -15,16 +15,16 @@ import numpy as np
 import pytest
 import sqlalchemy as sa
 
-from refinery import schema
-from refinery.settings import Settings
-from refinery.stores import database_url
-from refinery.tracking import client_for
-from serving.corpus.chunking import ChunkingConfig
-from serving.corpus.documents import RejectReason
-from serving.corpus.embedding import Embedder
-from serving.corpus.ingestion import sync_embeddings
-from serving.corpus.retrieval import Retriever
-from serving.corpus.vectorstore import VectorStore
+from refinery.core import schema
+from refinery.core.settings import Settings
+from refinery.core.stores import database_url
+from refinery.core.tracking import client_for
+from refinery.corpus.chunking import ChunkingConfig
+from refinery.corpus.documents import RejectReason
+from refinery.ingestion.sync import sync_embeddings
+from refinery.retrieval.embedding import Embedder
+from refinery.retrieval.search import Retriever
+from refinery.retrieval.vectorstore import VectorStore
 from tests.conftest import SAMPLE_CORPUS, kill_embedded_postgres
 
 pytestmark = pytest.mark.e2e

@@ -12,9 +12,9 @@ import sqlalchemy as sa
 
 from evaluation import review
 from evaluation.promotion import rollback
-from refinery.settings import Settings
-from refinery.stores import database_url
-from refinery.tracking import client_for
+from refinery.core.settings import Settings
+from refinery.core.stores import database_url
+from refinery.core.tracking import client_for
 from tests.conftest import SAMPLE_CORPUS
 
 pytestmark = pytest.mark.e2e
@@ -184,7 +184,7 @@ def test_refuse_worse_promote_better_after_human_review_and_roll_back(fresh_home
 
     built = bento()
     assert built["model_version"] == f"refinery-chat/{v1}" and built["reused"] is False
-    from serving.api.bento import list_bentos
+    from serving.bento import list_bentos
 
     (info,) = [b for b in list_bentos(Settings.from_env()) if b["tag"] == built["bento"]]
     assert info["labels"]["refinery.model_version"] == v1

@@ -15,8 +15,8 @@ import dagster as dg
 import pytest
 import yaml
 
-from refinery.settings import Settings
-from refinery.tracking import client_for
+from refinery.core.settings import Settings
+from refinery.core.tracking import client_for
 from tests.conftest import SAMPLE_CORPUS, kill_embedded_postgres
 
 pytestmark = pytest.mark.e2e

@@ -10,8 +10,8 @@ import time
 
 import pytest
 
-from serving.corpus.documents import ParseLimits
-from serving.corpus.ingestion import sync_documents
+from refinery.corpus.documents import ParseLimits
+from refinery.ingestion.sync import sync_documents
 from tests.adversarial import write_adversarial
 from tests.conftest import SAMPLE_CORPUS
 

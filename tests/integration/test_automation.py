@@ -31,10 +31,10 @@ from orchestration.automation import (
     retraining_sensor,
     weekly_retraining_schedule,
 )
-from refinery.schema import create_schema
-from refinery.schema import traffic_log as traffic_table
-from serving.api.traffic import TrafficLog, TrafficSettings
-from serving.corpus.ingestion import corpus_changes, sync_documents
+from refinery.core.schema import create_schema
+from refinery.core.schema import traffic_log as traffic_table
+from refinery.ingestion.sync import corpus_changes, sync_documents
+from serving.traffic import TrafficLog, TrafficSettings
 from tests.integration.test_drift import SHIFTED, TOPICS, traffic
 from training.user_data import (
     Proposal,
@@ -372,8 +372,8 @@ def test_logged_conversations_can_be_proposed_unless_hashed_or_blocked(db_url: s
 
 
 def test_alias_follower_swaps_only_when_the_alias_moves(tmp_path: Path, mlflow_uri: str):
-    from serving.runtime.follow import AliasFollower
-    from serving.runtime.models import ModelNotFoundError
+    from refinery.core.registry import ModelNotFoundError
+    from serving.follow import AliasFollower
     from training.registry import register_folder
 
     def folder(name: str) -> Path:
@@ -415,7 +415,7 @@ def test_alias_follower_keeps_serving_while_mlflow_is_unreachable(
 ):
     """The tracking server goes away (a closed port): the follower keeps the current model,
     records and logs the error, and swaps once the server is back and the alias has moved."""
-    from serving.runtime.follow import AliasFollower
+    from serving.follow import AliasFollower
     from training.registry import register_folder
 
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")

@@ -35,9 +35,9 @@ import httpx
 import pytest
 import yaml
 
-from refinery.processes import stop_tree
-from refinery.pushgateway import drift_gauges, push
-from refinery.settings import REPO_ROOT
+from refinery.core.processes import stop_tree
+from refinery.core.pushgateway import drift_gauges, push
+from refinery.core.settings import REPO_ROOT
 from tests.integration.test_service import (  # the module's server, built and served as there
     API_KEY,
     MODEL,
@@ -267,7 +267,7 @@ def test_the_adapter_query_gives_each_target_its_requests_in_flight(scraped):
 
 # --- the image and the manifests of the Bento just served ---------------------------------------
 def newest_bento(settings) -> dict[str, Any]:
-    from serving.api.bento import list_bentos
+    from serving.bento import list_bentos
 
     bentos = [b for b in list_bentos(settings) if b["labels"]["refinery.registered_model"] == MODEL]
     assert bentos, "the served fixture builds a Bento of its champion"
@@ -332,8 +332,8 @@ def split(served, settings, server_url, tmp_path_factory) -> Iterator[Split]:  #
     (--service-name), the entry service with --depends naming its URL. Each process gets its own
     BENTOML_HOME (BentoML clears its metrics folder there at start), sharing the model store, as
     each pod has its own file system."""
-    from refinery.settings import OFFLINE_ENV
-    from refinery.stores import environment
+    from refinery.core.settings import OFFLINE_ENV
+    from refinery.core.stores import environment
 
     bento = newest_bento(settings)["path"]
     env = {**os.environ, **OFFLINE_ENV, **environment(settings, server_url)}
@@ -475,6 +475,6 @@ def test_the_chat_service_refuses_nothing_but_the_entry_may_call_it(split, rende
 
 @pytest.fixture(scope="module")
 def rendered_policy() -> list[dict[str, Any]]:
-    from serving.api.deploy import render
+    from serving.deploy import render
 
     return [d for d in yaml.safe_load_all(render("cpu", "refinery:test")) if d]

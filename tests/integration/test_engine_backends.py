@@ -11,7 +11,7 @@ pytestmark = pytest.mark.integration
 
 @pytest.fixture(scope="module")
 def tiny_engines(tiny_base):
-    from serving.runtime.engine.loader import load_engine
+    from refinery.generation.engine.loader import load_engine
 
     engines = {name: load_engine(tiny_base, backend=name, max_batch=8) for name in ("static", "hf")}
     yield engines

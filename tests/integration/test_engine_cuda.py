@@ -13,8 +13,8 @@ pytestmark = [pytest.mark.integration, pytest.mark.gpu]
 def test_continuous_batching_on_cuda_answers_and_keeps_each_requests_limits(settings):
     import torch
 
-    from serving.runtime.engine.hf import best_dtype
-    from serving.runtime.engine.loader import load_engine
+    from refinery.generation.engine.hf import best_dtype
+    from refinery.generation.engine.loader import load_engine
     from training.base_model import resolve_base_model
 
     base = Path(resolve_base_model(None, settings.models_dir).path)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from serving.runtime.engine.base import SamplingParams
+from refinery.generation.engine.base import SamplingParams
 
 pytestmark = pytest.mark.integration
 
@@ -40,7 +40,7 @@ def exported(base, settings) -> Path:
 
 @pytest.fixture(scope="module")
 def engine(base, exported):
-    from serving.runtime.engine.loader import load_engine
+    from refinery.generation.engine.loader import load_engine
 
     e = load_engine(base, backend="openvino", openvino_dir=exported, max_batch=8)
     yield e
@@ -96,7 +96,7 @@ def test_a_client_that_leaves_stops_using_the_engine(engine):
 
 
 def test_prompt_lookup_gives_token_identical_greedy_answers(base, exported, engine):
-    from serving.runtime.engine.loader import load_engine
+    from refinery.generation.engine.loader import load_engine
 
     prompts = [RAG_PROMPT, "Repeat after me: the hive needs water, pollen and nectar every day."]
     plain = engine.generate(prompts, max_new_tokens=40)
@@ -115,7 +115,7 @@ def test_prompt_lookup_gives_token_identical_greedy_answers(base, exported, engi
 def test_a_layer_truncated_draft_model_keeps_greedy_answers_identical(
     base, exported, engine, tmp_path
 ):
-    from serving.runtime.engine.loader import load_engine
+    from refinery.generation.engine.loader import load_engine
     from training.openvino_export import export_openvino, truncated_copy
 
     draft = truncated_copy(base, tmp_path / "draft", 8)

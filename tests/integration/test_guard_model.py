@@ -6,8 +6,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from serving.guard import GUARD_DIR, LEARNED, InjectionGuard, heuristic_reasons, measure
-from serving.screening import load_labeled
+from refinery.safety.guard import GUARD_DIR, LEARNED, InjectionGuard, heuristic_reasons, measure
+from refinery.safety.screening import load_labeled
 
 pytestmark = pytest.mark.integration
 

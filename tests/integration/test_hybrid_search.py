@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 import sqlalchemy as sa
 
-from refinery import schema
-from serving.corpus.chunking import ChunkingConfig
-from serving.corpus.ingestion import make_chunker, sync_chunks, sync_documents, sync_embeddings
-from serving.corpus.retrieval import Filters, Mode, RetrievalError, Retriever, search
+from refinery.core import schema
+from refinery.corpus.chunking import ChunkingConfig
+from refinery.ingestion.sync import make_chunker, sync_chunks, sync_documents, sync_embeddings
+from refinery.retrieval.search import Filters, Mode, RetrievalError, Retriever, search
 
 pytestmark = pytest.mark.integration
 
@@ -154,7 +154,7 @@ def test_switching_context_off_is_a_new_index_version(store, small_corpus, embed
 
 
 def test_onnx_query_embedder_agrees_with_the_model(tmp_path, embedder):
-    from serving.corpus.onnx_embedding import OnnxEmbedder, ensure_export, find_export
+    from refinery.retrieval.onnx_embedding import OnnxEmbedder, ensure_export, find_export
 
     folder = ensure_export(tmp_path, embedder)
     assert find_export(tmp_path, embedder.ref) == folder
@@ -185,7 +185,7 @@ def test_query_explain_from_the_command_line(tmp_path, small_corpus):
 def test_rag_answer_below_the_threshold_says_it_does_not_know(
     store, small_corpus, embedder, monkeypatch
 ):
-    from serving.rag import make_answer
+    from refinery.rag.answer import make_answer
 
     ingest(store, small_corpus, embedder)
     hits = Retriever(store, embedder).search("What is the airspeed of an unladen swallow?", k=3)

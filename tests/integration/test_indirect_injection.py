@@ -6,11 +6,11 @@ from __future__ import annotations
 
 import pytest
 
-from serving.corpus.chunking import ChunkingConfig
-from serving.corpus.ingestion import make_chunker, sync_chunks, sync_documents, sync_embeddings
-from serving.corpus.retrieval import Retriever
-from serving.rag import answer_batch
-from serving.runtime.generation import load_generator
+from refinery.corpus.chunking import ChunkingConfig
+from refinery.generation.generator import load_generator
+from refinery.ingestion.sync import make_chunker, sync_chunks, sync_documents, sync_embeddings
+from refinery.rag.answer import answer_batch
+from refinery.retrieval.search import Retriever
 from tests.adversarial import POISONED
 from tests.conftest import SAMPLE_CORPUS
 from tests.tiny_model import make_tiny_llama

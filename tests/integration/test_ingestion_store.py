@@ -6,17 +6,17 @@ import numpy as np
 import pytest
 import sqlalchemy as sa
 
-from refinery import schema
-from serving.corpus.chunking import ChunkingConfig
-from serving.corpus.documents import RejectReason
-from serving.corpus.ingestion import (
+from refinery.core import schema
+from refinery.corpus.chunking import ChunkingConfig
+from refinery.corpus.documents import RejectReason
+from refinery.ingestion.sync import (
     EmptyCorpusError,
     make_chunker,
     sync_chunks,
     sync_documents,
     sync_embeddings,
 )
-from serving.corpus.retrieval import Filters, Retriever
+from refinery.retrieval.search import Filters, Retriever
 
 pytestmark = pytest.mark.integration
 
@@ -126,7 +126,7 @@ def test_switching_embedding_model_gets_its_own_space(store, small_corpus, embed
     """A second real model with another dimension: MiniLM with a 64-d projection on top."""
     from sentence_transformers import SentenceTransformer, models
 
-    from serving.corpus.embedding import Embedder
+    from refinery.retrieval.embedding import Embedder
 
     base = SentenceTransformer(embedder.ref.location, device="cpu")
     dense = models.Dense(in_features=384, out_features=64)
@@ -182,10 +182,10 @@ def test_selective_filters_still_return_k_rows(store):
     """
     import datetime
 
-    from serving.corpus.chunking import Chunk
-    from serving.corpus.documents import ParsedDocument
-    from serving.corpus.retrieval import explain_search, search_vector
-    from serving.corpus.vectorstore import DocumentToChunk
+    from refinery.corpus.chunking import Chunk
+    from refinery.corpus.documents import ParsedDocument
+    from refinery.retrieval.search import explain_search, search_vector
+    from refinery.retrieval.vectorstore import DocumentToChunk
 
     rng = np.random.default_rng(0)
     space = store.ensure_space("synthetic", 32)
@@ -227,7 +227,7 @@ def test_two_ingests_of_one_corpus_at_once_leave_no_duplicates(
     vector once, as one ingest alone would."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from serving.corpus.vectorstore import VectorStore
+    from refinery.retrieval.vectorstore import VectorStore
 
     def one() -> tuple:
         other = VectorStore(sa.create_engine(db_url))
@@ -257,7 +257,7 @@ def test_images_and_scans_are_indexed_through_ocr_and_bad_images_go_to_the_ledge
     searchable chunks that say where on the page their text was; bad images are recorded."""
     import shutil
 
-    from refinery.settings import REPO_ROOT
+    from refinery.core.settings import REPO_ROOT
     from tests.images import png_declaring, text_image
 
     corpus = REPO_ROOT / "data" / "corpus"
@@ -295,8 +295,8 @@ def test_image_documents_get_a_vector_and_labels_from_a_vision_model(
     from PIL import Image
     from sklearn.datasets import load_sample_images
 
-    from serving.corpus import vision
-    from serving.corpus.ingestion import ImageDescriber
+    from refinery.ingestion.sync import ImageDescriber
+    from refinery.vision import classifier as vision
 
     def captioned(pixels: np.ndarray, caption: str) -> Image.Image:
         """A photo with a printed caption under it (image documents need text to index)."""

@@ -24,8 +24,8 @@ import httpx
 import numpy as np
 import pytest
 
-from refinery.processes import stop_tree
-from refinery.settings import OFFLINE_ENV
+from refinery.core.processes import stop_tree
+from refinery.core.settings import OFFLINE_ENV
 from tests.conftest import SAMPLE_CORPUS
 
 pytestmark = pytest.mark.integration
@@ -119,11 +119,11 @@ def serve_env() -> dict[str, str]:
 def served(settings, server_url, embedder, serve_env, tmp_path_factory) -> Iterator[Served]:
     import sqlalchemy as sa
 
-    from refinery.stores import environment, prepare_mlflow
-    from serving.api.bento import build_bento
-    from serving.corpus.chunking import ChunkingConfig
-    from serving.corpus.ingestion import make_chunker, sync_chunks, sync_documents, sync_embeddings
-    from serving.corpus.vectorstore import VectorStore
+    from refinery.core.stores import environment, prepare_mlflow
+    from refinery.corpus.chunking import ChunkingConfig
+    from refinery.ingestion.sync import make_chunker, sync_chunks, sync_documents, sync_embeddings
+    from refinery.retrieval.vectorstore import VectorStore
+    from serving.bento import build_bento
     from tests.images import tiny_image_model
     from training.base_model import resolve_base_model
     from training.openvino_export import export_openvino
@@ -546,8 +546,8 @@ def test_traffic_log_holds_what_the_service_answered(served, server_url):
     """Requests of every kind are logged (sample rate 1) by the background writer."""
     import sqlalchemy as sa
 
-    from refinery.schema import traffic_log
-    from refinery.stores import make_engine
+    from refinery.core.schema import traffic_log
+    from refinery.core.stores import make_engine
 
     marker = f"traffic-{time.monotonic_ns()}"
     chat = {"messages": ask(f"What is propolis? ({marker})"), "max_tokens": 8}
@@ -598,8 +598,8 @@ def test_service_follows_a_new_champion_under_load_without_failing_requests(
     then the alias moves back and the service follows it back to version 1."""
     import threading
 
-    from refinery.stores import prepare_mlflow
-    from refinery.tracking import client_for
+    from refinery.core.stores import prepare_mlflow
+    from refinery.core.tracking import client_for
     from training.base_model import resolve_base_model
     from training.registry import register_folder
 

@@ -20,8 +20,8 @@ import httpx
 import psutil
 import pytest
 
-from refinery.processes import stop_tree
-from refinery.settings import OFFLINE_ENV, Settings
+from refinery.core.processes import stop_tree
+from refinery.core.settings import OFFLINE_ENV, Settings
 from tests.conftest import SAMPLE_CORPUS
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -46,11 +46,11 @@ class Home:
 def home(tmp_path_factory, embedder) -> Iterator[Home]:
     """A home with the sample corpus ingested and SmolLM2 (with its OpenVINO export, shared
     with the other serving tests through the session's models folder) as the champion Bento."""
-    from refinery.stores import make_engine, prepare_mlflow, stop_embedded_postgres
-    from serving.api.bento import build_bento
-    from serving.corpus.chunking import ChunkingConfig
-    from serving.corpus.ingestion import make_chunker, sync_chunks, sync_documents, sync_embeddings
-    from serving.corpus.vectorstore import VectorStore
+    from refinery.core.stores import make_engine, prepare_mlflow, stop_embedded_postgres
+    from refinery.corpus.chunking import ChunkingConfig
+    from refinery.ingestion.sync import make_chunker, sync_chunks, sync_documents, sync_embeddings
+    from refinery.retrieval.vectorstore import VectorStore
+    from serving.bento import build_bento
     from training.base_model import resolve_base_model
     from training.openvino_export import export_openvino
     from training.registry import register_folder
@@ -177,7 +177,7 @@ def rag(url: str) -> httpx.Response:
 
 
 def test_postgres_away_then_back_503_with_retry_after_then_answers(home, running):
-    from refinery.stores import start_embedded_postgres, stop_embedded_postgres
+    from refinery.core.stores import start_embedded_postgres, stop_embedded_postgres
 
     assert rag(running).status_code == 200
     assert stop_embedded_postgres(home.settings)

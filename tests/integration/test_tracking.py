@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from refinery.tracking import client_for, tracked_run
+from refinery.core.tracking import client_for, tracked_run
 
 pytestmark = pytest.mark.integration
 

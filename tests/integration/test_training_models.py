@@ -137,7 +137,7 @@ def test_quantized_variants_are_measured_against_the_merged_model(merged, datase
 
 
 def test_registered_model_loads_in_a_fresh_process(merged, mlflow_uri, tmp_path):
-    from refinery.tracking import client_for, tracked_run
+    from refinery.core.tracking import client_for, tracked_run
     from training.registry import register
 
     with tracked_run(mlflow_uri, "t", run_name="train", artifact_root=tmp_path / "art") as run:

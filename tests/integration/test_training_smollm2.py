@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from refinery.tracking import tracked_run
+from refinery.core.tracking import tracked_run
 from training.base_model import DEFAULT_BASE_MODEL, resolve_base_model
 from training.lora import LoraTrainingConfig, train_lora
 from training.merge import merge_adapter
@@ -71,7 +71,7 @@ def test_few_steps_of_smollm2_fine_tuning_quantized_and_registered(smollm2, tmp_
     assert proc.returncode == 0, proc.stderr[-2000:]
     (answer,) = json.loads(proc.stdout.strip().splitlines()[-1])
     # The registered model answers exactly as the merged folder does in this process (greedy).
-    from serving.runtime.generation import Generator
+    from refinery.generation.generator import Generator
 
     (expected,) = Generator(merged.path).generate(
         ["What is the capital of France?"], max_new_tokens=12

@@ -16,7 +16,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from refinery.processes import stop_tree
+from refinery.core.processes import stop_tree
 
 pytestmark = pytest.mark.integration
 
@@ -91,8 +91,8 @@ def test_a_file_dropped_into_the_corpus_starts_an_ingest_run_on_its_own(tmp_path
     of just that file, and its document lands in Postgres, with nobody pressing a button."""
     import sqlalchemy as sa
 
-    from refinery.settings import Settings
-    from refinery.stores import database_url
+    from refinery.core.settings import Settings
+    from refinery.core.stores import database_url
 
     home, corpus = tmp_path / "home", tmp_path / "corpus"
     corpus.mkdir()

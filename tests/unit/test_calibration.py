@@ -17,8 +17,7 @@ from evaluation.calibration import (
     is_correct,
     wrong_above,
 )
-from serving.corpus.retrieval import Hit
-from serving.rag import (
+from refinery.rag.answer import (
     CONFIDENCE_FILE,
     Calibration,
     ConfidenceModel,
@@ -28,6 +27,7 @@ from serving.rag import (
     make_answer,
     signals,
 )
+from refinery.retrieval.search import Hit
 
 
 @pytest.mark.parametrize(

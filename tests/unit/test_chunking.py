@@ -6,8 +6,8 @@ import itertools
 
 import pytest
 
-from serving.corpus.chunking import Chunker, ChunkingConfig, chunk_id
-from serving.corpus.embedding import Embedder
+from refinery.corpus.chunking import Chunker, ChunkingConfig, chunk_id
+from refinery.retrieval.embedding import Embedder
 from tests.conftest import SAMPLE_CORPUS
 
 
@@ -112,7 +112,7 @@ def test_fingerprint_changes_with_config_and_tokenizer():
 
 
 def test_chunks_longer_than_the_model_reads_are_refused():
-    from serving.corpus.ingestion import make_chunker
+    from refinery.ingestion.sync import make_chunker
 
     with pytest.raises(ValueError, match="truncated"):
         make_chunker(ChunkingConfig(max_tokens=300, overlap_tokens=0), Embedder())
@@ -122,7 +122,7 @@ def test_chunks_longer_than_the_model_reads_are_refused():
 
 
 def test_headings_of_markdown_skip_code_fences_and_read_underlines():
-    from serving.corpus.chunking import headings
+    from refinery.corpus.chunking import headings
 
     text = (
         "Guide\n=====\n\nIntro.\n\n## Setup\n\nText.\n\n```\n# not a heading\n```\n\n"
@@ -141,7 +141,7 @@ def test_headings_of_markdown_skip_code_fences_and_read_underlines():
 
 
 def test_plain_text_headings_are_short_title_lines_standing_alone():
-    from serving.corpus.chunking import headings
+    from refinery.corpus.chunking import headings
 
     text = (
         "Storing Sperm\n\nThe queen stores sperm.\n\n- A list item\n\n"
@@ -153,7 +153,7 @@ def test_plain_text_headings_are_short_title_lines_standing_alone():
 
 
 def test_section_path_follows_the_heading_levels():
-    from serving.corpus.chunking import section_path
+    from refinery.corpus.chunking import section_path
 
     text = "# A\n\nx\n\n## B\n\ny\n\n### C\n\nz\n\n## D\n\nw"
     assert section_path(text, "markdown", text.index("x")) == ["A"]
@@ -162,8 +162,8 @@ def test_section_path_follows_the_heading_levels():
 
 
 def test_contextual_chunks_keep_clean_text_and_embed_title_and_section(tokenizer):
-    from refinery.lineage import sha256_hex
-    from serving.corpus.chunking import embedding_text
+    from refinery.core.lineage import sha256_hex
+    from refinery.corpus.chunking import embedding_text
 
     chunker = make(tokenizer, max_tokens=64, overlap=8)
     chunks = chunker.split(
@@ -199,7 +199,7 @@ def test_context_is_cut_to_its_token_budget(tokenizer):
 
 
 def test_plain_chunks_have_no_context_and_hash_their_text(tokenizer):
-    from refinery.lineage import sha256_hex
+    from refinery.core.lineage import sha256_hex
 
     chunks = Chunker(ChunkingConfig(64, 8, contextual=False), tokenizer, "m").split(
         doc_id="d1", source="a.md", text=TEXT, format="markdown", title="T"
@@ -219,7 +219,7 @@ def test_contextual_config_is_a_new_index_version():
 
 
 def test_pdf_headings_are_short_lines_between_sentences():
-    from serving.corpus.chunking import headings
+    from refinery.corpus.chunking import headings
 
     text = (
         "Siting an Apiary\nWhere you put hives matters, and\nhow you get on with neighbours.\n"

@@ -7,7 +7,7 @@ import threading
 
 import pytest
 
-from serving.api.concurrency import MicroBatcher, SingleFlight
+from serving.concurrency import MicroBatcher, SingleFlight
 
 
 def test_identical_requests_in_flight_share_one_computation():

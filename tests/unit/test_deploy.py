@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 import yaml
 
-from refinery.settings import REPO_ROOT
+from refinery.core.settings import REPO_ROOT
 
 DEPLOY = REPO_ROOT / "deploy"
 K8S = DEPLOY / "k8s"
@@ -46,7 +46,7 @@ def kustomize(path: Path) -> list[dict[str, Any]]:
 @pytest.fixture(scope="module")
 def rendered() -> dict[str, list[dict[str, Any]]]:
     """Every manifest set deploy/ holds, as kubectl builds it."""
-    from serving.api.deploy import render
+    from serving.deploy import render
 
     return {
         **{name: kustomize(K8S / "overlays" / name) for name in OVERLAYS},
@@ -82,7 +82,7 @@ def containers(docs: list[dict[str, Any]]) -> list[tuple[str, dict[str, Any]]]:
 
 
 # --- building and validating ------------------------------------------------------------------
-SERVICES = {"refinery", "refinery-chat"}  # the entry and the chat model (serving/api/service.py)
+SERVICES = {"refinery", "refinery-chat"}  # the entry and the chat model (serving/service.py)
 
 
 def test_overlays_build_the_two_services_and_their_autoscaling(rendered):
@@ -223,8 +223,8 @@ def test_policy_checks_catch_violations():
 
 # --- the services' layout ----------------------------------------------------------------------
 def service_names() -> set[str]:
-    """The BentoML service names in serving/api/service.py."""
-    text = (REPO_ROOT / "serving" / "api" / "service.py").read_text()
+    """The BentoML service names in serving/service.py."""
+    text = (REPO_ROOT / "serving" / "service.py").read_text()
     return set(re.findall(r'@bentoml\.service\(\s*name="([^"]+)"', text))
 
 
@@ -337,7 +337,7 @@ def test_the_image_component_adds_its_service_and_the_entrys_dependency(rendered
 
 # --- rendering with the champion's image --------------------------------------------------------
 def test_render_points_every_service_at_the_champions_image():
-    from serving.api.deploy import image_tag, render
+    from serving.deploy import image_tag, render
 
     image = image_tag("refinery:abc123def", "registry.example/ml/refinery")
     assert image == "registry.example/ml/refinery:abc123def"
@@ -353,14 +353,14 @@ def test_render_points_every_service_at_the_champions_image():
     [("tpu", "refinery:1"), ("cpu", "refinery:latest"), ("cpu", "refinery"), ("cpu", "a:b/c")],
 )
 def test_render_refuses_bad_input(overlay, image):
-    from serving.api.deploy import DeployError, render
+    from serving.deploy import DeployError, render
 
     with pytest.raises(DeployError):
         render(overlay, image)
 
 
 def test_image_tag_refuses_an_unpinned_bento():
-    from serving.api.deploy import DeployError, image_tag
+    from serving.deploy import DeployError, image_tag
 
     for tag in ("refinery", "refinery:", "refinery:latest"):
         with pytest.raises(DeployError):
@@ -464,8 +464,8 @@ def refinery_metrics_used() -> set[str]:
 
 def test_deploy_queries_only_metrics_the_code_exports():
     """A renamed or removed metric fails here, not on a dashboard in production."""
-    from refinery.pushgateway import drift_gauges
-    from serving.api import metrics
+    from refinery.core.pushgateway import drift_gauges
+    from serving import metrics
 
     # (the names as declared: counters with their _total, as Prometheus shows them)
     exported = {m._original_name for m in vars(metrics).values() if hasattr(m, "_original_name")}
@@ -623,15 +623,15 @@ def test_the_chart_schema_check_refuses_mistakes(mistake):
 
 # --- the capacity plan --------------------------------------------------------------------------
 def test_the_capacity_plan_in_the_docs_is_computed_from_its_inputs():
-    from serving.api.capacity import BEGIN, DOC, END, load_inputs, render
+    from serving.capacity import BEGIN, DOC, END, load_inputs, render
 
     doc = DOC.read_text()
     section = doc[doc.index(BEGIN) : doc.index(END) + len(END)]
-    assert section == render(load_inputs()), "run: python -m serving.api.capacity --write"
+    assert section == render(load_inputs()), "run: python -m serving.capacity --write"
 
 
 def test_the_capacity_plan_sizes_replicas_from_measured_throughput():
-    from serving.api.capacity import load_inputs, plan
+    from serving.capacity import load_inputs, plan
 
     inputs = load_inputs()
     p = plan(inputs)
@@ -664,7 +664,7 @@ def test_the_capacity_plan_sizes_replicas_from_measured_throughput():
 def test_the_capacity_inputs_must_match_the_chat_hpa_target(tmp_path):
     import yaml
 
-    from serving.api.capacity import INPUTS, load_inputs
+    from serving.capacity import INPUTS, load_inputs
 
     inputs = yaml.safe_load(INPUTS.read_text())
     inputs["replica"]["chat_cpu"]["clients"] = 8
@@ -677,7 +677,7 @@ def test_the_hpa_targets_follow_the_plan(rendered):
     """One figure per service, everywhere: the entry's in-flight target is half its
     REFINERY_MAX_INFLIGHT; the chat's is its batch (REFINERY_CHAT_MAX_BATCH), the load the
     benchmark measured it under, and the batch the engine-queue rule counts beyond."""
-    from serving.api.capacity import load_inputs
+    from serving.capacity import load_inputs
 
     inputs = load_inputs()
     config = by_kind(rendered["cpu"], "ConfigMap")["refinery-config"]["data"]
@@ -706,7 +706,7 @@ def test_the_hpa_targets_follow_the_plan(rendered):
 
 # --- small pieces the manifests rely on ----------------------------------------------------------
 def test_the_device_switch_refuses_cuda_without_a_gpu():
-    from serving.runtime.generation import select_device
+    from refinery.generation.generator import select_device
 
     assert select_device("auto", cuda_available=False) == "cpu"
     assert select_device("auto", cuda_available=True) == "cuda"
@@ -719,7 +719,7 @@ def test_the_device_switch_refuses_cuda_without_a_gpu():
 
 
 def test_pushgateway_body_is_prometheus_text():
-    from refinery.pushgateway import drift_gauges, exposition
+    from refinery.core.pushgateway import drift_gauges, exposition
 
     text = exposition(drift_gauges(passed=False, at=1700000000.0))
     assert "# TYPE refinery_drift_check_passed gauge\nrefinery_drift_check_passed 0.0\n" in text
@@ -731,7 +731,7 @@ def test_pushgateway_body_is_prometheus_text():
 
 
 def test_the_drift_result_is_pushed_only_where_a_pushgateway_is_named():
-    from refinery.pushgateway import push_drift
+    from refinery.core.pushgateway import push_drift
 
     assert push_drift(False, {}) is None  # nothing configured: nothing sent
     with pytest.raises(OSError):  # configured but unreachable: the caller warns

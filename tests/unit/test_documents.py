@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from pypdf import PdfReader, PdfWriter
 
-from serving.corpus.documents import (
+from refinery.corpus.documents import (
     CorpusFile,
     DocumentRejected,
     ParsedDocument,

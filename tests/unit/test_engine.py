@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from serving.runtime.engine.base import (
+from refinery.generation.engine.base import (
     Delta,
     Engine,
     EngineBusy,

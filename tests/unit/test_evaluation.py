@@ -17,8 +17,8 @@ from evaluation.metrics import (
     rouge_l,
     token_f1,
 )
-from serving.corpus.retrieval import Hit
-from serving.rag import build_messages, retrieval_confidence, support
+from refinery.rag.answer import build_messages, retrieval_confidence, support
+from refinery.retrieval.search import Hit
 
 
 def test_exact_match_and_token_f1():

@@ -1,4 +1,4 @@
-"""The entry service's logic (``serving.api.gateway``) around a scripted chat service: the
+"""The entry service's logic (``serving.gateway``) around a scripted chat service: the
 cache never leaves the process, identical requests share one generation, refusals keep their
 status, streams stop the generation when the client leaves, embeddings batch in-process."""
 
@@ -10,10 +10,10 @@ import json
 import numpy as np
 import pytest
 
-from serving.api.cache import InProcessCache
-from serving.api.gateway import Gateway, unb64
-from serving.api.openai_schema import ApiError, Limits
-from serving.api.traffic import TrafficLog, TrafficSettings
+from serving.cache import InProcessCache
+from serving.gateway import Gateway, unb64
+from serving.openai_schema import ApiError, Limits
+from serving.traffic import TrafficLog, TrafficSettings
 
 
 class ScriptedChat:
@@ -202,7 +202,7 @@ class _Remote:
 def test_the_chat_client_gives_every_connection_back(leave_after):
     import gc
 
-    from serving.api.service import ChatServiceClient
+    from serving.service import ChatServiceClient
 
     events = [json.dumps({"text": "a"}) + "\n", json.dumps({"text": "b", "finished": True}) + "\n"]
     remote = _Remote(events)

@@ -14,7 +14,7 @@ from tests.tiny_model import make_tiny_llama
 
 @pytest.fixture(scope="module")
 def generator(tmp_path_factory):
-    from serving.runtime.generation import Generator
+    from refinery.generation.generator import Generator
 
     folder: Path = make_tiny_llama(tmp_path_factory.mktemp("tiny") / "base", SAMPLE_CORPUS)
     return Generator(folder)
@@ -47,7 +47,7 @@ def test_logprobs_only_when_asked_and_equal_to_a_forward_pass(generator):
 
 
 def test_query_likelihood_reranker_scores_every_passage(generator):
-    from serving.runtime.scoring import QueryLikelihoodReranker
+    from refinery.generation.scoring import QueryLikelihoodReranker
 
     reranker = QueryLikelihoodReranker(generator)
     scores = reranker.score(

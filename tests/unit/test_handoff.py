@@ -10,8 +10,8 @@ import dagster as dg
 import pytest
 
 from assets.handoff import PIN_TAG, HandoffIOManager
-from refinery.records import RecordError, from_record, to_record
-from refinery.settings import REPO_ROOT
+from refinery.core.records import RecordError, from_record, to_record
+from refinery.core.settings import REPO_ROOT
 
 
 @dataclass(frozen=True)

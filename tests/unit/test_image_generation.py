@@ -10,9 +10,7 @@ import pytest
 
 from evaluation.gate import GatePolicy
 from evaluation.images import ACCURACY, DigitJudge, evaluate_image_model, gate_image_model
-from serving.api.generations import ImageGenerationRequest, image_items, images_response
-from serving.api.openai_schema import ApiError
-from serving.runtime.imagegen import (
+from refinery.vision.diffusion import (
     ImageGenerator,
     ImageModelError,
     ImageRequest,
@@ -20,6 +18,8 @@ from serving.runtime.imagegen import (
     prompt_class,
     to_png,
 )
+from serving.generations import ImageGenerationRequest, image_items, images_response
+from serving.openai_schema import ApiError
 from tests.images import tiny_image_model
 from training.images import check_checkpoint, load_split, prepare_digits
 

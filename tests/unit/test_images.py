@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from serving.corpus.chunking import ChunkingConfig
-from serving.corpus.documents import (
+from refinery.corpus.chunking import ChunkingConfig
+from refinery.corpus.documents import (
     CorpusFile,
     DocumentRejected,
     ParseLimits,
@@ -62,8 +62,8 @@ def test_scanned_pdf_pages_without_a_text_layer_are_read_by_ocr():
 
 
 def test_chunks_of_an_image_say_which_regions_their_text_came_from():
-    from serving.corpus.chunking import Chunker
-    from serving.corpus.embedding import Embedder
+    from refinery.corpus.chunking import Chunker
+    from refinery.retrieval.embedding import Embedder
 
     lines = [*POSTER, "Feed syrup when stores run low", "Check the brood every week"]
     doc = parse("poster.png", text_image(lines))

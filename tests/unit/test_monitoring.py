@@ -15,7 +15,7 @@ from evaluation.monitoring import (
     cost_plot,
     cost_summary,
 )
-from serving.api.traffic import TrafficLog, TrafficSettings, text_hash
+from serving.traffic import TrafficLog, TrafficSettings, text_hash
 
 
 def _record(log: TrafficLog, i: int = 0) -> bool:

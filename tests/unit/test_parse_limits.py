@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from serving.corpus.documents import (
+from refinery.corpus.documents import (
     DocumentRejected,
     ParseLimits,
     RejectReason,
@@ -16,7 +16,7 @@ from serving.corpus.documents import (
     parse_file,
     read_bytes,
 )
-from serving.corpus.isolation import ParserPool
+from refinery.corpus.isolation import ParserPool
 from tests import adversarial
 from tests.conftest import SAMPLE_CORPUS
 

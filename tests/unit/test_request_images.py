@@ -7,13 +7,13 @@ import base64
 
 import pytest
 
-from serving.api.images import (
+from serving.images import (
     IMAGE_TEXT_HEADER,
     image_bytes,
     rag_image_text,
     resolve_images,
 )
-from serving.api.openai_schema import ApiError, ChatCompletionRequest, Limits
+from serving.openai_schema import ApiError, ChatCompletionRequest, Limits
 from tests.images import png_declaring, text_image
 
 

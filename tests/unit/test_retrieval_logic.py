@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import sqlalchemy as sa
 
-from serving.corpus.retrieval import (
+from refinery.retrieval.search import (
     Fusion,
     Hit,
     Mode,
@@ -25,7 +25,7 @@ def hit(i: int, doc: str, **kw) -> Hit:
 def test_the_question_reaches_sql_only_as_a_bound_value():
     from sqlalchemy.dialects import postgresql
 
-    from serving.corpus.retrieval import _text_query_cte
+    from refinery.retrieval.search import _text_query_cte
 
     question = "x' | !y:* & (z) -- DROP TABLE chunks;"
     stmt = sa.select(_text_query_cte(question, 0.5).c.q)

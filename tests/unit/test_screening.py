@@ -9,14 +9,14 @@ import codecs
 import numpy as np
 import pytest
 
-from serving.corpus.documents import corpus_file, parse_file
-from serving.corpus.retrieval import Hit
-from serving.rag import LEAK_REFUSAL, SYSTEM_PROMPT, leak, make_answer, new_canary, prepare
-from serving.screening.documents import DocumentScreen, document_screen, passages, sentences
-from serving.screening.features import ngram_buckets, ngram_vector
-from serving.screening.heuristics import document_reasons, heuristic_reasons
-from serving.screening.linear import LinearScorer, threshold_for
-from serving.screening.text import decodings, normalize, view
+from refinery.corpus.documents import corpus_file, parse_file
+from refinery.rag.answer import LEAK_REFUSAL, SYSTEM_PROMPT, leak, make_answer, new_canary, prepare
+from refinery.retrieval.search import Hit
+from refinery.safety.screening.documents import DocumentScreen, document_screen, passages, sentences
+from refinery.safety.screening.features import ngram_buckets, ngram_vector
+from refinery.safety.screening.heuristics import document_reasons, heuristic_reasons
+from refinery.safety.screening.linear import LinearScorer, threshold_for
+from refinery.safety.screening.text import decodings, normalize, view
 from tests.conftest import SAMPLE_CORPUS
 
 
@@ -147,7 +147,7 @@ def test_scorer_round_trips_without_pickle(tmp_path):
     assert loaded.threshold == 0.7
     with np.load(tmp_path / "m.npz", allow_pickle=False) as weights:  # plain arrays only
         assert set(weights.files) == {"ngram_weights", "dense_weights", "bias"}
-    with pytest.raises(FileNotFoundError, match=r"serving\.guard train"):
+    with pytest.raises(FileNotFoundError, match=r"refinery\.safety\.guard train"):
         LinearScorer.load(tmp_path / "missing")
 
 
@@ -221,7 +221,7 @@ def test_leak_check_finds_the_canary_and_the_prompt_but_not_ordinary_answers():
 
 
 def test_document_screen_holds_its_floors_on_the_test_split():
-    from serving.guard import measure_documents
+    from refinery.safety.guard import measure_documents
 
     m = measure_documents(document_screen(), "test")  # measured: recall 1.0, FPR 0.0096
     assert m["injections"] >= 20 and m["benign"] >= 100

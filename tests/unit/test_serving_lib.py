@@ -9,18 +9,18 @@ import time
 
 import pytest
 
-from serving.api.accounting import price_per_hour, request_cost
-from serving.api.bento import BentoBuildError, Pins, bento_tag_part, read_mlflow_model
-from serving.api.cache import InProcessCache, RedisCache, cache_key, make_cache
-from serving.api.openai_schema import (
+from refinery.generation.generator import per_row
+from refinery.safety.guard import heuristic_reasons, load_labeled
+from serving.accounting import price_per_hour, request_cost
+from serving.bento import BentoBuildError, Pins, bento_tag_part, read_mlflow_model
+from serving.cache import InProcessCache, RedisCache, cache_key, make_cache
+from serving.openai_schema import (
     ApiError,
     ChatCompletionRequest,
     EmbeddingRequest,
     Limits,
     clean_text,
 )
-from serving.guard import heuristic_reasons, load_labeled
-from serving.runtime.generation import per_row
 
 LIMITS = Limits(max_tokens=64, max_prompt_chars=100, max_messages=3, max_embedding_inputs=4)
 
@@ -173,7 +173,7 @@ def test_heuristics_leave_ordinary_questions_alone(text):
 
 
 def test_labeled_sets_are_valid_and_disjoint():
-    from serving.guard import GUARD_DIR
+    from refinery.safety.guard import GUARD_DIR
 
     ex_texts, ex_labels = load_labeled(GUARD_DIR / "exemplars.jsonl")
     test_texts, test_labels = load_labeled(GUARD_DIR / "labeled.jsonl")
@@ -200,7 +200,7 @@ def test_per_row_token_limits():
 
 # --- gateway middleware --------------------------------------------------------------------
 def _middleware(monkeypatch, **env):
-    from serving.api.middleware import GatewayMiddleware
+    from serving.middleware import GatewayMiddleware
 
     for key, value in env.items():
         monkeypatch.setenv(key, value)
@@ -310,7 +310,7 @@ def test_read_mlflow_model_refuses_folders_that_are_not_ours(tmp_path):
 def test_dependency_calls_retry_dropped_connections_then_answer_503():
     import aiohttp
 
-    from serving.api.service import CONNECTION_RETRIES, _call
+    from serving.service import CONNECTION_RETRIES, _call
 
     calls = []
 
@@ -337,7 +337,7 @@ def test_the_bentofile_includes_everything_the_build_stages():
 
     import yaml
 
-    from serving.api.bento import BENTOFILE, REPO_ROOT, STAGED
+    from serving.bento import BENTOFILE, REPO_ROOT, STAGED
 
     include = yaml.safe_load(BENTOFILE.read_text())["include"]
     for folder, pattern in STAGED.items():

@@ -6,8 +6,8 @@ import dagster as dg
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql
 
-from refinery.settings import DEFAULT_CORPUS_DIR, REPO_ROOT, Settings
-from refinery.stores import environment, prepare_dagster_home
+from refinery.core.settings import DEFAULT_CORPUS_DIR, REPO_ROOT, Settings
+from refinery.core.stores import environment, prepare_dagster_home
 
 
 def test_defaults_live_under_one_home():
@@ -77,7 +77,7 @@ def test_definitions_load_with_the_ingestion_graph():
 
 def test_the_loop_is_wired_and_cannot_flood():
     from orchestration.definitions import defs
-    from refinery.stores import DAGSTER_YAML
+    from refinery.core.stores import DAGSTER_YAML
 
     sensors = {s.name: s for s in defs.sensors or []}
     assert {"corpus_sensor", "retraining_sensor", "human_ratings_sensor"} <= set(sensors)
@@ -110,7 +110,7 @@ def test_importing_definitions_has_no_side_effects(tmp_path, monkeypatch):
 
 
 def test_source_filters_are_parameterized_and_escaped():
-    from serving.corpus.retrieval import _source_clause
+    from refinery.retrieval.search import _source_clause
 
     col = sa.column("source")
     exact = _source_clause(col, "a_b%.md").compile(dialect=postgresql.dialect())

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from serving.runtime.scoring import tokenize_for_sft
+from refinery.generation.scoring import tokenize_for_sft
 from training.base_model import BaseModelError, resolve_base_model
 from training.lora import (
     LoraTrainingConfig,

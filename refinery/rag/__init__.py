@@ -1,0 +1,1 @@
+"""Retrieval-augmented answers: the prompt, the answer with its sources, and its confidence."""

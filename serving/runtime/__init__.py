@@ -1,2 +1,0 @@
-"""The model runtime: loading registered chat models, generating text, scoring answers, and
-following a registry alias."""

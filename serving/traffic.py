@@ -1,0 +1,265 @@
+"""The traffic log: what the service saw, written to Postgres without slowing or failing a request.
+
+``TrafficLog.record`` is called on the request path; it samples, builds a row and puts it on a
+bounded queue (never blocks). One background thread drains the queue in batches of up to
+``batch_size`` rows, or every ``flush_s``, hashes what the privacy setting says, and COPYs them
+in (parameters travel separately from the statement: no SQL is built from request text).
+A full queue or a database error drops rows and counts them (``dropped``, and the ``on_drop``
+callback the service turns into a Prometheus counter); the request has already been answered.
+After a database error the writer waits ``retry_s`` before it tries again, dropping what
+arrives meanwhile, so a dead database costs one failed connect per ``retry_s``, not one per row.
+
+Privacy: ``privacy="hash"`` stores only keyed hashes (HMAC-SHA256 with ``REFINERY_TRAFFIC_SALT``)
+and lengths of prompts and answers; ``"full"`` stores the texts too (the drift report embeds
+them, and logged conversations can be proposed as training data).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import logging
+import queue
+import random
+import threading
+import time
+import uuid
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+import sqlalchemy as sa
+
+from refinery.core.schema import create_schema, traffic_log
+
+log = logging.getLogger("refinery.traffic")
+
+PRIVACY_MODES = ("full", "hash")
+COLUMNS = [c.name for c in traffic_log.columns]
+COPY_SQL = f"COPY {traffic_log.name} ({', '.join(COLUMNS)}) FROM STDIN"
+
+
+@dataclass(frozen=True)
+class TrafficSettings:
+    sample_rate: float = 1.0
+    privacy: str = "full"
+    salt: str = ""
+    max_queue: int = 10_000
+    batch_size: int = 256
+    flush_s: float = 1.0
+    retry_s: float = 5.0
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.sample_rate <= 1.0:
+            raise ValueError(f"REFINERY_TRAFFIC_SAMPLE must be in [0, 1], got {self.sample_rate}")
+        if self.privacy not in PRIVACY_MODES:
+            raise ValueError(
+                f"REFINERY_TRAFFIC_PRIVACY must be one of {PRIVACY_MODES}, got {self.privacy!r}"
+            )
+        if self.max_queue < 1 or self.batch_size < 1:
+            raise ValueError("the traffic log's queue and batch sizes must be positive")
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str]) -> TrafficSettings:
+        def number(name: str, default: float) -> float:
+            raw = env.get(name, "")
+            try:
+                return float(raw) if raw else default
+            except ValueError:
+                raise ValueError(f"{name} must be a number, got {raw!r}") from None
+
+        return cls(
+            sample_rate=number("REFINERY_TRAFFIC_SAMPLE", 1.0),
+            privacy=env.get("REFINERY_TRAFFIC_PRIVACY", "full") or "full",
+            salt=env.get("REFINERY_TRAFFIC_SALT", ""),
+            max_queue=int(number("REFINERY_TRAFFIC_QUEUE", 10_000)),
+            batch_size=int(number("REFINERY_TRAFFIC_BATCH", 256)),
+            flush_s=number("REFINERY_TRAFFIC_FLUSH_S", 1.0),
+        )
+
+
+def text_hash(text: str, salt: str = "") -> str:
+    return hmac.new(salt.encode(), text.encode(), hashlib.sha256).hexdigest()
+
+
+class TrafficLog:
+    """A sampled, bounded, batched writer of ``traffic_log`` rows (see the module docstring)."""
+
+    def __init__(
+        self,
+        engine_factory: Callable[[], sa.Engine],
+        settings: TrafficSettings | None = None,
+        *,
+        on_drop: Callable[[str, int], None] | None = None,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.settings = settings or TrafficSettings()
+        self._engine_factory = engine_factory
+        self._engine: sa.Engine | None = None
+        self._queue: queue.Queue[dict[str, Any]] = queue.Queue(self.settings.max_queue)
+        self._on_drop = on_drop
+        self._rng = rng or random.Random()
+        self._stop = threading.Event()
+        self.written = 0
+        self.dropped: dict[str, int] = {"queue_full": 0, "db_error": 0}
+        self._thread = threading.Thread(target=self._run, name="traffic-log", daemon=True)
+        self._thread.start()
+
+    # -- request path --
+    def record(
+        self,
+        *,
+        endpoint: str,
+        model: str,
+        prompt: str,
+        answer: str | None,
+        latency_s: float,
+        status: int = 200,
+        prompt_tokens: int = 0,
+        completion_tokens: int = 0,
+        cost_usd: float = 0.0,
+        cache_hit: bool = False,
+        guard: str = "passed",
+        retrieval_scores: list[float] | None = None,
+    ) -> bool:
+        """Queue one row if this request is sampled; never blocks. True if it was queued."""
+        s = self.settings
+        if s.sample_rate < 1.0 and self._rng.random() >= s.sample_rate:
+            return False
+        # Only what the request knows; hashing and the rest happen in the writer thread.
+        row = {
+            "ts": datetime.now(UTC),
+            "endpoint": endpoint,
+            "model": model,
+            "status": status,
+            "prompt": prompt,
+            "answer": answer,
+            "retrieval_scores": retrieval_scores or [],
+            "latency_ms": latency_s * 1000.0,
+            "prompt_tokens": prompt_tokens,
+            "completion_tokens": completion_tokens,
+            "cost_usd": cost_usd,
+            "cache_hit": cache_hit,
+            "guard": guard,
+        }
+        try:
+            self._queue.put_nowait(row)
+        except queue.Full:
+            self._drop("queue_full", 1)
+            return False
+        return True
+
+    # -- background writer --
+    def _drop(self, reason: str, n: int) -> None:
+        self.dropped[reason] += n
+        if self._on_drop is not None:
+            try:
+                self._on_drop(reason, n)
+            except Exception:  # a metrics hiccup must not kill the writer
+                log.exception("traffic log drop callback failed")
+
+    def _take_batch(self) -> list[dict[str, Any]]:
+        """Rows for one transaction: from the first row, gather for up to ``flush_s`` (or until
+        ``batch_size``). Without the wait, a steady trickle of requests would make a commit per
+        row or two, and the commits, not the rows, would cost the CPU."""
+        try:
+            first = self._queue.get(timeout=self.settings.flush_s)
+        except queue.Empty:
+            return []
+        batch = [first]
+        deadline = time.monotonic() + self.settings.flush_s
+        while len(batch) < self.settings.batch_size:
+            left = deadline - time.monotonic()
+            try:
+                if left <= 0 or self._stop.is_set():
+                    batch.append(self._queue.get_nowait())
+                else:
+                    batch.append(self._queue.get(timeout=left))
+            except queue.Empty:
+                break
+        return batch
+
+    def _run(self) -> None:
+        down_until = 0.0
+        while not (self._stop.is_set() and self._queue.empty()):
+            batch = self._take_batch()
+            if not batch:
+                continue
+            try:
+                if time.monotonic() < down_until:
+                    self._drop("db_error", len(batch))
+                    continue
+                try:
+                    self._write(batch)
+                    self.written += len(batch)
+                except Exception as err:  # noqa: BLE001 - any write failure drops rows, never the writer
+                    self._engine = None  # reconnect from scratch next time
+                    down_until = time.monotonic() + self.settings.retry_s
+                    self._drop("db_error", len(batch))
+                    log.warning(
+                        "traffic log: dropped %d rows, the database is unavailable (%s); "
+                        "retrying in %.0f s",
+                        len(batch),
+                        str(err).splitlines()[0][:200],
+                        self.settings.retry_s,
+                    )
+            finally:
+                for _ in batch:
+                    self._queue.task_done()
+
+    def finish(self, row: dict[str, Any]) -> dict[str, Any]:
+        """A queued row as the table stores it: ids, hashes, lengths, the privacy setting."""
+        s = self.settings
+        prompt, answer = row["prompt"], row["answer"]
+        scores = [round(float(x), 6) for x in row["retrieval_scores"]]
+        keep = s.privacy == "full"
+        return {
+            **row,
+            "request_id": uuid.uuid4().hex,
+            "prompt": prompt if keep else None,
+            "answer": answer if keep else None,
+            "prompt_sha256": text_hash(prompt, s.salt),
+            "answer_sha256": text_hash(answer, s.salt) if answer is not None else None,
+            "prompt_chars": len(prompt),
+            "answer_chars": len(answer or ""),
+            "retrieval_scores": scores,
+            "top_score": max(scores) if scores else None,
+        }
+
+    def _write(self, rows: list[dict[str, Any]]) -> None:
+        """COPY the batch in (psycopg 3): a fraction of the CPU of a multi-row INSERT, which
+        matters because this thread shares the interpreter with the request handlers."""
+        rows = [self.finish(r) for r in rows]
+        if self._engine is None:
+            engine = self._engine_factory()
+            create_schema(engine)  # idempotent: a database from an older release gains the table
+            self._engine = engine
+        with self._engine.begin() as conn:
+            raw = conn.connection.driver_connection
+            cursor = raw.cursor() if raw is not None else None
+            if cursor is None or not hasattr(cursor, "copy"):  # another driver: plain INSERT
+                conn.execute(sa.insert(traffic_log), rows)
+                return
+            with cursor, cursor.copy(COPY_SQL) as copy:
+                for r in rows:
+                    copy.write_row(
+                        [json.dumps(r[c]) if c == "retrieval_scores" else r[c] for c in COLUMNS]
+                    )
+
+    # -- control --
+    def flush(self, timeout: float = 10.0) -> bool:
+        """Wait until every queued row was written or dropped. True if that happened in time."""
+        deadline = time.monotonic() + timeout
+        while self._queue.unfinished_tasks:  # rows queued, or taken but not yet written
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.02)
+        return True
+
+    def close(self, timeout: float = 10.0) -> None:
+        self._stop.set()
+        self._thread.join(timeout)
+        if self._engine is not None:
+            self._engine.dispose()
