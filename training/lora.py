@@ -237,8 +237,7 @@ def train_lora(
     """
     import torch
     from datasets import Dataset
-    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
-    from transformers import DataCollatorForSeq2Seq, Trainer, TrainerCallback, TrainingArguments
+    from transformers import DataCollatorForSeq2Seq, Trainer
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
     cuda = torch.cuda.is_available()
@@ -246,117 +245,26 @@ def train_lora(
     use_cuda = config.use_cuda(cuda)
     torch.manual_seed(config.seed)
     model, tokenizer = load_base_for_training(base_dir, config, use_cuda)
-    targets = resolve_target_modules(model, config)
-    if config.quantization == "nf4":
-        model = prepare_model_for_kbit_training(
-            model, use_gradient_checkpointing=config.gradient_checkpointing
-        )
-    elif config.gradient_checkpointing:
-        model.gradient_checkpointing_enable()
-        model.enable_input_require_grads()
-    peft_model = get_peft_model(
-        model,
-        LoraConfig(
-            r=config.r,
-            lora_alpha=config.alpha,
-            lora_dropout=config.dropout,
-            target_modules=targets,
-            task_type="CAUSAL_LM",
-        ),
-    )
+    peft_model = _attach_lora(model, config)
     trainable, total = peft_model.get_nb_trainable_parameters()
     train_ds = Dataset.from_list(tokenize_for_sft(train_rows, tokenizer, config.max_tokens))
     eval_ds = Dataset.from_list(tokenize_for_sft(eval_rows, tokenizer, config.max_tokens))
     checkpoints = work_dir / "checkpoints"
-    optim = "adamw_torch"
-    if config.optimizer == "adamw_8bit" or (config.optimizer == "auto" and use_cuda):
-        optim = "adamw_bnb_8bit"
-    args = TrainingArguments(
-        output_dir=str(checkpoints),
-        max_steps=config.max_steps if config.max_steps > 0 else -1,
-        num_train_epochs=config.epochs,
-        per_device_train_batch_size=config.batch_size,
-        per_device_eval_batch_size=config.batch_size * 2,
-        gradient_accumulation_steps=config.grad_accum,
-        learning_rate=config.learning_rate,
-        lr_scheduler_type="cosine",
-        warmup_steps=config.warmup_steps,
-        logging_steps=1,
-        eval_strategy="steps",
-        eval_steps=config.eval_every,
-        save_strategy="steps",
-        save_steps=config.save_every,
-        save_total_limit=2,
-        seed=config.seed,
-        data_seed=config.seed,
-        optim=optim,
-        use_cpu=not use_cuda,
-        report_to=[],
-        remove_unused_columns=False,
-        dataloader_num_workers=0,
-        include_num_input_tokens_seen="non_padding",
-        disable_tqdm=True,
-    )
     history: list[dict[str, float]] = []
-    clock = {"t": time.perf_counter(), "tokens": 0}
-    started = time.perf_counter()
-
-    class _Metrics(TrainerCallback):
-        def on_log(
-            self,
-            args: Any,
-            state: Any,
-            control: Any,
-            logs: dict[str, float] | None = None,
-            **kw: Any,
-        ) -> None:
-            if not logs:
-                return
-            row = {k: float(v) for k, v in logs.items() if isinstance(v, int | float)}
-            now, seen = time.perf_counter(), int(state.num_input_tokens_seen or 0)
-            if "loss" in row and now > clock["t"]:
-                row["tokens_per_second"] = (seen - clock["tokens"]) / (now - clock["t"])
-                clock["t"], clock["tokens"] = now, seen
-            row["step"] = float(state.global_step)
-            row["elapsed"] = now - started
-            history.append(row)
-            if on_metrics:
-                on_metrics(
-                    {k: v for k, v in row.items() if k not in ("step", "epoch", "elapsed")},
-                    state.global_step,
-                )
-            if progress and ("eval_loss" in row or ("loss" in row and state.global_step % 10 == 0)):
-                progress(
-                    f"step {state.global_step}/{state.max_steps}: "
-                    + ", ".join(
-                        f"{k}={v:.4g}"
-                        for k, v in row.items()
-                        if k in ("loss", "eval_loss", "learning_rate")
-                    )
-                )
-
     trainer = Trainer(
         model=peft_model,
-        args=args,
+        args=_training_arguments(config, checkpoints, use_cuda),
         train_dataset=train_ds,
         eval_dataset=eval_ds,
         data_collator=DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100),
-        callbacks=[_Metrics()],
+        callbacks=[_metrics_callback(history, on_metrics, progress)],
     )
     # Progress goes to the metric sink and the log, not to stdout dictionaries.
     trainer.remove_callback(PrinterCallback)
     trainer.remove_callback(ProgressCallback)
     resume = _latest_checkpoint(checkpoints)
     resumed_from = int(resume.name.split("-")[-1]) if resume else 0
-    before_file = work_dir / "eval_before.json"
-    if before_file.exists():
-        eval_before = json.loads(before_file.read_text())["eval_loss"]
-    else:
-        # LoRA's B matrices start at zero: before training the model is exactly the base model.
-        eval_before = float(trainer.evaluate()["eval_loss"])
-        if trainer.is_world_process_zero():  # one writer when several processes train
-            work_dir.mkdir(parents=True, exist_ok=True)
-            before_file.write_text(json.dumps({"eval_loss": eval_before}))
+    eval_before = _eval_loss_before(trainer, work_dir)
     if progress:
         progress(
             f"held-out loss before training: {eval_before:.4f}"
@@ -386,6 +294,124 @@ def train_lora(
         tokens_per_second=rates[len(rates) // 2] if rates else 0.0,  # median over logged steps
         history=history,
     )
+
+
+def _attach_lora(model: Any, config: LoraTrainingConfig) -> Any:
+    """Wrap the base model in a peft model whose only trainable weights are the LoRA pairs."""
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+    targets = resolve_target_modules(model, config)
+    if config.quantization == "nf4":
+        model = prepare_model_for_kbit_training(
+            model, use_gradient_checkpointing=config.gradient_checkpointing
+        )
+    elif config.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+        model.enable_input_require_grads()
+    return get_peft_model(
+        model,
+        LoraConfig(
+            r=config.r,
+            lora_alpha=config.alpha,
+            lora_dropout=config.dropout,
+            target_modules=targets,
+            task_type="CAUSAL_LM",
+        ),
+    )
+
+
+def _training_arguments(config: LoraTrainingConfig, checkpoints: Path, use_cuda: bool) -> Any:
+    from transformers import TrainingArguments
+
+    optim = "adamw_torch"
+    if config.optimizer == "adamw_8bit" or (config.optimizer == "auto" and use_cuda):
+        optim = "adamw_bnb_8bit"
+    return TrainingArguments(
+        output_dir=str(checkpoints),
+        max_steps=config.max_steps if config.max_steps > 0 else -1,
+        num_train_epochs=config.epochs,
+        per_device_train_batch_size=config.batch_size,
+        per_device_eval_batch_size=config.batch_size * 2,
+        gradient_accumulation_steps=config.grad_accum,
+        learning_rate=config.learning_rate,
+        lr_scheduler_type="cosine",
+        warmup_steps=config.warmup_steps,
+        logging_steps=1,
+        eval_strategy="steps",
+        eval_steps=config.eval_every,
+        save_strategy="steps",
+        save_steps=config.save_every,
+        save_total_limit=2,
+        seed=config.seed,
+        data_seed=config.seed,
+        optim=optim,
+        use_cpu=not use_cuda,
+        report_to=[],
+        remove_unused_columns=False,
+        dataloader_num_workers=0,
+        include_num_input_tokens_seen="non_padding",
+        disable_tqdm=True,
+    )
+
+
+def _metrics_callback(
+    history: list[dict[str, float]],
+    on_metrics: MetricSink | None,
+    progress: Callable[[str], None] | None,
+) -> Any:
+    """A Trainer callback that appends each log row to ``history`` and passes it on."""
+    from transformers import TrainerCallback
+
+    clock = {"t": time.perf_counter(), "tokens": 0}
+    started = time.perf_counter()
+
+    class _Metrics(TrainerCallback):
+        def on_log(
+            self,
+            args: Any,
+            state: Any,
+            control: Any,
+            logs: dict[str, float] | None = None,
+            **kw: Any,
+        ) -> None:
+            if not logs:
+                return
+            row = {k: float(v) for k, v in logs.items() if isinstance(v, int | float)}
+            now, seen = time.perf_counter(), int(state.num_input_tokens_seen or 0)
+            if "loss" in row and now > clock["t"]:
+                row["tokens_per_second"] = (seen - clock["tokens"]) / (now - clock["t"])
+                clock["t"], clock["tokens"] = now, seen
+            row["step"] = float(state.global_step)
+            row["elapsed"] = now - started
+            history.append(row)
+            if on_metrics:
+                on_metrics(
+                    {k: v for k, v in row.items() if k not in ("step", "epoch", "elapsed")},
+                    state.global_step,
+                )
+            if progress and ("eval_loss" in row or ("loss" in row and state.global_step % 10 == 0)):
+                progress(_progress_line(row, state.global_step, state.max_steps))
+
+    return _Metrics()
+
+
+def _progress_line(row: dict[str, float], step: int, max_steps: int) -> str:
+    return f"step {step}/{max_steps}: " + ", ".join(
+        f"{k}={v:.4g}" for k, v in row.items() if k in ("loss", "eval_loss", "learning_rate")
+    )
+
+
+def _eval_loss_before(trainer: Any, work_dir: Path) -> float:
+    """The held-out loss of the untrained adapter, measured once and kept for resumed runs."""
+    before_file = work_dir / "eval_before.json"
+    if before_file.exists():
+        return float(json.loads(before_file.read_text())["eval_loss"])
+    # LoRA's B matrices start at zero: before training the model is exactly the base model.
+    eval_before = float(trainer.evaluate()["eval_loss"])
+    if trainer.is_world_process_zero():  # one writer when several processes train
+        work_dir.mkdir(parents=True, exist_ok=True)
+        before_file.write_text(json.dumps({"eval_loss": eval_before}))
+    return eval_before
 
 
 def _latest_checkpoint(folder: Path) -> Path | None:

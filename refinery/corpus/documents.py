@@ -473,42 +473,14 @@ def check_html_shape(raw: str, limits: ParseLimits) -> tuple[int, int]:
 
     Close to what html.parser builds: void elements and ``<x/>`` do not nest; an end tag closes
     back to its open element (and is ignored when none is open); comments and the contents of
-    raw-text elements (script, style) hold no tags. Each ``<`` and ``>`` is searched for once,
-    so unclosed comments or tags cannot make it quadratic."""
-    lower = raw.lower()
-    n = len(raw)
+    raw-text elements (script, style) hold no tags."""
     stack: list[str] = []
     open_count: dict[str, int] = {}
     elements = deepest = 0
-    pos = 0
-    next_gt = -1
-    while True:
-        lt = raw.find("<", pos)
-        if lt < 0 or lt + 1 >= n:
-            break
-        if raw.startswith("<!--", lt):
-            end = raw.find("-->", lt + 4)
-            if end < 0:
-                break  # the rest of the page is a comment
-            pos = end + 3
-            continue
-        if next_gt < lt:
-            next_gt = raw.find(">", lt)
-            if next_gt < 0:
-                break  # no tag can close any more
-        m = _TAG_NAME.match(raw, lt)
-        if m is None or m.end() > next_gt + 1:
-            pos = lt + 1
-            continue
-        closing, name = m.group(1), m.group(2).lower()
-        pos = next_gt + 1
+    for closing, name, self_closing in _html_tags(raw):
         if closing:
             if open_count.get(name):
-                while stack:
-                    top = stack.pop()
-                    open_count[top] -= 1
-                    if top == name:
-                        break
+                _close_back_to(name, stack, open_count)
             continue
         elements += 1
         if elements > limits.max_elements:
@@ -516,20 +488,11 @@ def check_html_shape(raw: str, limits: ParseLimits) -> tuple[int, int]:
                 RejectReason.TOO_MANY_ELEMENTS,
                 f"more than {limits.max_elements} HTML elements",
             )
-        if name in _RAW_TEXT:
-            end = lower.find("</" + name, pos)
-            if end < 0:
-                break
-            pos = end
-            continue
-        if name in _VOID or raw[next_gt - 1] == "/":
+        if name in _RAW_TEXT or name in _VOID or self_closing:
             continue
         if name in _OPTIONAL_END and open_count.get(name):
-            while stack:  # html.parser nests them; a browser closes the open one
-                top = stack.pop()
-                open_count[top] -= 1
-                if top == name:
-                    break
+            # html.parser nests them; a browser closes the open one
+            _close_back_to(name, stack, open_count)
         stack.append(name)
         open_count[name] = open_count.get(name, 0) + 1
         if len(stack) > deepest:
@@ -540,6 +503,51 @@ def check_html_shape(raw: str, limits: ParseLimits) -> tuple[int, int]:
                     f"HTML elements nested more than {limits.max_depth} deep",
                 )
     return elements, deepest
+
+
+def _html_tags(raw: str) -> Iterator[tuple[bool, str, bool]]:
+    """(closing, lowercase name, self-closing) of each tag of a page, in order, skipping
+    comments and the contents of raw-text elements. Each ``<`` and ``>`` is searched for once,
+    so unclosed comments or tags cannot make it quadratic."""
+    lower = raw.lower()
+    n = len(raw)
+    pos = 0
+    next_gt = -1
+    while True:
+        lt = raw.find("<", pos)
+        if lt < 0 or lt + 1 >= n:
+            return
+        if raw.startswith("<!--", lt):
+            end = raw.find("-->", lt + 4)
+            if end < 0:
+                return  # the rest of the page is a comment
+            pos = end + 3
+            continue
+        if next_gt < lt:
+            next_gt = raw.find(">", lt)
+            if next_gt < 0:
+                return  # no tag can close any more
+        m = _TAG_NAME.match(raw, lt)
+        if m is None or m.end() > next_gt + 1:
+            pos = lt + 1
+            continue
+        closing, name = bool(m.group(1)), m.group(2).lower()
+        pos = next_gt + 1
+        yield closing, name, raw[next_gt - 1] == "/"
+        if not closing and name in _RAW_TEXT:
+            end = lower.find("</" + name, pos)
+            if end < 0:
+                return
+            pos = end
+
+
+def _close_back_to(name: str, stack: list[str], open_count: dict[str, int]) -> None:
+    """Pop open elements down to and including the innermost ``name``."""
+    while stack:
+        top = stack.pop()
+        open_count[top] -= 1
+        if top == name:
+            break
 
 
 def _check_entities(raw: str, fmt: str) -> None:
@@ -672,10 +680,6 @@ def _pdf_text(
     regions of the pages that had no text layer (scans), with spans relative to their page."""
     import logging
 
-    import pypdf
-    from pypdf import PdfReader
-    from pypdf.errors import DependencyError, FileNotDecryptedError, LimitReachedError, PdfReadError
-
     limits = limits or ParseLimits()
     if not data.lstrip().startswith(b"%PDF-"):
         raise DocumentRejected(RejectReason.CORRUPT_PDF, "not a PDF: the %PDF- header is missing")
@@ -687,6 +691,25 @@ def _pdf_text(
     logging.getLogger("pypdf").setLevel(
         logging.ERROR
     )  # pypdf warns loudly about recoverable quirks
+    pages, page_regions, meta_title = _read_pdf_pages(data, limits)
+    text, spans, ocr = _join_pages(pages, page_regions)
+    if not text.strip():
+        raise DocumentRejected(
+            RejectReason.NO_TEXT, "the PDF has no text layer, and OCR found no text in its images"
+        )
+    title = str(meta_title).strip() if meta_title and str(meta_title).strip() else None
+    return text, title, spans, ocr
+
+
+def _read_pdf_pages(
+    data: bytes, limits: ParseLimits
+) -> tuple[list[str], list[list[dict[str, Any]]], Any]:
+    """(text of each page, OCR regions of each page, metadata title) as pypdf reads them under
+    our limits; every pypdf failure becomes a ``DocumentRejected`` with its reason."""
+    import pypdf
+    from pypdf import PdfReader
+    from pypdf.errors import FileNotDecryptedError, LimitReachedError, PdfReadError
+
     cap = limits.max_decompressed_bytes
     # pypdf's own per-stream limits, at ours (its defaults are 75 MB per stream).
     config = pypdf.get_configuration().with_overwrites(
@@ -700,41 +723,14 @@ def _pdf_text(
     try:
         with pypdf.apply_configuration(config):
             reader = PdfReader(io.BytesIO(data), strict=False)
-            if reader.is_encrypted:
-                try:
-                    opened = reader.decrypt("")
-                except (DependencyError, NotImplementedError) as err:
-                    raise DocumentRejected(
-                        RejectReason.ENCRYPTED_PDF, f"encrypted PDF: {err}"
-                    ) from err
-                if not opened:
-                    raise DocumentRejected(
-                        RejectReason.ENCRYPTED_PDF, "encrypted PDF: needs a password"
-                    )
+            _decrypt_unprotected(reader)
             n_pages = len(reader.pages)
             if n_pages > limits.max_pages:
                 raise DocumentRejected(
                     RejectReason.TOO_MANY_PAGES,
                     f"{n_pages} pages; the limit is {limits.max_pages}",
                 )
-            pages: list[str] = []
-            page_regions: list[list[dict[str, Any]]] = []
-            extracted = 0
-            ocr_budget = limits.max_ocr_pages
-            for number, page in enumerate(reader.pages, start=1):
-                page_text = normalize_text(page.extract_text() or "")
-                regions: list[dict[str, Any]] = []
-                if not page_text.strip() and ocr_budget > 0:
-                    ocr_budget -= 1
-                    page_text, regions = _ocr_pdf_page(page, number, limits)
-                pages.append(page_text)
-                page_regions.append(regions)
-                extracted += len(pages[-1])
-                if extracted > cap:
-                    raise DocumentRejected(
-                        RejectReason.DECOMPRESSION_BOMB,
-                        f"more than {cap / 1e6:.0f} MB of text from a {len(data) / 1e6:.1f} MB file",
-                    )
+            pages, page_regions = _extract_pages(reader, limits, len(data))
             meta_title = reader.metadata.title if reader.metadata else None
     except DocumentRejected:
         raise
@@ -756,6 +752,55 @@ def _pdf_text(
         OSError,
     ) as err:
         raise DocumentRejected(RejectReason.CORRUPT_PDF, f"unreadable PDF: {err}") from err
+    return pages, page_regions, meta_title
+
+
+def _decrypt_unprotected(reader: Any) -> None:
+    """Open an encrypted PDF whose password is empty; reject one that needs a real password."""
+    from pypdf.errors import DependencyError
+
+    if not reader.is_encrypted:
+        return
+    try:
+        opened = reader.decrypt("")
+    except (DependencyError, NotImplementedError) as err:
+        raise DocumentRejected(RejectReason.ENCRYPTED_PDF, f"encrypted PDF: {err}") from err
+    if not opened:
+        raise DocumentRejected(RejectReason.ENCRYPTED_PDF, "encrypted PDF: needs a password")
+
+
+def _extract_pages(
+    reader: Any, limits: ParseLimits, file_bytes: int
+) -> tuple[list[str], list[list[dict[str, Any]]]]:
+    """Text of each page, OCR'd within ``max_ocr_pages`` where a page has no text layer; stops
+    once the text outgrows ``max_decompressed_bytes`` (a small file that expands is a bomb)."""
+    cap = limits.max_decompressed_bytes
+    pages: list[str] = []
+    page_regions: list[list[dict[str, Any]]] = []
+    extracted = 0
+    ocr_budget = limits.max_ocr_pages
+    for number, page in enumerate(reader.pages, start=1):
+        page_text = normalize_text(page.extract_text() or "")
+        regions: list[dict[str, Any]] = []
+        if not page_text.strip() and ocr_budget > 0:
+            ocr_budget -= 1
+            page_text, regions = _ocr_pdf_page(page, number, limits)
+        pages.append(page_text)
+        page_regions.append(regions)
+        extracted += len(pages[-1])
+        if extracted > cap:
+            raise DocumentRejected(
+                RejectReason.DECOMPRESSION_BOMB,
+                f"more than {cap / 1e6:.0f} MB of text from a {file_bytes / 1e6:.1f} MB file",
+            )
+    return pages, page_regions
+
+
+def _join_pages(
+    pages: list[str], page_regions: list[list[dict[str, Any]]]
+) -> tuple[str, list[list[int]], list[dict[str, Any]]]:
+    """Pages joined by blank lines, each page's span in the joined text, and the OCR regions
+    with their spans moved from page to document offsets."""
     spans: list[list[int]] = []
     parts: list[str] = []
     ocr: list[dict[str, Any]] = []
@@ -767,13 +812,7 @@ def _pdf_text(
         ocr += [{**r, "chars": [offset + r["chars"][0], offset + r["chars"][1]]} for r in regions]
         parts.append(page_text)
         offset += len(page_text)
-    text = "\n\n".join(parts)
-    if not text.strip():
-        raise DocumentRejected(
-            RejectReason.NO_TEXT, "the PDF has no text layer, and OCR found no text in its images"
-        )
-    title = str(meta_title).strip() if meta_title and str(meta_title).strip() else None
-    return text, title, spans, ocr
+    return "\n\n".join(parts), spans, ocr
 
 
 def _ocr_pdf_page(page: Any, number: int, limits: ParseLimits) -> tuple[str, list[dict[str, Any]]]:
