@@ -75,9 +75,33 @@ def evaluate_model(
     if not heldout_rows and not rag_rows:
         raise EvaluationError("both evaluation sets are empty: nothing to evaluate")
     say = progress or (lambda _m: None)
+    examples, tokens, seconds = _heldout_examples(
+        generator, heldout_rows, batch_size, max_new_tokens
+    )
+    say(f"{label}: {len(heldout_rows)} held-out answers")
+    rag, rag_tokens, rag_seconds = _rag_examples(
+        generator, rag_rows, retriever, k, batch_size, max_new_tokens
+    )
+    examples += rag
+    tokens += rag_tokens
+    seconds += rag_seconds
+    say(f"{label}: {len(rag_rows)} RAG answers")
+    metrics = aggregate(examples)
+    metrics.update(calibration_metrics(examples, "test"))
+    if heldout_rows:
+        nll, n = answer_nll(generator, heldout_rows)
+        metrics["heldout_perplexity"] = math.exp(nll / max(1, n))
+    metrics["tokens_per_second"] = tokens / seconds if seconds else 0.0
+    return ModelEvaluation(label, metrics, examples)
+
+
+def _heldout_examples(
+    generator: Any, rows: list[dict[str, Any]], batch_size: int, max_new_tokens: int
+) -> tuple[list[ExampleResult], int, float]:
+    """(scored held-out answers, completion tokens, generation seconds)."""
     examples: list[ExampleResult] = []
     tokens, seconds = 0, 0.0
-    for batch in _batches(heldout_rows, batch_size):
+    for batch in _batches(rows, batch_size):
         t0 = time.perf_counter()
         outs = generator.generate([r["instruction"] for r in batch], max_new_tokens=max_new_tokens)
         dt = time.perf_counter() - t0
@@ -96,8 +120,21 @@ def evaluate_model(
                     out.completion_tokens,
                 )
             )
-    say(f"{label}: {len(heldout_rows)} held-out answers")
-    for batch in _batches(rag_rows, batch_size):
+    return examples, tokens, seconds
+
+
+def _rag_examples(
+    generator: Any,
+    rows: list[dict[str, Any]],
+    retriever: Any,
+    k: int,
+    batch_size: int,
+    max_new_tokens: int,
+) -> tuple[list[ExampleResult], int, float]:
+    """(scored RAG answers, completion tokens, answering seconds)."""
+    examples: list[ExampleResult] = []
+    tokens, seconds = 0, 0.0
+    for batch in _batches(rows, batch_size):
         t0 = time.perf_counter()
         answers = answer_batch(
             [r["question"] for r in batch], retriever, generator, k=k, max_new_tokens=max_new_tokens
@@ -106,42 +143,37 @@ def evaluate_model(
         seconds += dt
         for row, ans in zip(batch, answers, strict=True):
             tokens += ans.completion_tokens
-            retrieved = [s.source for s in ans.sources]
-            # The model's own text is scored (what the gate compares models on), also when the
-            # service would withhold it below the confidence threshold ("abstained").
-            scores = {
-                **_answer_scores(ans.model_answer, row["answer"]),
-                "hit_at_k": hit_at_k(retrieved, row["sources"], k),
-                "reciprocal_rank": reciprocal_rank(retrieved, row["sources"]),
-                "groundedness": ans.groundedness,
-                # correctness of the model's own text, even when it was withheld as unsure
-                "correct": float(is_correct(ans.model_answer, row["answer"])),
-                "confidence": ans.confidence,
-                "abstained": float(ans.abstained),
-            }
-            examples.append(
-                ExampleResult(
-                    "rag",
-                    row["id"],
-                    row["question"],
-                    row["answer"],
-                    ans.model_answer,
-                    scores,
-                    dt / len(batch),
-                    ans.completion_tokens,
-                    [asdict(s) for s in ans.sources],
-                    list(row["sources"]),
-                    split=str(row.get("split", "test")),
-                )
-            )
-    say(f"{label}: {len(rag_rows)} RAG answers")
-    metrics = aggregate(examples)
-    metrics.update(calibration_metrics(examples, "test"))
-    if heldout_rows:
-        nll, n = answer_nll(generator, heldout_rows)
-        metrics["heldout_perplexity"] = math.exp(nll / max(1, n))
-    metrics["tokens_per_second"] = tokens / seconds if seconds else 0.0
-    return ModelEvaluation(label, metrics, examples)
+            examples.append(_rag_example(row, ans, k, dt / len(batch)))
+    return examples, tokens, seconds
+
+
+def _rag_example(row: dict[str, Any], ans: Any, k: int, latency_s: float) -> ExampleResult:
+    retrieved = [s.source for s in ans.sources]
+    # The model's own text is scored (what the gate compares models on), also when the
+    # service would withhold it below the confidence threshold ("abstained").
+    scores = {
+        **_answer_scores(ans.model_answer, row["answer"]),
+        "hit_at_k": hit_at_k(retrieved, row["sources"], k),
+        "reciprocal_rank": reciprocal_rank(retrieved, row["sources"]),
+        "groundedness": ans.groundedness,
+        # correctness of the model's own text, even when it was withheld as unsure
+        "correct": float(is_correct(ans.model_answer, row["answer"])),
+        "confidence": ans.confidence,
+        "abstained": float(ans.abstained),
+    }
+    return ExampleResult(
+        "rag",
+        row["id"],
+        row["question"],
+        row["answer"],
+        ans.model_answer,
+        scores,
+        latency_s,
+        ans.completion_tokens,
+        [asdict(s) for s in ans.sources],
+        list(row["sources"]),
+        split=str(row.get("split", "test")),
+    )
 
 
 def _answer_scores(answer: str, reference: str) -> dict[str, float]:

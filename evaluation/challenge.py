@@ -164,24 +164,11 @@ def run_evaluation(
     for role, ref in contenders:
         if progress:
             progress(f"evaluating the {role}, {ref.label}")
-        # The download (hundreds of MB) lives as long as the evaluation, not in /tmp forever.
-        with tempfile.TemporaryDirectory(prefix="refinery-eval-") as tmp:
-            model = ServedModel.load(download(tracking_uri, ref, Path(tmp)))
-            try:
-                result = evaluate_model(
-                    ref.label, model, plan.heldout, plan.rag, retriever, k=k,
-                    batch_size=model.batch_size(batch_size), max_new_tokens=max_new_tokens,
-                    progress=progress,
-                )  # fmt: skip
-            finally:
-                model.close()
-        log_traces(tracking_uri, run.experiment_id, run.run_id, ref.label, result.examples)
-        run.log_metrics({f"{role}.{m}": v for m, v in result.metrics.items()})
-        run.client.log_table(run.run_id, examples_frame(result), f"examples_{role}.json")
-        with tempfile.TemporaryDirectory(prefix="refinery-eval-") as tmp:
-            png = reliability_png(result, Path(tmp) / f"reliability_{role}.png")
-            if png is not None:  # the RAG confidence's calibration, as a reliability diagram
-                run.log_artifact(png)
+        result = _evaluate_version(
+            tracking_uri, ref, plan, retriever, k=k, batch_size=batch_size,
+            max_new_tokens=max_new_tokens, progress=progress,
+        )  # fmt: skip
+        _log_contender(tracking_uri, run, role, ref.label, result)
         results[role] = result
     report = write_report(
         results["challenger"],
@@ -206,16 +193,9 @@ def run_evaluation(
     run.set_tags(
         {"refinery.challenger": plan.challenger.label, "refinery.champion": champion_label}
     )
-    challenger = plan.challenger
-    for key, value in results["challenger"].metrics.items():
-        run.client.set_model_version_tag(
-            challenger.name, challenger.version, f"refinery.eval.{key}", f"{value:.6g}"
-        )
-    run.client.set_model_version_tag(
-        challenger.name, challenger.version, "refinery.eval.run_id", run.run_id
-    )
+    _tag_model_version(run, plan.challenger, results["challenger"].metrics)
     return EvaluationOutcome(
-        challenger=challenger.label,
+        challenger=plan.challenger.label,
         champion=champion_label,
         challenger_metrics=results["challenger"].metrics,
         champion_metrics=results["champion"].metrics if "champion" in results else {},
@@ -225,6 +205,52 @@ def run_evaluation(
         mlflow_run_id=run.run_id,
         mlflow_run_url=run.url,
     )
+
+
+def _evaluate_version(
+    tracking_uri: str,
+    ref: ModelRef,
+    plan: EvaluationPlan,
+    retriever: Retriever,
+    *,
+    k: int,
+    batch_size: int,
+    max_new_tokens: int,
+    progress: Progress | None,
+) -> ModelEvaluation:
+    # The download (hundreds of MB) lives as long as the evaluation, not in /tmp forever.
+    with tempfile.TemporaryDirectory(prefix="refinery-eval-") as tmp:
+        model = ServedModel.load(download(tracking_uri, ref, Path(tmp)))
+        try:
+            return evaluate_model(
+                ref.label, model, plan.heldout, plan.rag, retriever, k=k,
+                batch_size=model.batch_size(batch_size), max_new_tokens=max_new_tokens,
+                progress=progress,
+            )  # fmt: skip
+        finally:
+            model.close()
+
+
+def _log_contender(
+    tracking_uri: str, run: TrackedRun, role: str, label: str, result: ModelEvaluation
+) -> None:
+    """One model's traces, metrics (prefixed by its role), examples and reliability diagram."""
+    log_traces(tracking_uri, run.experiment_id, run.run_id, label, result.examples)
+    run.log_metrics({f"{role}.{m}": v for m, v in result.metrics.items()})
+    run.client.log_table(run.run_id, examples_frame(result), f"examples_{role}.json")
+    with tempfile.TemporaryDirectory(prefix="refinery-eval-") as tmp:
+        png = reliability_png(result, Path(tmp) / f"reliability_{role}.png")
+        if png is not None:  # the RAG confidence's calibration, as a reliability diagram
+            run.log_artifact(png)
+
+
+def _tag_model_version(run: TrackedRun, ref: ModelRef, metrics: dict[str, float]) -> None:
+    """The evaluated version carries its metrics and the run that measured them."""
+    for key, value in metrics.items():
+        run.client.set_model_version_tag(
+            ref.name, ref.version, f"refinery.eval.{key}", f"{value:.6g}"
+        )
+    run.client.set_model_version_tag(ref.name, ref.version, "refinery.eval.run_id", run.run_id)
 
 
 def comparison_table(results: dict[str, ModelEvaluation]) -> str:

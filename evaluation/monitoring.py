@@ -145,11 +145,6 @@ def drift_report(
     min_rows: int = 20,
 ) -> DriftResult:
     """Run Evidently over the two windows, save its HTML report, and judge against thresholds."""
-    from evidently import DataDefinition, Dataset, Report
-    from evidently.descriptors import NonLetterCharacterPercentage, TextLength, WordCount
-    from evidently.metrics import EmbeddingsDrift
-    from evidently.presets import DataDriftPreset, DataSummaryPreset
-
     th = thresholds or DriftThresholds()
     for name, frame in (("reference", reference), ("current", current)):
         if len(frame) < min_rows:
@@ -162,6 +157,41 @@ def drift_report(
     has_answers = bool((ref["answer"] != "").any() and (cur["answer"] != "").any())
     numeric = [c for c in NUMERIC if c in reference and c in current]
     numeric = [c for c in numeric if ref[c].notna().any() and cur[c].notna().any()]
+    emb_cols = cur_emb if with_embeddings else []
+    snapshot, compared = _run_evidently(ref, cur, numeric, emb_cols, has_answers)
+    html_path.parent.mkdir(parents=True, exist_ok=True)
+    snapshot.save_html(str(html_path))
+    pvalues, embedding_auc = _drift_scores(snapshot)
+    drifted = sorted(c for c, p in pvalues.items() if not math.isnan(p) and p < 0.05)
+    share = len(drifted) / max(1, len(pvalues))
+    return DriftResult(
+        html=html_path,
+        reference_rows=len(ref),
+        current_rows=len(cur),
+        columns=compared,
+        column_pvalues=pvalues,
+        drifted_columns=drifted,
+        drifted_share=share,
+        embedding_auc=embedding_auc,
+        failed_because=_drift_failures(th, drifted, len(pvalues), embedding_auc),
+    )
+
+
+def _run_evidently(
+    ref: pd.DataFrame,
+    cur: pd.DataFrame,
+    numeric: list[str],
+    emb_cols: list[str],
+    has_answers: bool,
+) -> tuple[Any, list[str]]:
+    """Evidently's snapshot of the drift from ``ref`` to ``cur``, and the columns it compared:
+    the prompt descriptors, the answer descriptors when both windows have answers, and
+    ``numeric``; plus the embedding drift when ``emb_cols`` is not empty."""
+    from evidently import DataDefinition, Dataset, Report
+    from evidently.descriptors import NonLetterCharacterPercentage, TextLength, WordCount
+    from evidently.metrics import EmbeddingsDrift
+    from evidently.presets import DataDriftPreset, DataSummaryPreset
+
     descriptors = [
         TextLength("prompt", alias="prompt_length"),
         WordCount("prompt", alias="prompt_words"),
@@ -175,7 +205,6 @@ def drift_report(
         ]
         compared += ANSWER_DESCRIPTORS
     compared += numeric
-    emb_cols = cur_emb if with_embeddings else []
     definition = DataDefinition(
         text_columns=["prompt", "answer"],
         numerical_columns=[*numeric, *emb_cols],
@@ -195,9 +224,11 @@ def drift_report(
     with warnings.catch_warnings():  # constant columns make numpy warn inside Evidently
         warnings.simplefilter("ignore")
         snapshot = Report(metrics).run(dataset(cur), dataset(ref))
-    html_path.parent.mkdir(parents=True, exist_ok=True)
-    snapshot.save_html(str(html_path))
+    return snapshot, compared
 
+
+def _drift_scores(snapshot: Any) -> tuple[dict[str, float], float | None]:
+    """(p-value of each column's drift test, the embeddings' ROC AUC if measured)."""
     pvalues: dict[str, float] = {}
     embedding_auc: float | None = None
     for m in snapshot.dict()["metrics"]:
@@ -207,28 +238,22 @@ def drift_report(
             pvalues[str(cfg.get("column"))] = float(value)
         elif kind.endswith("EmbeddingsDrift") and isinstance(value, int | float):
             embedding_auc = float(value)
-    drifted = sorted(c for c, p in pvalues.items() if not math.isnan(p) and p < 0.05)
-    share = len(drifted) / max(1, len(pvalues))
+    return pvalues, embedding_auc
+
+
+def _drift_failures(
+    th: DriftThresholds, drifted: list[str], tested: int, embedding_auc: float | None
+) -> list[str]:
+    """Why the drift check fails, one reason per threshold crossed; empty when it passes."""
     failed: list[str] = []
+    share = len(drifted) / max(1, tested)
     if share > th.max_drifted_share:
-        failed.append(
-            f"{len(drifted)}/{len(pvalues)} columns drifted (> {th.max_drifted_share:.0%})"
-        )
+        failed.append(f"{len(drifted)}/{tested} columns drifted (> {th.max_drifted_share:.0%})")
     if embedding_auc is not None and embedding_auc > th.max_embedding_auc:
         failed.append(f"prompt embeddings drifted (ROC AUC {embedding_auc:.2f})")
     if th.fail_on_retrieval_drift and "top_score" in drifted:
         failed.append("retrieval scores drifted")
-    return DriftResult(
-        html=html_path,
-        reference_rows=len(ref),
-        current_rows=len(cur),
-        columns=compared,
-        column_pvalues=pvalues,
-        drifted_columns=drifted,
-        drifted_share=share,
-        embedding_auc=embedding_auc,
-        failed_because=failed,
-    )
+    return failed
 
 
 # ---------------------------------------------------------------------------------------------
@@ -349,10 +374,12 @@ def drift_over_window(
     thresholds: DriftThresholds | None = None,
     embed: EmbedFn | None = None,
     log: Callable[[str], None] | None = None,
+    pushgateway_url: str | None = None,
 ) -> DriftOutcome:
     """Drift of the window ``[end - window, end)`` against the window before it (or the
     evaluation question set, when that window holds fewer than ``min_rows`` requests, or when
-    ``reference="evaluation_set"``). Params, metrics, tags and the HTML go to the MLflow run."""
+    ``reference="evaluation_set"``). Params, metrics, tags and the HTML go to the MLflow run;
+    the outcome also goes to the Pushgateway at ``pushgateway_url``, when there is one."""
     from evaluation.datasets import load_rag_questions
 
     current = load_traffic(engine, end - window, end)
@@ -388,7 +415,7 @@ def drift_over_window(
     run.log_artifact(result.html)
     run.set_tags({"refinery.drift": "passed" if result.passed else "failed"})
     try:  # the outcome as a Prometheus gauge (REFINERY_PUSHGATEWAY_URL): the alert reads it
-        push_drift(result.passed)
+        push_drift(result.passed, pushgateway_url)
     except OSError as err:
         if log:
             log(f"could not push the drift result to the Pushgateway: {err}")

@@ -193,24 +193,8 @@ def build_bento(
     ref = resolve(tracking_uri, registered_model, alias)
     image = _image_champion(tracking_uri, image_model)
     emb = resolve_embedding_model(embedding_model)
-    emb_version = hashlib.sha256(f"{emb.name}|{emb.location}".encode()).hexdigest()[:12]
     code = sources_hash()
-    variant = ref.tags.get("refinery.variant", "none")
-    pins = Pins(
-        registered_model=ref.name,
-        model_version=ref.version,
-        run_id=ref.run_id,
-        variant=variant,
-        chat_model_tag=f"{bento_tag_part(ref.name)}:v{ref.version}-{ref.run_id[:8] or 'x'}",
-        embedding_model=emb.name,
-        embedding_model_tag=f"{bento_tag_part(Path(emb.name).name)}:{emb_version}",
-        refinery_home=str(settings.home),
-        image_model=image.name if image else "",
-        image_model_version=image.version if image else "",
-        image_model_tag=f"{bento_tag_part(image.name)}:v{image.version}-{image.run_id[:8] or 'x'}"
-        if image
-        else "",
-    )
+    pins = _pins(settings, ref, image, emb)
     labels = {**pins.labels(), "refinery.sources": code}
     existing = find_bento(settings, labels)
     if existing is not None:
@@ -222,6 +206,45 @@ def build_bento(
             f"embedding model {emb.name!r} is not a local folder ({emb.location}): a Bento "
             "packages its models, so give a path"
         )
+    proc = _build_in_child(settings, tracking_uri, ref, image, emb.location, pins, labels)
+    if proc.returncode != 0:
+        raise BentoBuildError(f"bentoml build failed:\n{proc.stderr[-4000:]}")
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    return BuiltBento(out["tag"], out["path"], pins, reused=False, image=out["tag"])
+
+
+def _pins(settings: Settings, ref: Any, image: Any, emb: Any) -> Pins:
+    """The pins of a Bento of ``ref`` (and ``image``, if any): model tags that name the exact
+    versions, so a new version is a new model in the store, never an overwrite."""
+    emb_version = hashlib.sha256(f"{emb.name}|{emb.location}".encode()).hexdigest()[:12]
+    return Pins(
+        registered_model=ref.name,
+        model_version=ref.version,
+        run_id=ref.run_id,
+        variant=ref.tags.get("refinery.variant", "none"),
+        chat_model_tag=f"{bento_tag_part(ref.name)}:v{ref.version}-{ref.run_id[:8] or 'x'}",
+        embedding_model=emb.name,
+        embedding_model_tag=f"{bento_tag_part(Path(emb.name).name)}:{emb_version}",
+        refinery_home=str(settings.home),
+        image_model=image.name if image else "",
+        image_model_version=image.version if image else "",
+        image_model_tag=f"{bento_tag_part(image.name)}:v{image.version}-{image.run_id[:8] or 'x'}"
+        if image
+        else "",
+    )
+
+
+def _build_in_child(
+    settings: Settings,
+    tracking_uri: str,
+    ref: Any,
+    image: Any,
+    embedding_dir: str,
+    pins: Pins,
+    labels: dict[str, str],
+) -> subprocess.CompletedProcess[str]:
+    """Download the models, stage the build context and run ``_package`` in a child process
+    (BentoML fixes its store once per process); the temporary folder goes when it is done."""
     import mlflow.artifacts
 
     with tempfile.TemporaryDirectory(prefix="refinery-bento-") as tmp:
@@ -243,11 +266,11 @@ def build_bento(
         job = {
             "ctx": str(ctx),
             "chat_dir": str(model_dir),
-            "embedding_dir": emb.location,
+            "embedding_dir": embedding_dir,
             "image_dir": image_dir,
             "labels": labels,
         }
-        proc = subprocess.run(
+        return subprocess.run(
             [sys.executable, "-m", "serving.bento", json.dumps(job)],
             cwd=ctx,
             env=_child_env(settings),
@@ -255,10 +278,6 @@ def build_bento(
             text=True,
             check=False,
         )
-    if proc.returncode != 0:
-        raise BentoBuildError(f"bentoml build failed:\n{proc.stderr[-4000:]}")
-    out = json.loads(proc.stdout.strip().splitlines()[-1])
-    return BuiltBento(out["tag"], out["path"], pins, reused=False, image=out["tag"])
 
 
 def _image_champion(tracking_uri: str, name: str) -> Any:

@@ -61,84 +61,118 @@ def _ceil(x: float) -> int:
     return max(1, math.ceil(x - 1e-9))
 
 
+@dataclass(frozen=True)
+class _Sizing:
+    """Replica counts of both services, and the chat requests in flight they hold."""
+
+    entry_by_cpu: int
+    entry_by_inflight: int
+    inflight: float
+    n_entry: int
+    n_chat: int
+
+
 def plan(inputs: dict[str, Any]) -> dict[str, Any]:
-    total, mix, util = inputs["target_rps"], inputs["mix"], inputs["utilization"]
-    entry, chat, price = inputs["replica"]["entry"], inputs["replica"]["chat_cpu"], inputs["price"]
+    total, mix = inputs["target_rps"], inputs["mix"]
     load = {k: total * share for k, share in mix.items()}
+    sizing = _size_replicas(inputs, load)
+    return {
+        "load": load,
+        "inflight": sizing.inflight,
+        "cpu": _cpu_plan(inputs, load, sizing),
+        "gpu": _gpu_plan(inputs, load, sizing),
+    }
+
+
+def _size_replicas(inputs: dict[str, Any], load: dict[str, float]) -> _Sizing:
+    util = inputs["utilization"]
+    entry, chat = inputs["replica"]["entry"], inputs["replica"]["chat_cpu"]
     # Replica-seconds of entry work per second: a chat request costs it one embedding (the guard).
     screened = load["embeddings"] + load["chat"]
     entry_work = load["cache_hit"] / entry["cache_hit_rps"] + screened / entry["embeddings_rps"]
     entry_by_cpu = _ceil(entry_work / util)
     inflight = load["chat"] * chat["p50_ms"] / 1000
     entry_by_inflight = _ceil(inflight / inputs["entry_inflight_target"])
-    n_entry = max(entry_by_cpu, entry_by_inflight)
-    n_chat = _ceil(load["chat"] / chat["rps"])
-    entry_mix = (
-        f"{entry['cache_hit_rps']:g} cache hits/s or {entry['embeddings_rps']:g} embeddings/s"
+    return _Sizing(
+        entry_by_cpu=entry_by_cpu,
+        entry_by_inflight=entry_by_inflight,
+        inflight=inflight,
+        n_entry=max(entry_by_cpu, entry_by_inflight),
+        n_chat=_ceil(load["chat"] / chat["rps"]),
     )
-    cpu_cores = n_entry * entry["cores"] + n_chat * chat["cores"]
+
+
+def _entry_capacity(entry: dict[str, Any]) -> str:
+    return f"{entry['cache_hit_rps']:g} cache hits/s or {entry['embeddings_rps']:g} embeddings/s"
+
+
+def _cpu_plan(inputs: dict[str, Any], load: dict[str, float], s: _Sizing) -> dict[str, Any]:
+    total, price = inputs["target_rps"], inputs["price"]
+    entry, chat = inputs["replica"]["entry"], inputs["replica"]["chat_cpu"]
+    cpu_cores = s.n_entry * entry["cores"] + s.n_chat * chat["cores"]
     cpu_hour = cpu_cores * price["cpu_core_hour"]
+    return {
+        "rows": [
+            Row(
+                "entry (`refinery`)",
+                total,
+                _entry_capacity(entry),
+                s.n_entry,
+                s.n_entry * entry["cores"],
+                f"{s.entry_by_cpu} for CPU (cache hits, embeddings, the guard's screen of each "
+                f"chat request), {s.entry_by_inflight} for {s.inflight:,.0f} chat requests in "
+                "flight",
+            ),
+            Row(
+                "chat (`refinery-chat`), CPU",
+                load["chat"],
+                f"{chat['rps']:g}",
+                s.n_chat,
+                s.n_chat * chat["cores"],
+                f"at {chat['clients']} requests in flight per replica (its HPA target): "
+                f"{chat['tokens_per_s']:g} tokens/s, p50 {chat['p50_ms'] / 1000:.1f} s, "
+                f"p99 {chat['p99_ms'] / 1000:.1f} s; {chat['tokens_per_answer']:g} tokens "
+                "per answer",
+            ),
+        ],
+        "cores": cpu_cores,
+        "usd_per_hour": cpu_hour,
+        "usd_per_request": cpu_hour / 3600 / total,
+    }
+
+
+def _gpu_plan(inputs: dict[str, Any], load: dict[str, float], s: _Sizing) -> dict[str, Any]:
+    total, price = inputs["target_rps"], inputs["price"]
+    entry, chat = inputs["replica"]["entry"], inputs["replica"]["chat_cpu"]
     # GPU: the chat model on one GPU node; the entry as on CPU, sized by CPU (its requests in
     # flight shrink with the GPU's latency) while chat's median latency stays under `room`.
-    gpu_cores = entry_by_cpu * entry["cores"]
+    gpu_cores = s.entry_by_cpu * entry["cores"]
     gpu_hour = gpu_cores * price["cpu_core_hour"] + price["gpu_node_hour"]
-    room = entry_by_cpu * inputs["entry_inflight_target"] / load["chat"]
+    room = s.entry_by_cpu * inputs["entry_inflight_target"] / load["chat"]
     tokens = load["chat"] * chat["tokens_per_answer"]
     return {
-        "load": load,
-        "inflight": inflight,
-        "cpu": {
-            "rows": [
-                Row(
-                    "entry (`refinery`)",
-                    total,
-                    entry_mix,
-                    n_entry,
-                    n_entry * entry["cores"],
-                    f"{entry_by_cpu} for CPU (cache hits, embeddings, the guard's screen of each "
-                    f"chat request), {entry_by_inflight} for {inflight:,.0f} chat requests in "
-                    "flight",
-                ),
-                Row(
-                    "chat (`refinery-chat`), CPU",
-                    load["chat"],
-                    f"{chat['rps']:g}",
-                    n_chat,
-                    n_chat * chat["cores"],
-                    f"at {chat['clients']} requests in flight per replica (its HPA target): "
-                    f"{chat['tokens_per_s']:g} tokens/s, p50 {chat['p50_ms'] / 1000:.1f} s, "
-                    f"p99 {chat['p99_ms'] / 1000:.1f} s; {chat['tokens_per_answer']:g} tokens "
-                    "per answer",
-                ),
-            ],
-            "cores": cpu_cores,
-            "usd_per_hour": cpu_hour,
-            "usd_per_request": cpu_hour / 3600 / total,
-        },
-        "gpu": {
-            "rows": [
-                Row(
-                    "entry (`refinery`)",
-                    total,
-                    entry_mix,
-                    entry_by_cpu,
-                    gpu_cores,
-                    f"enough while chat's median latency stays under {room:.1f} s",
-                ),
-                Row(
-                    "chat (`refinery-chat`), one GPU",
-                    load["chat"],
-                    "–",
-                    1,
-                    None,
-                    f"must sustain {load['chat']:,.0f} requests/s ({tokens:,.0f} generated "
-                    "tokens/s): not measured here",
-                ),
-            ],
-            "cores": gpu_cores,
-            "usd_per_hour": gpu_hour,
-            "usd_per_request": gpu_hour / 3600 / total,
-        },
+        "rows": [
+            Row(
+                "entry (`refinery`)",
+                total,
+                _entry_capacity(entry),
+                s.entry_by_cpu,
+                gpu_cores,
+                f"enough while chat's median latency stays under {room:.1f} s",
+            ),
+            Row(
+                "chat (`refinery-chat`), one GPU",
+                load["chat"],
+                "–",
+                1,
+                None,
+                f"must sustain {load['chat']:,.0f} requests/s ({tokens:,.0f} generated "
+                "tokens/s): not measured here",
+            ),
+        ],
+        "cores": gpu_cores,
+        "usd_per_hour": gpu_hour,
+        "usd_per_request": gpu_hour / 3600 / total,
     }
 
 
