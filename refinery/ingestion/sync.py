@@ -160,41 +160,14 @@ def sync_documents(
     corpus_dir = Path(corpus_dir)
     corpus = str(corpus_dir.resolve())
     existing = store.document_states(corpus)
-    if only is None:
-        files = list(scan_corpus(corpus_dir))
-    else:
-        if not corpus_dir.is_dir():
-            raise NotADirectoryError(f"corpus folder {corpus_dir} does not exist")
-        files = [
-            corpus_file(corpus_dir / source, corpus_dir)
-            for source in sorted(set(only))
-            if (corpus_dir / source).exists() or (corpus_dir / source).is_symlink()
-        ]
+    files = _files_to_sync(corpus_dir, only)
     result = DocumentSyncResult(corpus=corpus, corpus_hash="")
     limits = limits or ParseLimits()
-    if isinstance(screen, str):
-        if screen != "default":
-            raise ValueError(f"screen must be a callable, None or 'default', not {screen!r}")
-        from refinery.safety.screening.documents import document_screen
-
-        screen = document_screen()
+    screen = _resolve_screen(screen)
     describe = describe or ImageDescriber(limits=limits)
-    good: set[str] = set()
-    with ParserPool(limits) as pool:  # starts its worker at the first file that needs parsing
-        parse: Parse = pool.parse if isolate else (lambda f, data: parse_bytes(f, data, limits))
-        for item in tqdm(files, desc="documents", unit="file", disable=None):
-            result.files_seen += 1
-            if isinstance(item, Rejection):
-                result.rejections.append(item)
-                continue
-            rejection = _sync_one(
-                store, corpus, item, existing, max_file_bytes, result, parse, screen, describe
-            )
-            if rejection is not None:
-                result.rejections.append(rejection)
-            else:
-                good.add(item.source)
-        result.parser_restarts = max(0, pool.started - 1)
+    good = _sync_files(
+        store, corpus, files, existing, result, max_file_bytes, limits, isolate, screen, describe
+    )
     looked_at = existing.keys() if only is None else set(only) & existing.keys()
     gone = [existing[source].doc_id for source in looked_at if source not in good]
     if only is None and not good and existing and not allow_empty:
@@ -217,6 +190,61 @@ def sync_documents(
             f"{result.unchanged} unchanged), {result.removed} removed, {result.rejected} rejected"
         )
     return result
+
+
+def _files_to_sync(corpus_dir: Path, only: Sequence[str] | None) -> list[CorpusFile | Rejection]:
+    """Every file of the corpus, or just the ``only`` paths that still exist (as links too)."""
+    if only is None:
+        return list(scan_corpus(corpus_dir))
+    if not corpus_dir.is_dir():
+        raise NotADirectoryError(f"corpus folder {corpus_dir} does not exist")
+    return [
+        corpus_file(corpus_dir / source, corpus_dir)
+        for source in sorted(set(only))
+        if (corpus_dir / source).exists() or (corpus_dir / source).is_symlink()
+    ]
+
+
+def _resolve_screen(screen: Screen | str | None) -> Screen | None:
+    if isinstance(screen, str):
+        if screen != "default":
+            raise ValueError(f"screen must be a callable, None or 'default', not {screen!r}")
+        from refinery.safety.screening.documents import document_screen
+
+        return document_screen()
+    return screen
+
+
+def _sync_files(
+    store: VectorStore,
+    corpus: str,
+    files: list[CorpusFile | Rejection],
+    existing: dict[str, Any],
+    result: DocumentSyncResult,
+    max_file_bytes: int,
+    limits: ParseLimits,
+    isolate: bool,
+    screen: Screen | None,
+    describe: ImageDescriber,
+) -> set[str]:
+    """Sync each file, counting into ``result``; the sources that are indexed now."""
+    good: set[str] = set()
+    with ParserPool(limits) as pool:  # starts its worker at the first file that needs parsing
+        parse: Parse = pool.parse if isolate else (lambda f, data: parse_bytes(f, data, limits))
+        for item in tqdm(files, desc="documents", unit="file", disable=None):
+            result.files_seen += 1
+            if isinstance(item, Rejection):
+                result.rejections.append(item)
+                continue
+            rejection = _sync_one(
+                store, corpus, item, existing, max_file_bytes, result, parse, screen, describe
+            )
+            if rejection is not None:
+                result.rejections.append(rejection)
+            else:
+                good.add(item.source)
+        result.parser_restarts = max(0, pool.started - 1)
+    return good
 
 
 def _sync_one(
@@ -471,31 +499,13 @@ def sync_embeddings(
             # by length, then encode and commit it batch by batch.
             window.sort(key=lambda row: len(row[1]))
             for start in range(0, len(window), batch_size):
-                ids, texts, hashes = (
-                    list(x) for x in zip(*window[start : start + batch_size], strict=True)
-                )
-                t_enc = time.perf_counter()
-                vectors = embedder.encode(texts, batch_size=batch_size)  # (n, dim)
-                result.encode_seconds += time.perf_counter() - t_enc
-                if vectors.shape[1] != space.dim:
-                    raise ValueError(
-                        f"model {space.model} now returns {vectors.shape[1]}-d vectors, but its space "
-                        f"{space.space_id} holds {space.dim}-d ones"
-                    )
-                # Chunks deleted meanwhile by a concurrent re-chunk are skipped, not written.
-                result.embedded += store.upsert_embeddings(space, ids, hashes, vectors)
-                result.batches += 1
-                bar.update(len(ids))
+                rows = window[start : start + batch_size]
+                _embed_batch(store, embedder, space, rows, batch_size, result)
+                bar.update(len(rows))
                 if progress and result.batches % log_every == 0:
                     progress(f"embeddings: {result.embedded}/{todo}")
     if query_export_dir is not None:
-        from refinery.retrieval.onnx_embedding import ExportError, ensure_export, find_export
-
-        if find_export(query_export_dir, embedder.ref) is None:
-            try:
-                ensure_export(query_export_dir, embedder)
-            except ExportError as err:
-                log.warning("no ONNX export of %s for queries: %s", embedder.name, err)
+        _ensure_query_export(query_export_dir, embedder)
     result.total = store.count_chunks()
     result.seconds = time.perf_counter() - t0
     result.chunks_per_second = result.embedded / result.seconds if result.embedded else 0.0
@@ -505,6 +515,39 @@ def sync_embeddings(
             f"({result.chunks_per_second:.0f} chunks/s); {result.total} chunks in space {space.space_id}"
         )
     return result
+
+
+def _embed_batch(
+    store: VectorStore,
+    embedder: Embedder,
+    space: EmbeddingSpace,
+    rows: Sequence[tuple[str, str, str]],
+    batch_size: int,
+    result: EmbeddingSyncResult,
+) -> None:
+    """Encode one batch of (chunk id, text, hash) rows and commit its vectors."""
+    ids, texts, hashes = (list(x) for x in zip(*rows, strict=True))
+    t_enc = time.perf_counter()
+    vectors = embedder.encode(texts, batch_size=batch_size)  # (n, dim)
+    result.encode_seconds += time.perf_counter() - t_enc
+    if vectors.shape[1] != space.dim:
+        raise ValueError(
+            f"model {space.model} now returns {vectors.shape[1]}-d vectors, but its space "
+            f"{space.space_id} holds {space.dim}-d ones"
+        )
+    # Chunks deleted meanwhile by a concurrent re-chunk are skipped, not written.
+    result.embedded += store.upsert_embeddings(space, ids, hashes, vectors)
+    result.batches += 1
+
+
+def _ensure_query_export(query_export_dir: Path, embedder: Embedder) -> None:
+    from refinery.retrieval.onnx_embedding import ExportError, ensure_export, find_export
+
+    if find_export(query_export_dir, embedder.ref) is None:
+        try:
+            ensure_export(query_export_dir, embedder)
+        except ExportError as err:
+            log.warning("no ONNX export of %s for queries: %s", embedder.name, err)
 
 
 def make_chunker(config: ChunkingConfig, embedder: Embedder) -> Chunker:

@@ -81,6 +81,47 @@ def now() -> datetime:
     return datetime.now(tz=UTC)
 
 
+# Columns an existing chunk (same id: same document and text) takes from the new chunking; its
+# id, text and embeddings stay.
+_CHUNK_UPDATED = (
+    "position",
+    "source",
+    "context",
+    "content_hash",
+    "char_start",
+    "char_end",
+    "meta",
+    "token_count",
+    "updated_at",
+)
+
+
+def _chunk_upsert(chunks: Sequence[Chunk]) -> Any:
+    """INSERT … ON CONFLICT DO UPDATE of ``chunks`` (not empty)."""
+    c = schema.chunks
+    rows = [
+        {
+            "chunk_id": ch.chunk_id,
+            "doc_id": ch.doc_id,
+            "source": ch.source,
+            "position": ch.position,
+            "text": ch.text,
+            "context": ch.context,
+            "content_hash": ch.content_hash,
+            "token_count": ch.token_count,
+            "char_start": ch.char_start,
+            "char_end": ch.char_end,
+            "meta": ch.meta,
+            "updated_at": now(),
+        }
+        for ch in chunks
+    ]
+    stmt = insert(c).values(rows)
+    return stmt.on_conflict_do_update(
+        index_elements=[c.c.chunk_id], set_={k: stmt.excluded[k] for k in _CHUNK_UPDATED}
+    )
+
+
 class VectorStore:
     def __init__(self, engine: sa.Engine):
         self.engine = engine
@@ -297,43 +338,7 @@ class VectorStore:
                 sa.delete(c).where(c.c.doc_id == doc.doc_id, c.c.chunk_id.not_in(ids))
             ).rowcount
             if chunks:
-                rows = [
-                    {
-                        "chunk_id": ch.chunk_id,
-                        "doc_id": ch.doc_id,
-                        "source": ch.source,
-                        "position": ch.position,
-                        "text": ch.text,
-                        "context": ch.context,
-                        "content_hash": ch.content_hash,
-                        "token_count": ch.token_count,
-                        "char_start": ch.char_start,
-                        "char_end": ch.char_end,
-                        "meta": ch.meta,
-                        "updated_at": now(),
-                    }
-                    for ch in chunks
-                ]
-                stmt = insert(c).values(rows)
-                conn.execute(
-                    stmt.on_conflict_do_update(
-                        index_elements=[c.c.chunk_id],
-                        set_={
-                            k: stmt.excluded[k]
-                            for k in (
-                                "position",
-                                "source",
-                                "context",
-                                "content_hash",
-                                "char_start",
-                                "char_end",
-                                "meta",
-                                "token_count",
-                                "updated_at",
-                            )
-                        },
-                    )
-                )
+                conn.execute(_chunk_upsert(chunks))
             conn.execute(
                 sa.update(d)
                 .where(d.c.doc_id == doc.doc_id)
