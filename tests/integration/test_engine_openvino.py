@@ -11,7 +11,8 @@ import pytest
 
 from refinery.generation.engine.base import SamplingParams
 
-pytestmark = pytest.mark.integration
+# The export (when the session has none yet) and compiling the engine: a minute or more.
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 RAG_PROMPT = [
     {"role": "system", "content": "Answer using only the documents."},
@@ -95,14 +96,32 @@ def test_a_client_that_leaves_stops_using_the_engine(engine):
     assert engine.stats().running == 0 and engine.cancelled >= 1
 
 
-def test_prompt_lookup_gives_token_identical_greedy_answers(base, exported, engine):
+@pytest.fixture(scope="module")
+def exact_engine(base, exported):
+    """A plain engine with the numerics speculation runs with (``precision="exact"``)."""
     from refinery.generation.engine.loader import load_engine
 
-    prompts = [RAG_PROMPT, "Repeat after me: the hive needs water, pollen and nectar every day."]
-    plain = engine.generate(prompts, max_new_tokens=40)
+    e = load_engine(base, backend="openvino", openvino_dir=exported, max_batch=8, precision="exact")
+    yield e
+    e.close()
+
+
+def test_prompt_lookup_gives_token_identical_greedy_answers(base, exported, exact_engine):
+    """The claim: with speculation, greedy answers are those of the plain engine at the same
+    (exact) numerics, on every CPU. With bf16 or int8 activations (the CPU plugin's defaults
+    where it has them) a step over several tokens rounds differently from one-token steps."""
+    from refinery.generation.engine.loader import load_engine
+
+    prompts = [
+        RAG_PROMPT,
+        "Repeat after me: the hive needs water, pollen and nectar every day.",
+        "Tell me about the life cycle of a honey bee colony.",
+    ]
+    plain = exact_engine.generate(prompts, max_new_tokens=48)
     spec = load_engine(base, backend="openvino", openvino_dir=exported, speculation="prompt_lookup")
     try:
-        fast = spec.generate(prompts, max_new_tokens=40)
+        assert spec.backend.precision == "exact"  # speculation picks the exact numerics itself
+        fast = spec.generate(prompts, max_new_tokens=48)
         stats = spec.stats()
     finally:
         spec.close()
@@ -113,7 +132,7 @@ def test_prompt_lookup_gives_token_identical_greedy_answers(base, exported, engi
 
 
 def test_a_layer_truncated_draft_model_keeps_greedy_answers_identical(
-    base, exported, engine, tmp_path
+    base, exported, exact_engine, tmp_path
 ):
     from refinery.generation.engine.loader import load_engine
     from training.openvino_export import export_openvino, truncated_copy
@@ -122,7 +141,7 @@ def test_a_layer_truncated_draft_model_keeps_greedy_answers_identical(
     assert truncated_copy(base, tmp_path / "draft", 8) == draft  # reused
     draft_ov, _ = export_openvino(draft, tmp_path / "draft-ov")
     prompts = [RAG_PROMPT, "What is the capital of France?"]
-    plain = engine.generate(prompts, max_new_tokens=24)
+    plain = exact_engine.generate(prompts, max_new_tokens=24)
     spec = load_engine(
         base, backend="openvino", openvino_dir=exported, speculation="draft_model",
         draft_dir=draft_ov,

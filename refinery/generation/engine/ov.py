@@ -21,6 +21,16 @@ DRAFT_DIR = "draft"  # a draft model's export beside the main one
 PROMPT_LOOKUP_TOKENS = 4  # candidate tokens copied from the prompt per step
 PROMPT_LOOKUP_NGRAM = 3  # the n-gram matched against the prompt
 DRAFT_TOKENS = 4
+# "exact": f32 arithmetic and no dynamic (per-step) quantization of activations, so a token's
+# logits do not depend on how many tokens a step computes. Speculation verifies several tokens
+# in one step; on CPUs with bf16 (AVX-512 BF16) the plugin's defaults (bf16, int8 activations)
+# then gave different greedy text than one-token steps ("…its life cycle." against "…the
+# development process."). With "exact" the answers were token-identical on that machine.
+# "fast": the plugin's defaults for the CPU (bf16 where the CPU has it).
+PRECISION_PROPERTIES: dict[str, dict[str, Any]] = {
+    "exact": {"INFERENCE_PRECISION_HINT": "f32", "DYNAMIC_QUANTIZATION_GROUP_SIZE": 0},
+    "fast": {},
+}
 
 
 class OpenVINOBackend:
@@ -38,6 +48,7 @@ class OpenVINOBackend:
         speculation: str = "none",
         draft_dir: str | Path | None = None,
         lookup_tokens: int = PROMPT_LOOKUP_TOKENS,
+        precision: str | None = None,
     ) -> None:
         import openvino_genai as ov_genai
 
@@ -60,7 +71,11 @@ class OpenVINOBackend:
             True  # long prompts are prefilled in slices between decode steps
         )
         scheduler.enable_prefix_caching = True  # a shared system prompt is prefilled once
-        properties: dict[str, Any] = {}
+        # Speculation's claim (greedy answers as without it) holds only with exact numerics.
+        self.precision = precision or ("exact" if self.speculation != Speculation.none else "fast")
+        if self.precision not in PRECISION_PROPERTIES:
+            raise ValueError(f"precision must be one of {sorted(PRECISION_PROPERTIES)}")
+        properties: dict[str, Any] = dict(PRECISION_PROPERTIES[self.precision])
         if threads:
             properties["INFERENCE_NUM_THREADS"] = threads
         if self.speculation == Speculation.prompt_lookup:
