@@ -17,7 +17,7 @@ from typing import Any
 
 import dagster as dg
 
-from assets.resources import _settings
+from assets.resources import HomeResource, home_of
 from refinery.core.records import RecordError, from_record, to_record
 
 PIN_TAG = "refinery/pin/"
@@ -25,10 +25,10 @@ LATEST = "latest.json"
 
 
 class HandoffIOManager(dg.ConfigurableIOManager):
-    home: str = ""
+    home: HomeResource | None = None
 
     def _folder(self, key: dg.AssetKey) -> Path:
-        return _settings(self.home).home / "handoffs" / "__".join(key.path)
+        return home_of(self.home).settings.home / "handoffs" / "__".join(key.path)
 
     def handle_output(self, context: dg.OutputContext, obj: Any) -> None:
         if obj is None and not _optional(context.dagster_type.typing_type):

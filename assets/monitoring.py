@@ -86,6 +86,7 @@ def drift_report(
             thresholds=DriftThresholds(config.max_drifted_share, config.max_embedding_auc),
             # Loaded only when both windows hold enough traffic to compare.
             embed=lambda texts: embedding_model.get().encode(texts), log=context.log.info,
+            pushgateway_url=home.runs.pushgateway_url,
         )  # fmt: skip
     if outcome.result is None:
         context.log.warning(f"no drift report: {outcome.skipped}")

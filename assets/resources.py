@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator, Mapping
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -24,31 +25,41 @@ from refinery.core.lineage import (
     TAG_DAGSTER_RUN_URL,
     code_version,
 )
-from refinery.core.settings import Settings
+from refinery.core.settings import RunSettings, Settings
 from refinery.core.stores import make_engine, prepare_mlflow
 from refinery.core.tracking import RunOpener, TrackedRun, tracked_run
 from refinery.retrieval.embedding import Embedder
 from refinery.retrieval.vectorstore import VectorStore
 
 
-def _settings(home: str) -> Settings:
-    settings = Settings.from_env()
-    if home:
-        from dataclasses import replace
-
-        settings = replace(settings, home=Path(home).expanduser().resolve())
-    return settings
-
-
 class HomeResource(dg.ConfigurableResource):
-    """The platform's home: the default corpus folder and the local folders where models,
-    datasets and reports are written. ``path`` empty: REFINERY_HOME, else ``.refinery/``."""
+    """The platform's settings (``refinery.core.settings``) and its home: the default corpus
+    folder and the local folders where models, datasets and reports are written.
+
+    The one place the home is set: ``path`` empty: REFINERY_HOME, else ``.refinery/``. The
+    other resources take this one (``orchestration/definitions.py`` hands the same object to
+    each); the settings are read from the environment once per resource instance."""
 
     path: str = ""
 
+    _settings: Settings | None = PrivateAttr(default=None)
+    _runs: RunSettings | None = PrivateAttr(default=None)
+
     @property
     def settings(self) -> Settings:
-        return _settings(self.path)
+        if self._settings is None:
+            settings = Settings.from_env()
+            if self.path:
+                settings = replace(settings, home=Path(self.path).expanduser().resolve())
+            self._settings = settings
+        return self._settings
+
+    @property
+    def runs(self) -> RunSettings:
+        """What runs use: the OpenVINO exporter, the Pushgateway."""
+        if self._runs is None:
+            self._runs = RunSettings.from_env()
+        return self._runs
 
     @property
     def corpus_dir(self) -> Path:
@@ -65,21 +76,26 @@ class HomeResource(dg.ConfigurableResource):
         return folder
 
 
+def home_of(home: HomeResource | None) -> HomeResource:
+    """``home``, or the default home when a resource was made without one (tests)."""
+    return home if home is not None else HomeResource()
+
+
 class PostgresResource(dg.ConfigurableResource):
     """Postgres + pgvector through the one engine factory (``refinery.core.stores.make_engine``).
 
     ``url`` empty (the default): REFINERY_DATABASE_URL if set, else the embedded server under
-    REFINERY_HOME, started on first use. The schema is created when the resource starts.
+    the home, started on first use. The schema is created when the resource starts.
     """
 
     url: str = ""
-    home: str = ""
+    home: HomeResource | None = None
 
     _engine: sa.Engine | None = PrivateAttr(default=None)
 
     def setup_for_execution(self, context: dg.InitResourceContext) -> None:
         self._engine = make_engine(
-            self.url or None, settings=_settings(self.home), create_schema=True
+            self.url or None, settings=home_of(self.home).settings, create_schema=True
         )
 
     def teardown_after_execution(self, context: dg.InitResourceContext) -> None:
@@ -98,15 +114,15 @@ class PostgresResource(dg.ConfigurableResource):
 
 class MLflowResource(dg.ConfigurableResource):
     """MLflow tracking and registry. Empty ``tracking_uri``: REFINERY_MLFLOW_TRACKING_URI if
-    set, else the local store under REFINERY_HOME."""
+    set, else the local store under the home."""
 
     tracking_uri: str = ""
     ui_url: str = ""
     dagster_ui_url: str = ""
-    home: str = ""
+    home: HomeResource | None = None
 
     def _resolved(self) -> tuple[str, str, str, Settings]:
-        settings = _settings(self.home)
+        settings = home_of(self.home).settings
         uri = self.tracking_uri or prepare_mlflow(settings)
         return (
             uri,

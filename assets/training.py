@@ -285,6 +285,7 @@ def openvino_model(
     lora_adapter: AdapterRef,
     merged_model: MergedModelRef,
     mlflow: MLflowResource,
+    home: HomeResource,
 ) -> dg.MaterializeResult[OpenVINOModelRef | None]:
     if not config.enabled:
         return dg.MaterializeResult(value=None, metadata={"skipped": "disabled by config"})
@@ -292,7 +293,7 @@ def openvino_model(
     with fails_on(ExportError):
         ref = pipeline.export_for_serving(
             merged_model, lora_adapter, config.weight_format.value, run, context.log.info,
-            draft_layers=config.draft_layers,
+            draft_layers=config.draft_layers, python=home.runs.openvino_python,
         )  # fmt: skip
     return dg.MaterializeResult(
         value=ref,

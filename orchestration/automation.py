@@ -10,6 +10,7 @@ import dagster as dg
 from assets.resources import HomeResource, PostgresResource
 from evaluation.review import count_ratings
 from orchestration.cluster import model_job_tags
+from refinery.core.settings import RunSettings
 from refinery.ingestion.sync import corpus_changes
 from training.user_data import count_approved
 
@@ -67,7 +68,9 @@ IN_PROGRESS = [
 ]
 MODELS_POOL = {"refinery/pool": "models"}
 # Model jobs: one at a time (the pool) and, on Kubernetes, a bigger or a GPU pod (cluster.py).
-MODEL_JOB_TAGS = {**MODELS_POOL, **model_job_tags()}
+# Job tags are fixed when a job is defined, so the run settings are read here, when the
+# definitions load: the one read of the environment at import, on purpose (see cluster.py).
+MODEL_JOB_TAGS = {**MODELS_POOL, **model_job_tags(RunSettings.from_env())}
 # Approved user examples that make a retraining worth it.
 MIN_NEW_APPROVED = 5
 DRIFT_CHECK_KEY = dg.AssetCheckKey(dg.AssetKey("drift_report"), "drift_within_thresholds")

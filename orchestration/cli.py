@@ -5,18 +5,25 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import shlex
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import click
 
-from refinery.core.settings import Settings
+from refinery.core.processes import child_environment
+from refinery.core.settings import (
+    RunSettings,
+    ServingSettings,
+    SettingError,
+    Settings,
+    SettingsGroup,
+    describe,
+)
 from refinery.core.stores import (
     apply_process_environment,
     database_url,
@@ -28,9 +35,20 @@ from refinery.core.stores import (
 
 
 def _settings() -> Settings:
-    settings = Settings.from_env()
+    settings = _read(Settings)
     apply_process_environment(settings)
     return settings
+
+
+G = TypeVar("G", bound=SettingsGroup)
+
+
+def _read(group: type[G]) -> G:
+    """A settings group from this process's environment; a bad value is a usage error."""
+    try:
+        return group.from_env()
+    except SettingError as err:
+        raise click.ClickException(str(err)) from err
 
 
 def _engine(settings: Settings) -> Any:
@@ -62,6 +80,29 @@ def env(shell: bool) -> None:
         click.echo(f"export {key}={shlex.quote(value)}" if shell else f"{key}={value}")
     if not settings.database_url:
         click.echo("# embedded Postgres is running; stop it with: refinery db stop")
+
+
+@main.command("settings")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON (one object per setting).")
+def settings_command(as_json: bool) -> None:
+    """List every REFINERY_* setting: its value here (secrets masked), and what it does.
+
+    Values come from this shell's environment; `*` marks one that differs from its default.
+    A value that cannot be used is an error that names the variable.
+    """
+    rows = describe(_read(Settings), _read(ServingSettings), _read(RunSettings))
+    if as_json:
+        click.echo(json.dumps([vars(r) for r in rows], indent=2))
+        return
+    width = max(len(r.variable) for r in rows)
+    group = ""
+    for r in rows:
+        if r.group != group:
+            click.echo(f"\n# {r.group}" if group else f"# {r.group}")
+            group = r.group
+        mark = " " if r.default else "*"
+        click.echo(f"{mark} {r.variable:<{width}}  {r.value or '(unset)'}")
+        click.echo(f"  {'':<{width}}  {r.doc}")
 
 
 @main.group()
@@ -102,7 +143,7 @@ def _execute(job_name: str, run_config: dict[str, Any]) -> bool:
     # A line per step on the terminal; every event in <home>/logs/<run id>.log and the UI.
     run_config = _merge({"loggers": {"console": {"config": {"log_level": "INFO"}}}}, run_config)
     result = job.execute_in_process(run_config=run_config, instance=instance, raise_on_error=False)
-    settings = Settings.from_env()
+    settings = _read(Settings)
     click.echo("")
     click.echo(f"Dagster run {result.run_id}: {'succeeded' if result.success else 'FAILED'}")
     click.echo(f"  {settings.dagster_ui_url}/runs/{result.run_id}  (after `make ui`)")
@@ -651,8 +692,9 @@ def serve(bento_tag: str | None, host: str, port: int, follow: str) -> None:
                 f"no Bento in {settings.bentoml_home}: run `make run` or `refinery bento` first"
             )
         bento_tag = str(bentos[0]["tag"])
+    grace_s = _read(ServingSettings).stop_grace_s  # also checks the service's settings first
     url = database_url(settings)  # held open while serving: the RAG endpoint reads it
-    env = {**os.environ, **environment(settings, url), "REFINERY_FOLLOW_ALIAS": follow}
+    env = child_environment({**environment(settings, url), "REFINERY_FOLLOW_ALIAS": follow})
     cmd = [
         str(Path(sys.executable).parent / "bentoml"), "serve", bento_tag,
         "--host", host, "--port", str(port),
@@ -677,7 +719,7 @@ def serve(bento_tag: str | None, host: str, port: int, follow: str) -> None:
         # SIGTERM (Kubernetes, systemd) is passed on as SIGTERM: BentoML finishes the requests
         # in flight; after the grace period, everything the service started is killed.
         first = signal.SIGTERM if received and received[0] == signal.SIGTERM else signal.SIGINT
-        stop_tree(proc, timeout=float(os.environ.get("REFINERY_STOP_GRACE_S", 15)), first=first)
+        stop_tree(proc, timeout=grace_s, first=first)
     sys.exit(code)
 
 
@@ -688,10 +730,14 @@ def ui(dagster_port: int, mlflow_port: int) -> None:
     """Dagster UI and MLflow UI on 127.0.0.1 over the same stores, until Ctrl-C."""
     settings = _settings()
     url = database_url(settings)  # this process holds the embedded Postgres open while the UIs run
-    env = {**os.environ, **environment(settings, url)}
-    env["REFINERY_DAGSTER_UI_URL"] = f"http://127.0.0.1:{dagster_port}"
-    env["REFINERY_MLFLOW_UI_URL"] = f"http://127.0.0.1:{mlflow_port}"
-    env["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] = "false"
+    env = child_environment(
+        {
+            **environment(settings, url),
+            "REFINERY_DAGSTER_UI_URL": f"http://127.0.0.1:{dagster_port}",
+            "REFINERY_MLFLOW_UI_URL": f"http://127.0.0.1:{mlflow_port}",
+            "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
+        }
+    )
     bin_dir = Path(sys.executable).parent
     commands = {
         "dagster": [

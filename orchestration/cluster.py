@@ -7,19 +7,17 @@ with ``REFINERY_RUN_GPUS`` (default 1) ``nvidia.com/gpu`` when the code location
 ``REFINERY_RUN_ACCELERATOR=gpu`` (deploy/dagster/values-gpu.yaml sets both). Locally the tag is inert: runs execute in process.
 
 Job tags are fixed when a job is defined, so the accelerator is read once, when the
-definitions load (:func:`model_job_tags`); :func:`run_pod_config` itself is pure.
+definitions load (``RunSettings``, passed to :func:`model_job_tags`); both functions are pure.
 """
 
 from __future__ import annotations
 
 import json
-import os
-from collections.abc import Mapping
 from typing import Any, Literal
 
+from refinery.core.settings import RunSettings
+
 K8S_CONFIG_TAG = "dagster-k8s/config"
-ACCELERATOR_ENV = "REFINERY_RUN_ACCELERATOR"
-GPUS_ENV = "REFINERY_RUN_GPUS"  # GPUs per model run (train with `processes` = this many)
 Accelerator = Literal["cpu", "gpu"]
 ACCELERATORS: tuple[Accelerator, ...] = ("cpu", "gpu")
 
@@ -50,14 +48,9 @@ def run_pod_config(accelerator: Accelerator, gpus: int = 1) -> dict[str, Any]:
     }
 
 
-def model_job_tags(environ: Mapping[str, str] | None = None) -> dict[str, str]:
-    """The ``dagster-k8s/config`` tag for model jobs, for the accelerator the environment names
-    (``REFINERY_RUN_ACCELERATOR``: cpu, the default, or gpu; ``REFINERY_RUN_GPUS``: 1)."""
-    env = os.environ if environ is None else environ
-    accelerator = env.get(ACCELERATOR_ENV) or "cpu"
-    if accelerator != "cpu" and accelerator != "gpu":
-        raise ValueError(f"{ACCELERATOR_ENV} must be one of {ACCELERATORS}, got {accelerator!r}")
-    gpus = env.get(GPUS_ENV) or "1"
-    if not gpus.isdigit():
-        raise ValueError(f"{GPUS_ENV} must be a whole number, got {gpus!r}")
-    return {K8S_CONFIG_TAG: json.dumps(run_pod_config(accelerator, int(gpus)), sort_keys=True)}
+def model_job_tags(settings: RunSettings) -> dict[str, str]:
+    """The ``dagster-k8s/config`` tag for model jobs, for the accelerator the settings name
+    (``REFINERY_RUN_ACCELERATOR``: cpu, the default, or gpu; ``REFINERY_RUN_GPUS``: 1; a GPU
+    run trains with ``processes`` = this many)."""
+    config = run_pod_config(settings.run_accelerator, settings.run_gpus)
+    return {K8S_CONFIG_TAG: json.dumps(config, sort_keys=True)}

@@ -105,6 +105,10 @@ automation_sensor = dg.AutomationConditionSensorDefinition(
     minimum_interval_seconds=60,
 )
 
+# The one place the home is set (empty path: REFINERY_HOME, else .refinery/): every resource
+# that keeps something under the home takes this one.
+home = HomeResource()
+
 defs = dg.Definitions(
     assets=[
         *INGESTION_ASSETS,
@@ -130,10 +134,10 @@ defs = dg.Definitions(
     schedules=[daily_drift_schedule, weekly_retraining_schedule],
     resources={
         # Assets hand their values (small frozen dataclasses) to each other as JSON files.
-        "io_manager": HandoffIOManager(),
-        "home": HomeResource(),
-        "postgres": PostgresResource(),
-        "mlflow": MLflowResource(),
+        "io_manager": HandoffIOManager(home=home),
+        "home": home,
+        "postgres": PostgresResource(home=home),
+        "mlflow": MLflowResource(home=home),
         "embedding_model": EmbeddingModelResource(),
         # The human gate is required by default; `make run` waives it explicitly (configs/demo.yaml).
         "promotion_policy": PromotionPolicy(),

@@ -2,24 +2,11 @@
 
 Compute seconds are the model call's wall time divided among the requests of its batch (a
 batch of 8 that took 2 s costs each request 0.25 s), so batching shows up as cheaper requests.
-The price is ``REFINERY_PRICE_PER_HOUR`` (USD per hour of one serving replica; default 0.10, a
-small 2-vCPU cloud instance). Cache hits cost no model time.
+The price is ``ServingSettings.price_per_hour`` (``REFINERY_PRICE_PER_HOUR``: USD per hour of
+one serving replica; default 0.10, a small 2-vCPU cloud instance). Cache hits cost no model time.
 """
 
 from __future__ import annotations
-
-DEFAULT_PRICE_PER_HOUR = 0.10
-
-
-def price_per_hour(env: dict[str, str]) -> float:
-    raw = env.get("REFINERY_PRICE_PER_HOUR", "")
-    try:
-        value = float(raw) if raw else DEFAULT_PRICE_PER_HOUR
-    except ValueError as err:
-        raise ValueError(f"REFINERY_PRICE_PER_HOUR must be a number, got {raw!r}") from err
-    if value < 0:
-        raise ValueError(f"REFINERY_PRICE_PER_HOUR must be >= 0, got {value}")
-    return value
 
 
 def request_cost(compute_seconds: float, hourly_price: float) -> float:

@@ -11,9 +11,9 @@ A Bento already built for the same version, embedding model and sources is reuse
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
-import os
 import re
 import shutil
 import subprocess
@@ -23,6 +23,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from refinery.core.processes import child_environment
 from refinery.core.registry import (
     CHAMPION,
     ModelNotFoundError,
@@ -30,7 +31,7 @@ from refinery.core.registry import (
     read_model_folder,
     resolve,
 )
-from refinery.core.settings import OFFLINE_ENV, REPO_ROOT, Settings
+from refinery.core.settings import OFFLINE_ENV, REPO_ROOT, ServingSettings, Settings
 from refinery.retrieval.embedding import resolve_embedding_model
 
 BENTOFILE = REPO_ROOT / "deploy" / "bentofile.yaml"
@@ -100,6 +101,20 @@ class Pins:
         return cls(**json.loads(path.read_text()))
 
 
+@functools.cache
+def service_settings() -> ServingSettings:
+    """This process's serving settings, read from the environment on the first call.
+
+    BentoML fixes a service's workers, logging and adaptive batching when its class is
+    defined, so ``serving.service`` and ``serving.generations`` call this at class definition:
+    the one place the serving side reads its settings at import, on purpose. (BentoML's own
+    ``BENTOML_CONFIG_OPTIONS`` could set the workers and the access log, but not under the
+    REFINERY_* names that deploy/ and the benchmarks set, nor the batching of an API.) The
+    services' ``__init__`` take the same object, so a process reads its settings once.
+    """
+    return ServingSettings.from_env()
+
+
 @dataclass(frozen=True)
 class BuiltBento:
     tag: str
@@ -147,10 +162,13 @@ def _stage(ctx: Path, pins: Pins) -> None:
 
 
 def _child_env(settings: Settings) -> dict[str, str]:
-    env = {**os.environ, **OFFLINE_ENV}
-    env["BENTOML_HOME"] = str(settings.bentoml_home)
-    env["REFINERY_HOME"] = str(settings.home)
-    return env
+    return child_environment(
+        {
+            **OFFLINE_ENV,
+            "BENTOML_HOME": str(settings.bentoml_home),
+            "REFINERY_HOME": str(settings.home),
+        }
+    )
 
 
 def find_bento(settings: Settings, labels: dict[str, str]) -> dict[str, Any] | None:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import base64
 import logging
-import os
 import re
 import secrets
 import threading
@@ -23,20 +22,14 @@ from typing import Any, Literal
 import bentoml
 from pydantic import BaseModel, ConfigDict, Field
 
-from serving.bento import Pins
+from refinery.core.settings import ImageSettings, ServingSettings
+from serving.bento import Pins, service_settings
 from serving.openai_schema import ApiError, Text
 
 log = logging.getLogger("refinery.images")
 
-_ENV = dict(os.environ)
 PINS = Pins.load()
-# Images sampled together across requests; 1 turns adaptive batching off (BentoML refuses a
-# batchable API whose batches hold one item): each request is then sampled on its own.
-MAX_BATCH = int(_ENV.get("REFINERY_IMAGE_MAX_BATCH", 16))
-MAX_LATENCY_MS = int(_ENV.get("REFINERY_IMAGE_MAX_LATENCY_MS", 30_000))
-MAX_STEPS = int(_ENV.get("REFINERY_IMAGE_MAX_STEPS", 50))  # the step limit per request
-MAX_N = int(_ENV.get("REFINERY_IMAGE_MAX_N", 4))
-MAX_SIDE = int(_ENV.get("REFINERY_IMAGE_MAX_SIDE", 1024))
+DEFAULTS = ImageSettings()
 _SIZE = re.compile(r"^(\d{1,4})x(\d{1,4})$")
 
 
@@ -54,35 +47,38 @@ class ImageGenerationRequest(BaseModel):
     steps: int | None = Field(default=None, ge=1)
 
 
-def parse_size(size: str) -> tuple[int, int]:
+def parse_size(size: str, max_side: int = DEFAULTS.max_side) -> tuple[int, int]:
     match = _SIZE.match(size.strip().lower())
     if match is None:
         raise ApiError(400, f"size {size!r}: use WIDTHxHEIGHT, e.g. 256x256", param="size",
                        code="invalid_size")  # fmt: skip
     w, h = int(match.group(1)), int(match.group(2))
-    if not (8 <= w <= MAX_SIDE and 8 <= h <= MAX_SIDE) or w % 8 or h % 8:
+    if not (8 <= w <= max_side and 8 <= h <= max_side) or w % 8 or h % 8:
         raise ApiError(
-            400, f"size {size!r}: each side must be a multiple of 8 from 8 to {MAX_SIDE}",
+            400, f"size {size!r}: each side must be a multiple of 8 from 8 to {max_side}",
             param="size", code="invalid_size",
         )  # fmt: skip
     return w, h
 
 
-def image_items(body: ImageGenerationRequest) -> list[dict[str, Any]]:
+def image_items(
+    body: ImageGenerationRequest, limits: ImageSettings = DEFAULTS
+) -> list[dict[str, Any]]:
     """One batch item per image (seed, seed+1, …), or a 400 that says what is wrong."""
+    max_n, max_steps = limits.max_n, limits.max_steps
     if body.response_format != "b64_json":
         raise ApiError(
             400, "response_format 'url' is not offered: this service stores no images; use b64_json",
             param="response_format", code="unsupported_response_format",
         )  # fmt: skip
-    if body.n > MAX_N:
-        raise ApiError(400, f"n is {body.n}; this service makes at most {MAX_N} images a request",
+    if body.n > max_n:
+        raise ApiError(400, f"n is {body.n}; this service makes at most {max_n} images a request",
                        param="n", code="too_many_images")  # fmt: skip
-    if body.steps is not None and body.steps > MAX_STEPS:
-        raise ApiError(400, f"steps is {body.steps}; the limit is {MAX_STEPS}", param="steps",
+    if body.steps is not None and body.steps > max_steps:
+        raise ApiError(400, f"steps is {body.steps}; the limit is {max_steps}", param="steps",
                        code="too_many_steps")  # fmt: skip
-    width, height = parse_size(body.size)
-    seed = body.seed if body.seed is not None else secrets.randbelow(2**31 - MAX_N)
+    width, height = parse_size(body.size, limits.max_side)
+    seed = body.seed if body.seed is not None else secrets.randbelow(2**31 - max_n)
     return [
         {
             "prompt": body.prompt,
@@ -110,12 +106,19 @@ def images_response(results: list[dict[str, Any]], model: str) -> dict[str, Any]
     }
 
 
+# Images sampled together across requests; 1 turns adaptive batching off (BentoML refuses a
+# batchable API whose batches hold one item): each request is then sampled on its own. BentoML
+# fixes the batching when the class is defined: see serving.bento.service_settings.
+_BATCH = service_settings().images
+
+
 @bentoml.service(name="refinery-image", workers=1, traffic={"timeout": 300})
 class ImageModel:
     if PINS is not None and PINS.image_model_tag:
         model = bentoml.models.BentoModel(PINS.image_model_tag)
 
-    def __init__(self) -> None:
+    def __init__(self, settings: ServingSettings | None = None) -> None:
+        self.settings = settings or service_settings()
         self.generator: Any = None
         self.load_error: str | None = None
         threading.Thread(target=self._start, name="load-image-model", daemon=True).start()
@@ -128,10 +131,9 @@ class ImageModel:
             import torch
 
             device = "cuda" if torch.cuda.is_available() else "cpu"
-            threads = _ENV.get("REFINERY_TORCH_THREADS")
             local = read_model_folder(Path(self.model.path))
             self.generator = ImageGenerator(
-                local.weights, device=device, threads=int(threads) if threads else None
+                local.weights, device=device, threads=self.settings.torch_threads
             )
         except Exception as err:
             log.exception("loading the image model failed")
@@ -144,7 +146,9 @@ class ImageModel:
         return self.load_error is None
 
     @bentoml.api(
-        batchable=MAX_BATCH > 1, max_batch_size=max(2, MAX_BATCH), max_latency_ms=MAX_LATENCY_MS
+        batchable=_BATCH.max_batch > 1,
+        max_batch_size=max(2, _BATCH.max_batch),
+        max_latency_ms=_BATCH.max_latency_ms,
     )
     def draw(self, items: list[dict[str, Any]]) -> list[dict[str, Any]]:
         """Each item: prompt, seed, steps (0: the model's default), width, height. Returns

@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import hmac
 import json
-import os
 from collections.abc import Callable
 from typing import Any
 
+from refinery.core.settings import ServingSettings
 from serving.metrics import REJECTED
-from serving.openai_schema import ApiError, Limits
+from serving.openai_schema import ApiError
 
 RETRY_AFTER_S = "1"
 
@@ -22,14 +22,13 @@ class GatewayMiddleware:
     PROTECTED = ("/v1/", "/rag")
     OPEN = ("/v1/openapi.json", "/v1/docs")
 
-    def __init__(self, app: Any, ready: Callable[[], bool] = lambda: True) -> None:
-        env = dict(os.environ)
+    def __init__(
+        self, app: Any, *, settings: ServingSettings, ready: Callable[[], bool] = lambda: True
+    ) -> None:
         self.app = app
         self.ready = ready
-        self.limits = Limits.from_env(env)
-        self.keys = [
-            k.strip().encode() for k in env.get("REFINERY_API_KEYS", "").split(",") if k.strip()
-        ]
+        self.limits = settings.limits
+        self.keys = [k.encode() for k in settings.api_keys]
         self.inflight = 0
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:

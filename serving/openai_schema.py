@@ -11,10 +11,13 @@ from __future__ import annotations
 import re
 import time
 import uuid
-from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
+
+# The bounds on what one request may ask for are declared with their REFINERY_* variables in
+# refinery.core.settings (the service passes ServingSettings.limits).
+from refinery.core.settings import RequestLimits as Limits
 
 # Control characters other than tab and newlines carry no meaning in a prompt, and Postgres
 # refuses NUL in text; a lone UTF-16 surrogate (JSON allows "\ud800") cannot be encoded at all.
@@ -29,28 +32,6 @@ def clean_text(text: str) -> str:
 
 
 Text = Annotated[str, AfterValidator(clean_text)]
-
-
-@dataclass(frozen=True)
-class Limits:
-    """Bounds on what one request may ask for (overridable through ``REFINERY_*`` variables)."""
-
-    max_body_bytes: int = 1_000_000
-    max_prompt_chars: int = 8_000
-    max_messages: int = 64
-    max_tokens: int = 512
-    max_embedding_inputs: int = 256
-    max_inflight: int = 64  # requests in progress per gateway worker before 503
-    max_images: int = 4  # image_url parts per request
-    max_image_bytes: int = 700_000  # decoded, per image (the body limit allows ~730 KB of it)
-    max_image_pixels: int = 16_000_000  # per image, checked before it is decoded
-
-    @classmethod
-    def from_env(cls, env: dict[str, str]) -> Limits:
-        def get(name: str, default: int) -> int:
-            return int(env.get(f"REFINERY_{name.upper()}", default))
-
-        return cls(**{f: get(f, getattr(cls, f)) for f in cls.__dataclass_fields__})
 
 
 class ApiError(Exception):

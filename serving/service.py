@@ -9,8 +9,9 @@
   and metrics. Its logic is ``serving.gateway.Gateway``; this module wires routes to it.
 
 What a Bento serves is pinned in ``serving/pins.json`` (written by ``serving.bento``).
-BentoML fixes models when a class is defined, so this module reads its pins at import;
-nothing else happens at import.
+BentoML fixes models, workers and logging when a class is defined, so this module reads its
+pins and its settings (``serving.bento.service_settings``) at import; nothing else happens at
+import. The services take the same ``ServingSettings`` object in ``__init__``.
 """
 
 from __future__ import annotations
@@ -19,7 +20,6 @@ import asyncio
 import contextlib
 import json
 import logging
-import os
 import threading
 import time
 from collections.abc import AsyncGenerator, AsyncIterator
@@ -33,7 +33,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
-from serving.bento import Pins
+from refinery.core.settings import ServingSettings, Settings
+from serving.bento import Pins, service_settings
 from serving.gateway import RAG_DEFAULT_TOKENS, RETRY_AFTER_S, Gateway, unb64
 from serving.generations import (
     ImageGenerationRequest,
@@ -55,7 +56,6 @@ from serving.openai_schema import (
     ApiError,
     ChatCompletionRequest,
     EmbeddingRequest,
-    Limits,
     Text,
     embedding_response,
 )
@@ -63,23 +63,10 @@ from serving.openai_schema import (
 log = logging.getLogger("refinery.service")
 
 PINS = Pins.load()
-_ENV = dict(os.environ)
-ENGINE = _ENV.get("REFINERY_ENGINE", "auto")  # auto | openvino | hf | static
-MAX_BATCH = int(_ENV.get("REFINERY_CHAT_MAX_BATCH", 32))  # sequences in the running batch
-# Speculative decoding for the whole deployment (OpenVINO engine): none | prompt_lookup.
-SPECULATION = (
-    {"speculation": _ENV["REFINERY_SPECULATION"]} if _ENV.get("REFINERY_SPECULATION") else {}
-)
-# Follow a registry alias (e.g. "champion"): load the version it points to when it moves
-# (serving/follow.py). Empty: serve the pinned version only.
-FOLLOW_ALIAS = _ENV.get("REFINERY_FOLLOW_ALIAS", "")
-FOLLOW_INTERVAL_S = float(_ENV.get("REFINERY_FOLLOW_INTERVAL_S", 30))
-TIMEOUT_S = float(_ENV.get("REFINERY_REQUEST_TIMEOUT_S", 120))  # every request ends by then
-# Chosen from the serving benchmark (benchmarks/results/serving.md): access logging and the
-# entry's worker count, measured on cache hits at 32 connections.
-ACCESS_LOG = _ENV.get("REFINERY_ACCESS_LOG", "on") != "off"
-ENTRY_WORKERS = int(_ENV.get("REFINERY_ENTRY_WORKERS", 1))
-LOGGING = {"access": {"enabled": ACCESS_LOG}}
+# Fixed when the classes are defined (serving.bento.service_settings says why): access logging
+# and the entry's worker count, chosen from the serving benchmark
+# (benchmarks/results/serving.md), measured on cache hits at 32 connections.
+LOGGING = {"access": {"enabled": service_settings().access_log}}
 ENTRY_READY = threading.Event()  # the entry's models are loaded (the middleware checks it)
 
 
@@ -92,9 +79,10 @@ def _pins() -> Pins:
     return PINS
 
 
-def _threads() -> int | None:
-    threads = _ENV.get("REFINERY_TORCH_THREADS")
-    return int(threads) if threads else None
+def _store_settings(pins: Pins) -> Settings:
+    """Where the stores are: the environment's settings, with the home the Bento was built
+    with when REFINERY_HOME is unset."""
+    return Settings.from_env(fallback={"REFINERY_HOME": pins.refinery_home})
 
 
 def _quiet_optional_kernels() -> None:
@@ -109,15 +97,16 @@ class ChatModel:
     if PINS is not None:
         model = bentoml.models.BentoModel(PINS.chat_model_tag)
 
-    def __init__(self) -> None:
+    def __init__(self, settings: ServingSettings | None = None) -> None:
         import torch
 
         from refinery.generation.generator import select_device
 
         _quiet_optional_kernels()
+        self.settings = settings or service_settings()
         # REFINERY_DEVICE: auto | cpu | cuda (the gpu overlay in deploy/k8s sets cuda; it
         # refuses to start without a GPU rather than serve slowly on the CPU).
-        self.device = select_device(_ENV.get("REFINERY_DEVICE", "auto"), torch.cuda.is_available())
+        self.device = select_device(self.settings.device, torch.cuda.is_available())
         self._exported: dict[str, int] = {}  # engine counters already added to the metrics
         # (engine, "name/version"): one attribute, so a swap is one assignment and a request
         # never pairs one version's engine with another's label. None until the model is
@@ -136,38 +125,42 @@ class ChatModel:
             log.exception("loading the chat model failed")
             self.load_error = f"{type(err).__name__}: {err}"
             return
-        if FOLLOW_ALIAS:
-            from refinery.core.settings import Settings
+        # Follow a registry alias (e.g. "champion"): load the version it points to when it
+        # moves (serving/follow.py). Empty: serve the pinned version only.
+        if self.settings.follow_alias:
             from serving.follow import AliasFollower
 
-            env = dict(os.environ)
-            env.setdefault("REFINERY_HOME", pins.refinery_home)
-            settings = Settings.from_env(env)
+            stores = _store_settings(pins)
             self.follower = AliasFollower(
-                tracking_uri=settings.mlflow_tracking_uri,
+                tracking_uri=stores.mlflow_tracking_uri,
                 name=pins.registered_model,
-                alias=FOLLOW_ALIAS,
+                alias=self.settings.follow_alias,
                 current_version=pins.model_version,
                 load=lambda _ref, path: self._load(path),
                 on_swap=self._swap,
-                workdir=settings.home / "serving" / "follow",
-                interval_s=FOLLOW_INTERVAL_S,
+                workdir=stores.home / "serving" / "follow",
+                interval_s=self.settings.follow_interval_s,
             ).start()
 
     def _load(self, folder: Path) -> Any:
         from refinery.core.registry import read_model_folder
         from refinery.generation.engine.loader import load_engine
 
+        s = self.settings
         local = read_model_folder(folder)
         device = self.device if local.variant == "none" else "cpu"
-        options: dict[str, Any] = dict(SPECULATION)
-        if options.get("speculation") == "draft_model":
+        # Speculative decoding for the whole deployment (OpenVINO engine).
+        options: dict[str, Any] = {}
+        if s.speculation != "none":
+            options["speculation"] = s.speculation
+        if s.speculation == "draft_model":
             if local.openvino_draft is None:
                 raise ValueError("REFINERY_SPECULATION=draft_model, but this version has no draft")
             options["draft_dir"] = local.openvino_draft
         engine = load_engine(
-            local.weights, local.variant, backend=ENGINE, device=device, threads=_threads(),
-            max_batch=MAX_BATCH, openvino_dir=local.openvino, **options,
+            local.weights, local.variant, backend=s.engine, device=device,
+            threads=s.torch_threads, max_batch=s.chat_max_batch, openvino_dir=local.openvino,
+            **options,
         )  # fmt: skip
         engine.generate(["Hello"], max_new_tokens=2)  # warm-up: the first call is slow
         return engine
@@ -435,7 +428,7 @@ class RagFilters(BaseModel):
 
 @bentoml.service(
     name="refinery",
-    workers=ENTRY_WORKERS,
+    workers=service_settings().entry_workers,
     traffic={"timeout": 300},
     labels={"project": "refinery"},
     logging=LOGGING,
@@ -448,36 +441,34 @@ class Refinery:
     if PINS is not None and PINS.image_model_tag:  # an image champion existed at build time
         images = bentoml.depends(ImageModel)
 
-    def __init__(self) -> None:
-
-        env = dict(os.environ)
+    def __init__(self, settings: ServingSettings | None = None) -> None:
+        self.settings = settings or service_settings()
         self.pins = _pins()
-        self.limits = Limits.from_env(env)
-        self.guard_mode = env.get("REFINERY_GUARD", "block")  # block | off
-        if self.guard_mode not in ("block", "off"):
-            raise ValueError(f"REFINERY_GUARD must be 'block' or 'off', got {self.guard_mode!r}")
+        self.stores = _store_settings(self.pins)
+        self.limits = self.settings.limits
+        self.guard_mode = self.settings.guard  # block | off
         self._retrieval: tuple[Any, Any] | None = None
         self.gateway: Gateway | None = None
         self.load_error: str | None = None
         # The models load in the background: until they are, every API answers 503 at once
         # (the middleware), and /readyz says not ready.
-        threading.Thread(target=self._start, args=(env,), name="load-entry", daemon=True).start()
+        threading.Thread(target=self._start, name="load-entry", daemon=True).start()
 
-    def _start(self, env: dict[str, str]) -> None:
+    def _start(self) -> None:
         try:
-            self._load(env)
+            self._load()
         except Exception as err:
             log.exception("starting the entry service failed")
             self.load_error = f"{type(err).__name__}: {err}"
 
-    def _load(self, env: dict[str, str]) -> None:
+    def _load(self) -> None:
         from refinery.retrieval.embedding import Embedder
         from refinery.safety.guard import InjectionGuard
         from refinery.safety.screening.documents import document_screen
-        from serving.accounting import price_per_hour
         from serving.cache import make_cache
-        from serving.traffic import TrafficLog, TrafficSettings
+        from serving.traffic import TrafficLog
 
+        s = self.settings
         _quiet_optional_kernels()
         embedder = Embedder(self.pins.embedding_model, location=self.embedding.path)
         tokenizer = embedder.tokenizer()
@@ -491,23 +482,20 @@ class Refinery:
             ],
             screen=(lambda texts: [v.to_dict() for v in guard.check(texts)]) if guard else None,
             chunk_screen=chunk_screen,
-            cache=make_cache(
-                env.get("REFINERY_REDIS_URL") or None,
-                ttl_s=float(env.get("REFINERY_CACHE_TTL_S", 600)),
-            ),
+            cache=make_cache(s.redis_url, ttl_s=s.cache_ttl_s),
             traffic=TrafficLog(
                 self._new_engine,
-                TrafficSettings.from_env(env),
+                s.traffic,
                 on_drop=lambda reason, n: TRAFFIC_DROPPED.labels(reason=reason).inc(n),
             ),
             limits=self.limits,
-            hourly_price=price_per_hour(env),
+            hourly_price=s.price_per_hour,
             model_id=self.pins.registered_model,
             model_label=self.pins.model_label,
             embedding_model=self.pins.embedding_model,
-            follow=bool(FOLLOW_ALIAS),
-            embed_batch=int(env.get("REFINERY_EMBED_MAX_BATCH", 32)),
-            timeout_s=TIMEOUT_S,
+            follow=bool(s.follow_alias),
+            embed_batch=s.embed_max_batch,
+            timeout_s=s.request_timeout_s,
             variant=self.pins.variant,
         )
         for reason in ("queue_full", "db_error"):  # the series exist before the first drop
@@ -634,7 +622,7 @@ class Refinery:
             raise ApiError(404, f"model {body.model!r} is not served here; use "
                            f"{self.pins.image_model!r}", param="model",
                            code="model_not_found")  # fmt: skip
-        items = image_items(body)
+        items = image_items(body, self.settings.images)
         await self.gw.screen("images", [body.prompt], t0)
         results = await _call(self.images.to_async.draw, items)
         return images_response(list(results), label)
@@ -704,13 +692,10 @@ class Refinery:
 
     def _new_engine(self) -> Any:
         """An engine on Refinery's database (REFINERY_DATABASE_URL, else the embedded one)."""
-        from refinery.core.settings import Settings
         from refinery.core.stores import make_engine
 
-        env = dict(os.environ)
-        env.setdefault("REFINERY_HOME", self.pins.refinery_home)
         # Queries give up after 5 s; connections after CONNECT_TIMEOUT_S.
-        return make_engine(settings=Settings.from_env(env), statement_timeout_s=5)
+        return make_engine(settings=self.stores, statement_timeout_s=5)
 
     def _retrieval_state(self) -> tuple[Any, Any]:
         """The database engine and the embedding space (once; the space must exist)."""
@@ -787,4 +772,6 @@ async def _call(method: Any, *args: Any) -> Any:
     raise AssertionError("unreachable")
 
 
-Refinery.add_asgi_middleware(GatewayMiddleware, ready=ENTRY_READY.is_set)  # type: ignore[attr-defined]
+Refinery.add_asgi_middleware(  # type: ignore[attr-defined]
+    GatewayMiddleware, settings=service_settings(), ready=ENTRY_READY.is_set
+)

@@ -25,8 +25,7 @@ import random
 import threading
 import time
 import uuid
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
@@ -34,50 +33,14 @@ import sqlalchemy as sa
 
 from refinery.core.schema import create_schema, traffic_log
 
+# Its settings (sample rate, privacy, salt, queue, batch, flush) are declared with their
+# REFINERY_TRAFFIC_* variables in refinery.core.settings.
+from refinery.core.settings import TrafficSettings
+
 log = logging.getLogger("refinery.traffic")
 
-PRIVACY_MODES = ("full", "hash")
 COLUMNS = [c.name for c in traffic_log.columns]
 COPY_SQL = f"COPY {traffic_log.name} ({', '.join(COLUMNS)}) FROM STDIN"
-
-
-@dataclass(frozen=True)
-class TrafficSettings:
-    sample_rate: float = 1.0
-    privacy: str = "full"
-    salt: str = ""
-    max_queue: int = 10_000
-    batch_size: int = 256
-    flush_s: float = 1.0
-    retry_s: float = 5.0
-
-    def __post_init__(self) -> None:
-        if not 0.0 <= self.sample_rate <= 1.0:
-            raise ValueError(f"REFINERY_TRAFFIC_SAMPLE must be in [0, 1], got {self.sample_rate}")
-        if self.privacy not in PRIVACY_MODES:
-            raise ValueError(
-                f"REFINERY_TRAFFIC_PRIVACY must be one of {PRIVACY_MODES}, got {self.privacy!r}"
-            )
-        if self.max_queue < 1 or self.batch_size < 1:
-            raise ValueError("the traffic log's queue and batch sizes must be positive")
-
-    @classmethod
-    def from_env(cls, env: Mapping[str, str]) -> TrafficSettings:
-        def number(name: str, default: float) -> float:
-            raw = env.get(name, "")
-            try:
-                return float(raw) if raw else default
-            except ValueError:
-                raise ValueError(f"{name} must be a number, got {raw!r}") from None
-
-        return cls(
-            sample_rate=number("REFINERY_TRAFFIC_SAMPLE", 1.0),
-            privacy=env.get("REFINERY_TRAFFIC_PRIVACY", "full") or "full",
-            salt=env.get("REFINERY_TRAFFIC_SALT", ""),
-            max_queue=int(number("REFINERY_TRAFFIC_QUEUE", 10_000)),
-            batch_size=int(number("REFINERY_TRAFFIC_BATCH", 256)),
-            flush_s=number("REFINERY_TRAFFIC_FLUSH_S", 1.0),
-        )
 
 
 def text_hash(text: str, salt: str = "") -> str:

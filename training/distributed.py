@@ -13,13 +13,13 @@ work folder, where :func:`run` reads it. More GPUs on a node is configuration
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from refinery.core.processes import child_environment
 from training.lora import LoraTrainingConfig, TrainingResult, train_lora
 
 RESULT_FILE = "distributed_result.json"
@@ -79,7 +79,7 @@ def run(
         capture_output=True,
         text=True,
         check=False,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        env=child_environment({"PYTHONUNBUFFERED": "1"}),
     )
     result_file = work_dir / RESULT_FILE
     if proc.returncode != 0 or not result_file.exists():

@@ -6,7 +6,8 @@ the project's environment must not get (it pulls a CUDA build of torch; see ENVI
 So the export runs in an environment of its own: ``.venv-openvino`` beside the checkout's
 ``.venv``, built by ``scripts/openvino-export-env.sh`` (which holds its pins; ``make install``
 builds it alongside ``.venv``, and the export builds it on first use when it is missing), or
-any Python given by ``REFINERY_OPENVINO_PYTHON`` that has those packages. The serving side
+any Python that has those packages, given as ``python`` (``RunSettings.openvino_python``,
+``REFINERY_OPENVINO_PYTHON``). The serving side
 needs only the OpenVINO runtime, which is in the project's own dependencies, same release.
 """
 
@@ -15,7 +16,6 @@ from __future__ import annotations
 import enum
 import fcntl
 import json
-import os
 import shutil
 import subprocess
 import time
@@ -23,6 +23,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from refinery.core.lineage import sha256_hex
+from refinery.core.processes import child_environment
 from refinery.core.settings import OFFLINE_ENV, REPO_ROOT
 
 EXPORT_VENV = REPO_ROOT / ".venv-openvino"
@@ -44,11 +45,13 @@ class ExportError(RuntimeError):
     pass
 
 
-def export_python(progress: Callable[[str], None] | None = None) -> Path:
-    """The interpreter of the export environment, made if it does not exist yet."""
-    given = os.environ.get("REFINERY_OPENVINO_PYTHON")
-    if given:
-        return Path(given)
+def export_python(
+    progress: Callable[[str], None] | None = None, python: Path | None = None
+) -> Path:
+    """The interpreter of the export environment: ``python`` when given, else
+    ``.venv-openvino``'s, made if it does not exist yet."""
+    if python is not None:
+        return python
     python = EXPORT_VENV / "bin" / "python"
     cli = EXPORT_VENV / "bin" / "optimum-cli"
     EXPORT_VENV.parent.mkdir(parents=True, exist_ok=True)
@@ -70,9 +73,11 @@ def export_openvino(
     out_dir: Path,
     weight_format: str = "int8",
     progress: Callable[[str], None] | None = None,
+    python: Path | None = None,
 ) -> tuple[Path, bool]:
     """``model_dir`` (safetensors) as an OpenVINO model in ``out_dir``; reused when it was made
-    from the same weights with the same format. Returns (folder, reused)."""
+    from the same weights with the same format. Returns (folder, reused). ``python``: the
+    exporter's interpreter (default: see ``export_python``)."""
     if weight_format not in WEIGHT_FORMATS:
         raise ExportError(f"weight_format must be one of {WEIGHT_FORMATS}, got {weight_format!r}")
     weights = sorted(model_dir.glob("*.safetensors"))
@@ -90,7 +95,7 @@ def export_openvino(
     stamp = out_dir / STAMP
     if stamp.exists() and json.loads(stamp.read_text()).get("key") == key:
         return out_dir, True
-    python = export_python(progress)
+    python = export_python(progress, python)
     tmp = out_dir.with_name(out_dir.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     cli = [str(python.parent / "optimum-cli"), "export", "openvino"]
@@ -113,7 +118,7 @@ def export_openvino(
 
 
 def _run(cmd: list[str]) -> None:
-    env = {**os.environ, **OFFLINE_ENV}
+    env = child_environment(OFFLINE_ENV)
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
     if proc.returncode != 0:
         raise ExportError(

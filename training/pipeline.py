@@ -390,23 +390,26 @@ def export_for_serving(
     run: TrackedRun,
     progress: Progress | None = None,
     draft_layers: int = 0,
+    python: Path | None = None,
 ) -> OpenVINOModelRef:
     """The merged model as an OpenVINO model (``<work dir>/openvino-<format>``), reused when it
     was made from the same weights; its size goes to the training run. ``draft_layers`` > 0:
-    also a draft for speculative decoding, the first that many layers, exported the same way."""
+    also a draft for speculative decoding, the first that many layers, exported the same way.
+    ``python``: the exporter's interpreter (``RunSettings.openvino_python``; None: its own)."""
     from training.openvino_export import export_openvino, truncated_copy
     from training.quantize import folder_mb
 
     work = Path(adapter.work_dir)
     folder, reused = export_openvino(
-        Path(merged.path), work / f"openvino-{weight_format}", weight_format, progress
+        Path(merged.path), work / f"openvino-{weight_format}", weight_format, progress, python
     )
     draft = ""
     if draft_layers:
         copy = truncated_copy(Path(merged.path), work / f"draft-{draft_layers}", draft_layers)
         draft_folder, _ = export_openvino(
-            copy, work / f"openvino-draft-{draft_layers}-{weight_format}", weight_format, progress
-        )
+            copy, work / f"openvino-draft-{draft_layers}-{weight_format}", weight_format,
+            progress, python,
+        )  # fmt: skip
         draft = str(draft_folder)
     size = folder_mb(folder)
     if not reused:

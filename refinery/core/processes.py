@@ -1,4 +1,11 @@
-"""Stopping servers we started, children included."""
+"""Processes we start: the environment they get, and stopping them, children included.
+
+With ``refinery.core.settings``, the one library module that touches the environment: a child
+process (bentoml, accelerate, the OpenVINO exporter) gets this process's environment passed
+through (``child_environment``); an entry point or a worker process that must set a variable
+for the libraries and programs it runs (DAGSTER_HOME, OMP_THREAD_LIMIT for Tesseract) does it
+with ``set_process_environment``.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +14,24 @@ import os
 import signal
 import subprocess
 import time
+from collections.abc import Mapping
+
+
+def child_environment(extra: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The environment of a child process: this process's, with ``extra`` on top."""
+    return {**os.environ, **(extra or {})}
+
+
+def set_process_environment(values: Mapping[str, str], *, keep_existing: bool = False) -> None:
+    """Set ``values`` in this process's environment, for the libraries that read it and the
+    processes it starts from now on; ``keep_existing``: a variable already set is left alone.
+    Only entry points (commands) and worker processes call this, never library code on import.
+    """
+    for key, value in values.items():
+        if keep_existing:
+            os.environ.setdefault(key, value)
+        else:
+            os.environ[key] = value
 
 
 def stop_tree(

@@ -9,13 +9,11 @@ Pushgateway named by ``REFINERY_PUSHGATEWAY_URL``; the alert "drift check failed
 from __future__ import annotations
 
 import math
-import os
 import re
 import time
 import urllib.request
 from collections.abc import Mapping
 
-PUSHGATEWAY_ENV = "REFINERY_PUSHGATEWAY_URL"
 _NAME = re.compile(r"^[a-zA-Z_:][a-zA-Z0-9_:]*$")
 
 
@@ -56,10 +54,10 @@ def drift_gauges(passed: bool, at: float | None = None) -> dict[str, tuple[float
     }
 
 
-def push_drift(passed: bool, environ: Mapping[str, str] | None = None) -> str | None:
-    """Push a drift check's outcome to ``REFINERY_PUSHGATEWAY_URL``; the URL pushed to, or None
-    when the variable is unset. A failed push raises OSError."""
-    url = (os.environ if environ is None else environ).get(PUSHGATEWAY_ENV)
+def push_drift(passed: bool, url: str | None) -> str | None:
+    """Push a drift check's outcome to the Pushgateway at ``url`` (``RunSettings.
+    pushgateway_url``); the URL pushed to, or None when there is none. A failed push raises
+    OSError."""
     if url:
         push(url, "refinery_drift", drift_gauges(passed))
     return url or None

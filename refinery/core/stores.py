@@ -252,7 +252,8 @@ def environment(settings: Settings, db_url: str | None) -> dict[str, str]:
 
 def apply_process_environment(settings: Settings) -> None:
     """For command-line entry points only: telemetry off and DAGSTER_HOME for this process."""
-    for key, value in OFFLINE_ENV.items():
-        os.environ.setdefault(key, value)
-    os.environ["DAGSTER_HOME"] = str(prepare_dagster_home(settings))
-    os.environ.setdefault("MLFLOW_TRACKING_URI", prepare_mlflow(settings))
+    from refinery.core.processes import set_process_environment
+
+    set_process_environment(OFFLINE_ENV, keep_existing=True)
+    set_process_environment({"DAGSTER_HOME": str(prepare_dagster_home(settings))})
+    set_process_environment({"MLFLOW_TRACKING_URI": prepare_mlflow(settings)}, keep_existing=True)

@@ -17,13 +17,13 @@ from __future__ import annotations
 
 import json
 import multiprocessing as mp
-import os
 from datetime import datetime
 from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
 from refinery.core.lineage import sha256_hex
+from refinery.core.processes import set_process_environment
 from refinery.corpus.documents import (
     CorpusFile,
     DocumentRejected,
@@ -51,7 +51,7 @@ def _worker(conn: Connection, max_memory_mb: int) -> None:
     limit = max_memory_mb * 1024 * 1024
     resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
     # Workers run side by side: one Tesseract thread each (OCR), instead of each taking all.
-    os.environ["OMP_THREAD_LIMIT"] = "1"
+    set_process_environment({"OMP_THREAD_LIMIT": "1"})
     while True:
         try:
             header = json.loads(conn.recv_bytes())

@@ -485,16 +485,17 @@ def test_model_jobs_get_run_pods_the_k8s_launcher_accepts():
     from dagster_k8s.job import UserDefinedDagsterK8sConfig
 
     from orchestration.cluster import K8S_CONFIG_TAG, model_job_tags
+    from refinery.core.settings import RunSettings
 
-    cpu = json.loads(model_job_tags({})[K8S_CONFIG_TAG])
-    gpu = json.loads(model_job_tags({"REFINERY_RUN_ACCELERATOR": "gpu"})[K8S_CONFIG_TAG])
+    cpu = json.loads(model_job_tags(RunSettings())[K8S_CONFIG_TAG])
+    gpu = json.loads(model_job_tags(RunSettings(run_accelerator="gpu"))[K8S_CONFIG_TAG])
     for config in (cpu, gpu):
         parsed = UserDefinedDagsterK8sConfig.from_dict(config)
         assert parsed.container_config["resources"]["limits"]["memory"]
     assert "nvidia.com/gpu" not in json.dumps(cpu)
     assert gpu["container_config"]["resources"]["limits"]["nvidia.com/gpu"] == "1"
     assert gpu["pod_spec_config"]["tolerations"][0]["key"] == "nvidia.com/gpu"
-    four = model_job_tags({"REFINERY_RUN_ACCELERATOR": "gpu", "REFINERY_RUN_GPUS": "4"})
+    four = model_job_tags(RunSettings(run_accelerator="gpu", run_gpus=4))
     assert (
         json.loads(four[K8S_CONFIG_TAG])["container_config"]["resources"]["requests"][
             "nvidia.com/gpu"
@@ -502,9 +503,9 @@ def test_model_jobs_get_run_pods_the_k8s_launcher_accepts():
         == "4"
     )
     with pytest.raises(ValueError, match="REFINERY_RUN_ACCELERATOR"):
-        model_job_tags({"REFINERY_RUN_ACCELERATOR": "tpu"})
+        RunSettings.from_env({"REFINERY_RUN_ACCELERATOR": "tpu"})
     with pytest.raises(ValueError, match="REFINERY_RUN_GPUS"):
-        model_job_tags({"REFINERY_RUN_ACCELERATOR": "gpu", "REFINERY_RUN_GPUS": "two"})
+        RunSettings.from_env({"REFINERY_RUN_ACCELERATOR": "gpu", "REFINERY_RUN_GPUS": "two"})
 
 
 def test_the_model_jobs_carry_the_run_pod_tag():
@@ -733,6 +734,6 @@ def test_pushgateway_body_is_prometheus_text():
 def test_the_drift_result_is_pushed_only_where_a_pushgateway_is_named():
     from refinery.core.pushgateway import push_drift
 
-    assert push_drift(False, {}) is None  # nothing configured: nothing sent
+    assert push_drift(False, None) is None  # nothing configured: nothing sent
     with pytest.raises(OSError):  # configured but unreachable: the caller warns
-        push_drift(False, {"REFINERY_PUSHGATEWAY_URL": "http://127.0.0.1:9"})
+        push_drift(False, "http://127.0.0.1:9")

@@ -10,6 +10,7 @@ import dagster as dg
 import pytest
 
 from assets.handoff import PIN_TAG, HandoffIOManager
+from assets.resources import HomeResource
 from refinery.core.records import RecordError, from_record, to_record
 from refinery.core.settings import REPO_ROOT
 
@@ -73,7 +74,7 @@ def _run(assets, home: Path, selection, value: int = 0, tags=None):
     return dg.materialize(
         assets,
         selection=selection,
-        resources={"io_manager": HandoffIOManager(home=str(home))},
+        resources={"io_manager": HandoffIOManager(home=HomeResource(path=str(home)))},
         run_config={"ops": {"upstream": {"config": {"value": value}}}}
         if "upstream" in selection
         else None,
@@ -155,7 +156,7 @@ def test_an_optional_step_that_hands_on_nothing_gives_none(tmp_path: Path):
 
     dg.materialize(
         [maybe, after],
-        resources={"io_manager": HandoffIOManager(home=str(tmp_path))},
+        resources={"io_manager": HandoffIOManager(home=HomeResource(path=str(tmp_path)))},
         instance=dg.DagsterInstance.ephemeral(),
     )
     assert seen == [None]

@@ -9,9 +9,10 @@ import time
 
 import pytest
 
+from refinery.core.settings import ServingSettings
 from refinery.generation.generator import per_row
 from refinery.safety.guard import heuristic_reasons, load_labeled
-from serving.accounting import price_per_hour, request_cost
+from serving.accounting import request_cost
 from serving.bento import BentoBuildError, Pins, bento_tag_part, read_mlflow_model
 from serving.cache import InProcessCache, RedisCache, cache_key, make_cache
 from serving.openai_schema import (
@@ -138,7 +139,8 @@ def test_request_text_loses_control_characters_and_lone_surrogates():
 
 
 def test_limits_from_environment():
-    limits = Limits.from_env({"REFINERY_MAX_TOKENS": "32", "REFINERY_MAX_INFLIGHT": "2"})
+    env = {"REFINERY_MAX_TOKENS": "32", "REFINERY_MAX_INFLIGHT": "2"}
+    limits = ServingSettings.from_env(env).limits
     assert limits.max_tokens == 32 and limits.max_inflight == 2
     assert limits.max_body_bytes == Limits().max_body_bytes
 
@@ -184,9 +186,13 @@ def test_labeled_sets_are_valid_and_disjoint():
 def test_cost_is_compute_seconds_times_hourly_price():
     assert request_cost(36.0, 1.0) == pytest.approx(0.01)
     assert request_cost(-1.0, 1.0) == 0.0
-    assert price_per_hour({}) == 0.10 and price_per_hour({"REFINERY_PRICE_PER_HOUR": "2"}) == 2.0
-    with pytest.raises(ValueError, match="number"):
-        price_per_hour({"REFINERY_PRICE_PER_HOUR": "cheap"})
+    price = ServingSettings.from_env
+    assert price({}).price_per_hour == 0.10
+    assert price({"REFINERY_PRICE_PER_HOUR": "2"}).price_per_hour == 2.0
+    with pytest.raises(ValueError, match="REFINERY_PRICE_PER_HOUR must be a number"):
+        price({"REFINERY_PRICE_PER_HOUR": "cheap"})
+    with pytest.raises(ValueError, match="REFINERY_PRICE_PER_HOUR must be >= 0"):
+        price({"REFINERY_PRICE_PER_HOUR": "-1"})
 
 
 def test_per_row_token_limits():
@@ -199,11 +205,9 @@ def test_per_row_token_limits():
 
 
 # --- gateway middleware --------------------------------------------------------------------
-def _middleware(monkeypatch, **env):
+def _middleware(**env):
     from serving.middleware import GatewayMiddleware
 
-    for key, value in env.items():
-        monkeypatch.setenv(key, value)
     seen = []
     release = asyncio.Event()
 
@@ -215,7 +219,7 @@ def _middleware(monkeypatch, **env):
         await send({"type": "http.response.start", "status": 200, "headers": []})
         await send({"type": "http.response.body", "body": b"ok"})
 
-    return GatewayMiddleware(app), seen, release
+    return GatewayMiddleware(app, settings=ServingSettings.from_env(env)), seen, release
 
 
 async def _request(mw, path, body=b"{}", headers=()):
@@ -240,8 +244,8 @@ async def _request(mw, path, body=b"{}", headers=()):
     return status, dict(sent[0]["headers"]), payload
 
 
-def test_middleware_checks_api_keys_only_on_the_api(monkeypatch):
-    mw, _, _ = _middleware(monkeypatch, REFINERY_API_KEYS="k1, k2")
+def test_middleware_checks_api_keys_only_on_the_api():
+    mw, _, _ = _middleware(REFINERY_API_KEYS="k1, k2")
     run = asyncio.run
     status, _, body = run(_request(mw, "/v1/models"))
     assert status == 401 and json.loads(body)["error"]["code"] == "invalid_api_key"
@@ -252,8 +256,8 @@ def test_middleware_checks_api_keys_only_on_the_api(monkeypatch):
     assert run(_request(mw, "/v1/openapi.json"))[0] == 200
 
 
-def test_middleware_refuses_large_bodies_and_replays_small_ones(monkeypatch):
-    mw, seen, _ = _middleware(monkeypatch, REFINERY_API_KEYS="", REFINERY_MAX_BODY_BYTES="50")
+def test_middleware_refuses_large_bodies_and_replays_small_ones():
+    mw, seen, _ = _middleware(REFINERY_API_KEYS="", REFINERY_MAX_BODY_BYTES="50")
     status, _, body = asyncio.run(_request(mw, "/v1/embeddings", body=b"x" * 51))
     assert status == 413 and json.loads(body)["error"]["code"] == "body_too_large"
     status, _, _ = asyncio.run(
@@ -264,8 +268,8 @@ def test_middleware_refuses_large_bodies_and_replays_small_ones(monkeypatch):
     assert seen == [b"z" * 45]  # the app got the whole body, in one piece
 
 
-def test_middleware_answers_503_with_retry_after_when_full(monkeypatch):
-    mw, _, release = _middleware(monkeypatch, REFINERY_API_KEYS="", REFINERY_MAX_INFLIGHT="2")
+def test_middleware_answers_503_with_retry_after_when_full():
+    mw, _, release = _middleware(REFINERY_API_KEYS="", REFINERY_MAX_INFLIGHT="2")
 
     async def scenario():
         slow = [asyncio.create_task(_request(mw, "/v1/slow")) for _ in range(2)]
