@@ -148,7 +148,7 @@ def train_class_conditioned(
     and save it with a DDIM scheduler as a safetensors folder ``out_dir``. A finished folder is
     reused (its ``losses.json`` says it finished)."""
     import torch
-    from diffusers import DDIMScheduler, DDPMScheduler, UNet2DModel
+    from diffusers import DDPMScheduler
 
     done = out_dir / "losses.json"
     if done.exists() and is_image_model(out_dir):
@@ -158,11 +158,27 @@ def train_class_conditioned(
         raise ImageDataError("max_steps and batch_size must be at least 1")
     torch.manual_seed(config.seed)
     x, y = load_split(dataset, "train")
+    unet = _class_conditioned_unet(dataset, config, channels_in=int(x.shape[1]))
+    scheduler: Any = DDPMScheduler(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2")
+    t0 = time.perf_counter()
+    losses = _denoising_steps(unet, scheduler, x, y, config, on_log)
+    seconds = time.perf_counter() - t0
+    _save_image_model(unet, scheduler, dataset, config, int(x.shape[1]), losses, seconds, out_dir)
+    return TrainedImageModel(out_dir, losses, config.max_steps, seconds)
+
+
+def _class_conditioned_unet(
+    dataset: ImageDatasetRef, config: ImageTrainingConfig, channels_in: int
+) -> Any:
+    """A small UNet with one class embedding per label; attention only at the lowest
+    resolution, where it is cheap."""
+    from diffusers import UNet2DModel
+
     channels = tuple(config.channels)
-    unet: Any = UNet2DModel(
+    return UNet2DModel(
         sample_size=dataset.sample_size,
-        in_channels=x.shape[1],
-        out_channels=x.shape[1],
+        in_channels=channels_in,
+        out_channels=channels_in,
         layers_per_block=1,
         block_out_channels=channels,
         down_block_types=("DownBlock2D",) * (len(channels) - 1) + ("AttnDownBlock2D",),
@@ -170,17 +186,29 @@ def train_class_conditioned(
         num_class_embeds=len(dataset.classes),
         norm_num_groups=8,
     )
-    scheduler: Any = DDPMScheduler(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2")
+
+
+def _denoising_steps(
+    unet: Any,
+    scheduler: Any,
+    x: Any,
+    y: Any,
+    config: ImageTrainingConfig,
+    on_log: Callable[[int, float], None] | None,
+) -> list[float]:
+    """``config.max_steps`` optimizer steps on random batches; the mean loss of each
+    ``log_every`` steps (and of the last, shorter stretch)."""
+    import torch
+
     optimizer = torch.optim.AdamW(unet.parameters(), lr=config.learning_rate)
     lr = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=config.max_steps)
     generator = torch.Generator().manual_seed(config.seed)
     losses: list[float] = []
     window: list[float] = []
-    t0 = time.perf_counter()
     unet.train()
     for step in range(1, config.max_steps + 1):
         idx = torch.randint(len(x), (config.batch_size,), generator=generator)
-        clean, labels = x[idx], y[idx]
+        clean, labels = x[idx], y[idx]  # (b, c, h, w), (b,)
         noise = torch.randn(clean.shape, generator=generator)
         t = torch.randint(0, 1000, (len(idx),), generator=generator)
         pred = unet(scheduler.add_noise(clean, noise, t), t, class_labels=labels).sample
@@ -195,14 +223,30 @@ def train_class_conditioned(
             window = []
             if on_log:
                 on_log(step, losses[-1])
-    seconds = time.perf_counter() - t0
+    return losses
+
+
+def _save_image_model(
+    unet: Any,
+    scheduler: Any,
+    dataset: ImageDatasetRef,
+    config: ImageTrainingConfig,
+    channels: int,
+    losses: list[float],
+    seconds: float,
+    out_dir: Path,
+) -> None:
+    """The UNet, a DDIM scheduler (fewer sampling steps than DDPM), the model card and
+    ``losses.json``, written beside ``out_dir`` and moved into place at the end."""
+    from diffusers import DDIMScheduler
+
     tmp = out_dir.with_name(out_dir.name + ".tmp")
     unet.save_pretrained(str(tmp / "unet"), safe_serialization=True)
     DDIMScheduler.from_config(scheduler.config).save_pretrained(str(tmp / "scheduler"))
     ModelCard(
         classes=dataset.classes,
         sample_size=dataset.sample_size,
-        channels=int(x.shape[1]),
+        channels=channels,
         default_steps=config.sample_steps,
         dataset=dataset.source,
     ).write(tmp)
@@ -214,7 +258,6 @@ def train_class_conditioned(
 
         shutil.rmtree(out_dir)
     tmp.replace(out_dir)  # whole or absent: a rerun after a crash starts over
-    return TrainedImageModel(out_dir, losses, config.max_steps, seconds)
 
 
 def check_checkpoint(folder: str) -> Path:
@@ -287,30 +330,11 @@ def train_and_register(
     from training.registry import register
 
     if checkpoint:
-        folder = check_checkpoint(checkpoint)
-        key = hashlib.sha256(f"checkpoint:{folder.resolve()}".encode()).hexdigest()[:16]
-        kind, steps, final_loss = "pipeline", 0, float("nan")
-        if (folder / MODEL_CARD).exists():
-            kind = "class-conditioned"
-        run.log_params({"checkpoint": str(folder)})
+        folder, key, kind, steps, final_loss = _given_checkpoint(checkpoint, run)
     else:
-        key = config.key(dataset.content_hash)
-        run.log_params(
-            {**asdict(config), "dataset": dataset.source, "dataset_hash": dataset.content_hash[:12]}
+        folder, key, kind, steps, final_loss = _train_logged(
+            dataset, config, models_dir, run, on_log
         )
-        trained = train_class_conditioned(
-            dataset, config, models_dir / f"image-{key}", on_log=on_log
-        )
-        folder, kind, steps = trained.folder, "class-conditioned", trained.steps
-        final_loss = trained.losses[-1]
-        for i, loss in enumerate(trained.losses):
-            run.log_metrics({"train_loss": loss}, step=(i + 1) * config.log_every)
-        run.log_metrics({"train_seconds": trained.seconds, "final_loss": final_loss})
-        run.log_artifact(
-            loss_curve_png(trained.losses, config.log_every, folder.parent / f"{key}-loss.png"),
-            "plots",
-        )
-        run.log_artifact(sample_grid_png(folder, folder.parent / f"{key}-samples.png"), "plots")
     version = register(
         tracking_uri,
         run_id=run.run_id,
@@ -333,3 +357,45 @@ def train_and_register(
         registered_model=version.name, version=version.version,
         mlflow_run_id=version.run_id, mlflow_run_url=run.url,
     )  # fmt: skip
+
+
+# (model folder, lineage key, kind, training steps, final loss) of the model to register.
+_ImageSource = tuple[Path, str, str, int, float]
+
+
+def _given_checkpoint(checkpoint: str, run: Any) -> _ImageSource:
+    """A checkpoint folder used as it is, keyed by its resolved path."""
+    folder = check_checkpoint(checkpoint)
+    key = hashlib.sha256(f"checkpoint:{folder.resolve()}".encode()).hexdigest()[:16]
+    kind, steps, final_loss = "pipeline", 0, float("nan")
+    if (folder / MODEL_CARD).exists():
+        kind = "class-conditioned"
+    run.log_params({"checkpoint": str(folder)})
+    return folder, key, kind, steps, final_loss
+
+
+def _train_logged(
+    dataset: ImageDatasetRef,
+    config: ImageTrainingConfig,
+    models_dir: Path,
+    run: Any,
+    on_log: Callable[[int, float], None] | None,
+) -> _ImageSource:
+    """Train (or reuse the finished training of the same key) and log its parameters, loss
+    curve and a grid of samples to ``run``."""
+    key = config.key(dataset.content_hash)
+    run.log_params(
+        {**asdict(config), "dataset": dataset.source, "dataset_hash": dataset.content_hash[:12]}
+    )
+    trained = train_class_conditioned(dataset, config, models_dir / f"image-{key}", on_log=on_log)
+    folder = trained.folder
+    final_loss = trained.losses[-1]
+    for i, loss in enumerate(trained.losses):
+        run.log_metrics({"train_loss": loss}, step=(i + 1) * config.log_every)
+    run.log_metrics({"train_seconds": trained.seconds, "final_loss": final_loss})
+    run.log_artifact(
+        loss_curve_png(trained.losses, config.log_every, folder.parent / f"{key}-loss.png"),
+        "plots",
+    )
+    run.log_artifact(sample_grid_png(folder, folder.parent / f"{key}-samples.png"), "plots")
+    return folder, key, "class-conditioned", trained.steps, final_loss
