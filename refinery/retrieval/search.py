@@ -259,21 +259,6 @@ def rrf(ranks: Sequence[int | None], weights: Sequence[float], rrf_k: int) -> fl
     )
 
 
-def diversify(hits: Sequence[Hit], k: int, max_per_doc: int | None) -> list[Hit]:
-    """The first k hits, keeping at most ``max_per_doc`` of any one document (order kept)."""
-    if max_per_doc is None:
-        return list(hits[:k])
-    seen: dict[str, int] = {}
-    out: list[Hit] = []
-    for hit in hits:
-        if seen.get(hit.doc_id, 0) < max_per_doc:
-            seen[hit.doc_id] = seen.get(hit.doc_id, 0) + 1
-            out.append(hit)
-            if len(out) == k:
-                break
-    return out
-
-
 def search(
     engine: sa.Engine,
     space: EmbeddingSpace,
@@ -313,28 +298,31 @@ def search(
     with engine.begin() as conn:
         _plan_settings(conn, exact, max(ef_search, n), bool(filters))
         rows = conn.execute(stmt).all()
-    hits = [
-        Hit(
-            chunk_id=r.chunk_id,
-            doc_id=r.doc_id,
-            source=r.source,
-            title=r.title,
-            position=r.position,
-            text=r.text,
-            score=0.0 if r.distance is None else 1.0 - float(r.distance),
-            meta=r.meta,
-            vector_rank=r.vector_rank,
-            text_rank=r.text_rank,
-            text_score=None if r.text_score is None else float(r.text_score),
-            fused=float(r.fused),
-            context=r.context,
-        )
-        for r in rows
-    ]
+    hits = [_fused_hit(r) for r in rows]
     if mode is Mode.RERANK and reranker is not None and hits:
         hits = rerank(question, hits, reranker, fusion.rrf_k)
-    # The statement already keeps at most max_per_doc per document; this states the contract.
-    return diversify(hits, k, max_per_doc)
+    # The statement keeps at most max_per_doc per document (tests/integration/
+    # test_hybrid_search.py checks it against a reference); reranking only reorders its rows.
+    return hits[:k]
+
+
+def _fused_hit(r: Any) -> Hit:
+    """A row of the hybrid statement as a Hit (score 0 when no vector was given)."""
+    return Hit(
+        chunk_id=r.chunk_id,
+        doc_id=r.doc_id,
+        source=r.source,
+        title=r.title,
+        position=r.position,
+        text=r.text,
+        score=0.0 if r.distance is None else 1.0 - float(r.distance),
+        meta=r.meta,
+        vector_rank=r.vector_rank,
+        text_rank=r.text_rank,
+        text_score=None if r.text_score is None else float(r.text_score),
+        fused=float(r.fused),
+        context=r.context,
+    )
 
 
 def rerank(question: str, hits: Sequence[Hit], reranker: Reranker, rrf_k: int) -> list[Hit]:
@@ -486,99 +474,133 @@ def _hybrid_statement(
     ``max_per_doc`` per document, the k best joined to their chunks. Returns it and the number
     of candidates taken from each list."""
     _check_query(space, vector, k, DEFAULT_EF_SEARCH)
-    c, d, e = schema.chunks, schema.documents, space.table
     # More candidates when diversity may drop some; never fewer than k.
     n = max(fusion.candidates, k * (3 if max_per_doc else 1))
-    with_docs = bool(filters and filters.formats)
-    chunks_docs = c.join(d, d.c.doc_id == c.c.doc_id) if with_docs else c
-    vec = txt = None
-    if mode is not Mode.TEXT:
-        distance = e.c.embedding.cosine_distance(vector).label("distance")
-        inner = (
-            sa.select(c.c.chunk_id, c.c.doc_id, distance)
-            .select_from(e.join(chunks_docs, c.c.chunk_id == e.c.chunk_id))
-            .order_by(distance)
-            .limit(n)
-        )
-        sub = _filtered(inner, filters).subquery("vector_candidates")
-        vec = sa.select(
-            sub.c.chunk_id,
-            sub.c.doc_id,
-            sa.func.row_number().over(order_by=sub.c.distance).label("rank"),
-        ).cte("vec")
-    if mode is not Mode.VECTOR:
-        query = _text_query_cte(question, fusion.max_df)
-        rank = sa.func.ts_rank_cd(c.c.tsv, query.c.q, fusion.normalization).label("text_score")
-        inner = (
-            sa.select(c.c.chunk_id, c.c.doc_id, rank)
-            .select_from(chunks_docs.join(query, sa.true()))
-            .where(c.c.tsv.op("@@")(query.c.q))
-            .order_by(rank.desc(), c.c.chunk_id)
-            .limit(n)
-        )
-        sub = _filtered(inner, filters).subquery("text_candidates")
-        txt = sa.select(
-            sub.c.chunk_id,
-            sub.c.doc_id,
-            sub.c.text_score,
-            sa.func.row_number()
-            .over(order_by=(sub.c.text_score.desc(), sub.c.chunk_id))
-            .label("rank"),
-        ).cte("txt")
+    vec = _vector_candidates(space, vector, filters, n) if mode is not Mode.TEXT else None
+    txt = _text_candidates(question, filters, fusion, n) if mode is not Mode.VECTOR else None
+    pool = _capped(_fused(vec, txt, fusion).cte("fused"), max_per_doc)
+    return _best_chunks(pool, space, vector, k), n
+
+
+def _candidate_source(filters: Filters | None) -> Any:
+    """The chunks, joined to their documents when formats are filtered."""
+    c, d = schema.chunks, schema.documents
+    return c.join(d, d.c.doc_id == c.c.doc_id) if filters and filters.formats else c
+
+
+def _vector_candidates(
+    space: EmbeddingSpace, vector: np.ndarray | None, filters: Filters | None, n: int
+) -> Any:
+    """CTE ``vec(chunk_id, doc_id, rank)``: the n nearest chunks, ranked by cosine distance."""
+    c, e = schema.chunks, space.table
+    distance = e.c.embedding.cosine_distance(vector).label("distance")
+    inner = (
+        sa.select(c.c.chunk_id, c.c.doc_id, distance)
+        .select_from(e.join(_candidate_source(filters), c.c.chunk_id == e.c.chunk_id))
+        .order_by(distance)
+        .limit(n)
+    )
+    sub = _filtered(inner, filters).subquery("vector_candidates")
+    return sa.select(
+        sub.c.chunk_id,
+        sub.c.doc_id,
+        sa.func.row_number().over(order_by=sub.c.distance).label("rank"),
+    ).cte("vec")
+
+
+def _text_candidates(question: str, filters: Filters | None, fusion: Fusion, n: int) -> Any:
+    """CTE ``txt(chunk_id, doc_id, text_score, rank)``: the n chunks matching the question's
+    text query, ranked by ``ts_rank_cd`` (ties by chunk id)."""
+    c = schema.chunks
+    query = _text_query_cte(question, fusion.max_df)
+    rank = sa.func.ts_rank_cd(c.c.tsv, query.c.q, fusion.normalization).label("text_score")
+    inner = (
+        sa.select(c.c.chunk_id, c.c.doc_id, rank)
+        .select_from(_candidate_source(filters).join(query, sa.true()))
+        .where(c.c.tsv.op("@@")(query.c.q))
+        .order_by(rank.desc(), c.c.chunk_id)
+        .limit(n)
+    )
+    sub = _filtered(inner, filters).subquery("text_candidates")
+    return sa.select(
+        sub.c.chunk_id,
+        sub.c.doc_id,
+        sub.c.text_score,
+        sa.func.row_number().over(order_by=(sub.c.text_score.desc(), sub.c.chunk_id)).label("rank"),
+    ).cte("txt")
+
+
+def _null_int() -> Any:
+    return sa.null().cast(sa.BigInteger)
+
+
+def _null_float() -> Any:
+    return sa.null().cast(sa.Float)
+
+
+def _fused(vec: Any, txt: Any, fusion: Fusion) -> sa.Select:
+    """(chunk_id, doc_id, vector_rank, text_rank, text_score, fused) over the candidates:
+    ``fused`` is the reciprocal-rank fusion, ``w / (rrf_k + rank)`` summed over the lists a
+    chunk is in (a full outer join when there are two; weight 1 when there is one)."""
 
     def share(weight: float, rank: Any) -> Any:
         return sa.func.coalesce(
             sa.cast(weight, sa.Float) / (fusion.rrf_k + rank), sa.cast(0.0, sa.Float)
         )
 
-    null_int, null_float = sa.null().cast(sa.BigInteger), sa.null().cast(sa.Float)
     if vec is not None and txt is not None:
-        fused = sa.select(
+        fused = share(fusion.vector_weight, vec.c.rank) + share(fusion.text_weight, txt.c.rank)
+        return sa.select(
             sa.func.coalesce(vec.c.chunk_id, txt.c.chunk_id).label("chunk_id"),
             sa.func.coalesce(vec.c.doc_id, txt.c.doc_id).label("doc_id"),
             vec.c.rank.label("vector_rank"),
             txt.c.rank.label("text_rank"),
             txt.c.text_score,
-            (share(fusion.vector_weight, vec.c.rank) + share(fusion.text_weight, txt.c.rank)).label(
-                "fused"
-            ),
+            fused.label("fused"),
         ).select_from(vec.join(txt, vec.c.chunk_id == txt.c.chunk_id, full=True))
-    elif vec is not None:
-        fused = sa.select(
+    if vec is not None:
+        return sa.select(
             vec.c.chunk_id,
             vec.c.doc_id,
             vec.c.rank.label("vector_rank"),
-            null_int.label("text_rank"),
-            null_float.label("text_score"),
+            _null_int().label("text_rank"),
+            _null_float().label("text_score"),
             share(1.0, vec.c.rank).label("fused"),
         )
-    else:
-        assert txt is not None
-        fused = sa.select(
-            txt.c.chunk_id,
-            txt.c.doc_id,
-            null_int.label("vector_rank"),
-            txt.c.rank.label("text_rank"),
-            txt.c.text_score,
-            share(1.0, txt.c.rank).label("fused"),
-        )
-    f = fused.cte("fused")
-    pool: Any
-    if max_per_doc is not None:
-        nth = sa.func.row_number().over(
-            partition_by=f.c.doc_id, order_by=(f.c.fused.desc(), f.c.chunk_id)
-        )
-        ranked = sa.select(f, nth.label("nth")).subquery("per_document")
-        pool = sa.select(ranked).where(ranked.c.nth <= max_per_doc).subquery("diverse")
-    else:
-        pool = f.alias("pool")
-    distance_col = (
-        e.c.embedding.cosine_distance(vector) if vector is not None else null_float
+    assert txt is not None
+    return sa.select(
+        txt.c.chunk_id,
+        txt.c.doc_id,
+        _null_int().label("vector_rank"),
+        txt.c.rank.label("text_rank"),
+        txt.c.text_score,
+        share(1.0, txt.c.rank).label("fused"),
+    )
+
+
+def _capped(fused: Any, max_per_doc: int | None) -> Any:
+    """The fused rows, keeping each document's ``max_per_doc`` best (by fused score, ties by
+    chunk id); all of them when there is no cap."""
+    if max_per_doc is None:
+        return fused.alias("pool")
+    nth = sa.func.row_number().over(
+        partition_by=fused.c.doc_id, order_by=(fused.c.fused.desc(), fused.c.chunk_id)
+    )
+    ranked = sa.select(fused, nth.label("nth")).subquery("per_document")
+    return sa.select(ranked).where(ranked.c.nth <= max_per_doc).subquery("diverse")
+
+
+def _best_chunks(pool: Any, space: EmbeddingSpace, vector: np.ndarray | None, k: int) -> sa.Select:
+    """The k best rows of ``pool`` by fused score (ties by chunk id), joined to their chunks,
+    documents and (with a vector) their cosine distance to it."""
+    c, d, e = schema.chunks, schema.documents, space.table
+    distance = (
+        e.c.embedding.cosine_distance(vector) if vector is not None else _null_float()
     ).label("distance")
     source = pool.join(c, c.c.chunk_id == pool.c.chunk_id).join(d, d.c.doc_id == c.c.doc_id)
     if vector is not None:
         source = source.outerjoin(e, e.c.chunk_id == c.c.chunk_id)
-    stmt = (
+    return (
         sa.select(
             c.c.chunk_id,
             c.c.doc_id,
@@ -588,7 +610,7 @@ def _hybrid_statement(
             c.c.text,
             c.c.meta,
             c.c.context,
-            distance_col,
+            distance,
             pool.c.vector_rank,
             pool.c.text_rank,
             pool.c.text_score,
@@ -598,7 +620,6 @@ def _hybrid_statement(
         .order_by(pool.c.fused.desc(), c.c.chunk_id)
         .limit(k)
     )
-    return stmt, n
 
 
 def _source_clause(column: sa.ColumnElement[str], pattern: str) -> sa.ColumnElement[bool]:

@@ -1,9 +1,12 @@
 """Hybrid retrieval against the embedded Postgres: full-text and vector search in one SQL
-statement, the filters on both, diversity, the tsvector kept in step by upserts and edits,
-contextual embeddings re-made when a heading changes, the ONNX query embedder, `refinery query
---explain`, and a RAG answer that says it does not know."""
+statement, the filters on both, diversity, the statement's reciprocal-rank fusion and
+per-document cap against a plain reference (``reference_fusion``), the tsvector kept in step
+by upserts and edits, contextual embeddings re-made when a heading changes, the ONNX query
+embedder, `refinery query --explain`, and a RAG answer that says it does not know."""
 
 from __future__ import annotations
+
+import itertools
 
 import numpy as np
 import pytest
@@ -12,7 +15,7 @@ import sqlalchemy as sa
 from refinery.core import schema
 from refinery.corpus.chunking import ChunkingConfig
 from refinery.ingestion.sync import make_chunker, sync_chunks, sync_documents, sync_embeddings
-from refinery.retrieval.search import Filters, Mode, RetrievalError, Retriever, search
+from refinery.retrieval.search import Filters, Fusion, Mode, RetrievalError, Retriever, search
 
 pytestmark = pytest.mark.integration
 
@@ -84,6 +87,100 @@ def test_at_most_n_chunks_per_document(store, small_corpus, embedder):
         assert len({h.doc_id for h in capped}) == len(capped) >= (4 if mode is not Mode.TEXT else 2)
     with pytest.raises(RetrievalError):
         search(store.engine, space, vector, q, 6, max_per_doc=0)
+
+
+def reference_fusion(
+    lists: list[tuple[list[str], float]],
+    doc_of: dict[str, str],
+    rrf_k: int,
+    k: int,
+    max_per_doc: int | None,
+) -> list[tuple[str, list[int | None], float]]:
+    """What the hybrid statement should return, computed plainly: each candidate list is
+    (chunk ids in rank order, weight); a chunk's fused score is the sum over the lists it is in
+    of ``weight / (rrf_k + rank)``; best first (ties by chunk id), at most ``max_per_doc`` per
+    document, the first k. Rows: (chunk id, its rank in each list, fused score)."""
+    ranks: dict[str, list[int | None]] = {}
+    for i, (ids, _) in enumerate(lists):
+        for rank, chunk_id in enumerate(ids, start=1):
+            ranks.setdefault(chunk_id, [None] * len(lists))[i] = rank
+    fused = {
+        chunk_id: sum(w / (rrf_k + r) for r, (_, w) in zip(rs, lists, strict=True) if r is not None)
+        for chunk_id, rs in ranks.items()
+    }
+    kept: list[str] = []
+    per_doc: dict[str, int] = {}
+    for chunk_id in sorted(fused, key=lambda c: (-fused[c], c)):
+        doc = doc_of[chunk_id]
+        if max_per_doc is None or per_doc.get(doc, 0) < max_per_doc:
+            per_doc[doc] = per_doc.get(doc, 0) + 1
+            kept.append(chunk_id)
+    return [(c, ranks[c], fused[c]) for c in kept[:k]]
+
+
+def text_candidates(store, question: str, fusion: Fusion, n: int) -> list[str]:
+    """The full-text candidate list on its own: chunks matching the question's tsquery, by
+    ts_rank_cd, ties by chunk id."""
+    from refinery.retrieval.search import _text_query_cte
+
+    c = schema.chunks
+    query = _text_query_cte(question, fusion.max_df)
+    rank = sa.func.ts_rank_cd(c.c.tsv, query.c.q, fusion.normalization)
+    stmt = (
+        sa.select(c.c.chunk_id)
+        .select_from(c.join(query, sa.true()))
+        .where(c.c.tsv.op("@@")(query.c.q))
+        .order_by(rank.desc(), c.c.chunk_id)
+        .limit(n)
+    )
+    with store.engine.connect() as conn:
+        return list(conn.execute(stmt).scalars())
+
+
+def test_the_sql_fuses_by_reciprocal_rank_and_caps_each_document_as_the_reference_does(
+    store, small_corpus, embedder
+):
+    from refinery.retrieval.search import search_vector
+
+    space = ingest(store, small_corpus, embedder)
+    c = schema.chunks
+    with store.engine.connect() as conn:
+        doc_of = dict(conn.execute(sa.select(c.c.chunk_id, c.c.doc_id)).all())
+    k, checked = 6, 0
+    questions = [
+        "varroa mites monitoring sugar roll alcohol wash",
+        "When does a virgin queen take her mating flight?",
+    ]
+    fusions = [Fusion(), Fusion(rrf_k=3, vector_weight=0.6, text_weight=1.0, candidates=8)]
+    for question, fusion, max_per_doc in itertools.product(questions, fusions, (None, 1, 2)):
+        vector = embedder.encode([question])[0]
+        n = max(fusion.candidates, k * (3 if max_per_doc else 1))  # the statement's list length
+        found = search_vector(store.engine, space, vector, n, exact=True)
+        by_vector, by_text = (
+            [h.chunk_id for h in found],
+            text_candidates(store, question, fusion, n),
+        )
+        assert by_vector and by_text
+        cases = {
+            Mode.HYBRID: [(by_vector, fusion.vector_weight), (by_text, fusion.text_weight)],
+            Mode.TEXT: [(by_text, 1.0)],  # one list: weight 1
+        }
+        if max_per_doc is not None:  # vector mode runs the statement only with a cap
+            cases[Mode.VECTOR] = [(by_vector, 1.0)]
+        for mode, lists in cases.items():
+            hits = search(
+                store.engine, space, vector, question, k, mode=mode, fusion=fusion,
+                max_per_doc=max_per_doc, exact=True,
+            )  # fmt: skip
+            want = reference_fusion(lists, doc_of, fusion.rrf_k, k, max_per_doc)
+            where = f"{question!r} {mode} {fusion} max_per_doc={max_per_doc}"
+            assert [h.chunk_id for h in hits] == [chunk_id for chunk_id, _, _ in want], where
+            for hit, (_, ranks, fused) in zip(hits, want, strict=True):
+                assert hit.fused == pytest.approx(fused, rel=1e-9), where
+                if mode is Mode.HYBRID:
+                    assert [hit.vector_rank, hit.text_rank] == ranks, where
+            checked += 1
+    assert checked == len(questions) * len(fusions) * (2 + 3 + 3)
 
 
 def test_tsvector_stays_in_step_after_upserts_and_edits(store, small_corpus, embedder):

@@ -1,5 +1,7 @@
-"""The pure parts of retrieval: the text query, reciprocal rank fusion, diversity, modes,
-reranking order, and the `--explain` line."""
+"""The pure parts of retrieval: the text query, reciprocal rank fusion (as reranking and the
+vector-only mode use it; the hybrid statement's own fusion and per-document cap are checked
+against Postgres in tests/integration/test_hybrid_search.py), modes, reranking order, and the
+`--explain` line."""
 
 from __future__ import annotations
 
@@ -11,15 +13,10 @@ from refinery.retrieval.search import (
     Hit,
     Mode,
     RetrievalError,
-    diversify,
     parse_mode,
     rerank,
     rrf,
 )
-
-
-def hit(i: int, doc: str, **kw) -> Hit:
-    return Hit(f"c{i}", doc, f"{doc}.md", doc.title(), i, f"text {i}", 0.5, {}, **kw)
 
 
 def test_the_question_reaches_sql_only_as_a_bound_value():
@@ -44,13 +41,6 @@ def test_reciprocal_rank_fusion():
     # a zero weight drops a list; a heavier weight counts more
     assert rrf([1, 1], [1.0, 0.0], 60) == pytest.approx(1 / 61)
     assert rrf([None, 2], [1.0, 2.0], 10) == pytest.approx(2 / 12)
-
-
-def test_diversify_keeps_order_and_caps_each_document():
-    hits = [hit(0, "a"), hit(1, "a"), hit(2, "b"), hit(3, "a"), hit(4, "c"), hit(5, "b")]
-    assert [h.chunk_id for h in diversify(hits, 4, None)] == ["c0", "c1", "c2", "c3"]
-    assert [h.chunk_id for h in diversify(hits, 4, 1)] == ["c0", "c2", "c4"]
-    assert [h.chunk_id for h in diversify(hits, 4, 2)] == ["c0", "c1", "c2", "c4"]
 
 
 def test_modes_and_fusion_settings_are_checked():
