@@ -135,7 +135,6 @@ def train_scorer(
     of the text each row belongs to; a text scores its highest row and ``tune_y`` labels texts.
     """
     from scipy.sparse import csr_matrix, hstack
-    from sklearn.linear_model import LogisticRegression
 
     lo, hi = ngram_range
     x_train_ng = ngram_matrix(list(train_texts), lo, hi, bits)
@@ -146,29 +145,13 @@ def train_scorer(
         x_train = hstack([x_train_ng, csr_matrix(train_dense * dense_scale)]).tocsr()
         x_tune = hstack([x_tune_ng, csr_matrix(tune_dense * dense_scale)]).tocsr()
         for c in grid_c:
-            model = LogisticRegression(
-                C=c, class_weight="balanced", solver="liblinear", max_iter=1000, random_state=0
+            model, threshold, figures, margin = _fit_and_tune(
+                c, x_train, train_y, x_tune, tune_y, tune_groups, max_fpr
             )
-            model.fit(x_train, train_y)
-            tune_p = model.predict_proba(x_tune)[:, 1]
-            if tune_groups is not None:
-                grouped = np.zeros(len(tune_y))
-                np.maximum.at(grouped, tune_groups, tune_p)
-                tune_p = grouped
-            threshold = threshold_for(tune_p[~tune_y], max_fpr, tune_p[tune_y])
-            pred = tune_p > threshold
-            figures = rates(pred, tune_y)
-            margin = threshold - float(np.median(tune_p[~tune_y]))
             tried.append({"C": c, "dense_scale": dense_scale, "threshold": threshold, **figures})
             key = (figures["recall"], margin)
             if best is None or key > best[0]:
-                coef = model.coef_[0]
-                scorer = LinearScorer(
-                    ngram_weights=coef[: 1 << bits].astype(np.float32),
-                    dense_weights=(coef[1 << bits :] * dense_scale).astype(np.float32),
-                    bias=float(model.intercept_[0]),
-                    threshold=threshold,
-                )
+                scorer = _scorer_of(model, bits, dense_scale, threshold)
                 best = (key, scorer, {"C": c, "dense_scale": dense_scale, **figures})
     assert best is not None
     _, scorer, chosen = best
@@ -183,3 +166,42 @@ def train_scorer(
         "tune_rows": len(tune_y),
     }
     return scorer
+
+
+def _fit_and_tune(
+    c: float,
+    x_train: Any,
+    train_y: np.ndarray,
+    x_tune: Any,
+    tune_y: np.ndarray,
+    tune_groups: np.ndarray | None,
+    max_fpr: float,
+) -> tuple[Any, float, dict[str, float], float]:
+    """One grid point: (the model fitted at ``C=c``, its tune threshold, its tune recall and
+    FPR at that threshold, the threshold's margin over the benign scores' median)."""
+    from sklearn.linear_model import LogisticRegression
+
+    model = LogisticRegression(
+        C=c, class_weight="balanced", solver="liblinear", max_iter=1000, random_state=0
+    )
+    model.fit(x_train, train_y)
+    tune_p = model.predict_proba(x_tune)[:, 1]
+    if tune_groups is not None:
+        grouped = np.zeros(len(tune_y))
+        np.maximum.at(grouped, tune_groups, tune_p)
+        tune_p = grouped
+    threshold = threshold_for(tune_p[~tune_y], max_fpr, tune_p[tune_y])
+    figures = rates(tune_p > threshold, tune_y)
+    margin = threshold - float(np.median(tune_p[~tune_y]))
+    return model, threshold, figures, margin
+
+
+def _scorer_of(model: Any, bits: int, dense_scale: float, threshold: float) -> LinearScorer:
+    """The fitted weights as a scorer of unscaled dense features (the scale folded in)."""
+    coef = model.coef_[0]
+    return LinearScorer(
+        ngram_weights=coef[: 1 << bits].astype(np.float32),
+        dense_weights=(coef[1 << bits :] * dense_scale).astype(np.float32),
+        bias=float(model.intercept_[0]),
+        threshold=threshold,
+    )
