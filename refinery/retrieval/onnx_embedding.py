@@ -78,8 +78,6 @@ def ensure_export(models_dir: Path, embedder: Any) -> Path:
 
 def export(models_dir: Path, embedder: Any) -> Path:
     """Export ``embedder`` (a loaded ``refinery.retrieval.embedding.Embedder``) and check it."""
-    import torch
-
     ref: EmbeddingModelRef = embedder.ref
     location = Path(ref.location)
     if ref.tokenizer_path is None:
@@ -90,34 +88,9 @@ def export(models_dir: Path, embedder: Any) -> Path:
     st_model = embedder.model  # sentence-transformers; its first module wraps the HF model
     transformer = st_model[0].auto_model.eval()
     max_len = int(embedder.max_seq_length)
-
-    class Encoder(torch.nn.Module):
-        def __init__(self, inner: Any):
-            super().__init__()
-            self.inner = inner
-
-        def forward(self, input_ids: Any, attention_mask: Any) -> Any:
-            return self.inner(input_ids=input_ids, attention_mask=attention_mask)[0]
-
     work = Path(tempfile.mkdtemp(prefix=".export-", dir=target.parent))
     try:
-        ids = torch.ones((2, 8), dtype=torch.long)
-        mask = torch.ones((2, 8), dtype=torch.long)
-        axes = {0: "batch", 1: "sequence"}
-        with warnings.catch_warnings():
-            # The TorchScript exporter (3 s here; the dynamo one takes ~30 s) warns about
-            # Python conditions it traces; the check below is what proves the graph right.
-            warnings.simplefilter("ignore")
-            torch.onnx.export(
-                Encoder(transformer),
-                (ids, mask),
-                str(work / "model.onnx"),
-                dynamo=False,
-                input_names=["input_ids", "attention_mask"],
-                output_names=["last_hidden_state"],
-                dynamic_axes={"input_ids": axes, "attention_mask": axes},
-                opset_version=17,
-            )
+        _export_graph(transformer, work / "model.onnx")
         shutil.copy(ref.tokenizer_path, work / "tokenizer.json")
         manifest = {
             "name": ref.name,
@@ -128,14 +101,7 @@ def export(models_dir: Path, embedder: Any) -> Path:
             "normalize": normalize,
             "export_version": EXPORT_VERSION,
         }
-        (work / MANIFEST).write_text(json.dumps(manifest, indent=2))
-        check = OnnxEmbedder(work).encode(_CHECK_SENTENCES)
-        reference = embedder.encode(_CHECK_SENTENCES)
-        agreement = float(np.min(np.sum(check * reference, axis=1)))
-        if agreement < 0.9999:
-            raise ExportError(f"the ONNX export disagrees with the model (cosine {agreement:.6f})")
-        manifest["check_cosine"] = agreement
-        (work / MANIFEST).write_text(json.dumps(manifest, indent=2))
+        agreement = _check_against_model(work, manifest, embedder)
         if target.exists():  # made meanwhile by another process
             shutil.rmtree(work, ignore_errors=True)
             return target
@@ -145,6 +111,51 @@ def export(models_dir: Path, embedder: Any) -> Path:
         raise
     log.info("exported %s to ONNX at %s (check cosine %.6f)", ref.name, target, agreement)
     return target
+
+
+def _export_graph(transformer: Any, path: Path) -> None:
+    """The transformer's token states as an ONNX graph, batch and sequence length dynamic."""
+    import torch
+
+    class Encoder(torch.nn.Module):
+        def __init__(self, inner: Any):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, input_ids: Any, attention_mask: Any) -> Any:
+            return self.inner(input_ids=input_ids, attention_mask=attention_mask)[0]
+
+    ids = torch.ones((2, 8), dtype=torch.long)
+    mask = torch.ones((2, 8), dtype=torch.long)
+    axes = {0: "batch", 1: "sequence"}
+    with warnings.catch_warnings():
+        # The TorchScript exporter (3 s here; the dynamo one takes ~30 s) warns about
+        # Python conditions it traces; the check below is what proves the graph right.
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            Encoder(transformer),
+            (ids, mask),
+            str(path),
+            dynamo=False,
+            input_names=["input_ids", "attention_mask"],
+            output_names=["last_hidden_state"],
+            dynamic_axes={"input_ids": axes, "attention_mask": axes},
+            opset_version=17,
+        )
+
+
+def _check_against_model(work: Path, manifest: dict[str, Any], embedder: Any) -> float:
+    """Write the manifest, and the export's lowest cosine with the model on the check
+    sentences into it; raises ``ExportError`` when they disagree."""
+    (work / MANIFEST).write_text(json.dumps(manifest, indent=2))
+    check = OnnxEmbedder(work).encode(_CHECK_SENTENCES)
+    reference = embedder.encode(_CHECK_SENTENCES)
+    agreement = float(np.min(np.sum(check * reference, axis=1)))
+    if agreement < 0.9999:
+        raise ExportError(f"the ONNX export disagrees with the model (cosine {agreement:.6f})")
+    manifest["check_cosine"] = agreement
+    (work / MANIFEST).write_text(json.dumps(manifest, indent=2))
+    return agreement
 
 
 class OnnxEmbedder:
