@@ -5,7 +5,7 @@ Answers: SmolLM2-135M-Instruct (the packaged base chat model) answering both que
 (beekeeping and sqlite, see benchmarks/retrieval.py) from the top 3 hybrid hits over the
 default index, greedy, at most 48 new tokens, with per-token log-probabilities. Each answer
 is labelled correct or not by ``evaluation.calibration.is_correct`` against the reference.
-The fit (logistic regression on ``refinery.rag.answer.signals``, with and without the log-probability
+The fit (logistic regression on ``refinery.rag.confidence.signals``, with and without the log-probability
 signals) and the threshold (the lowest confidence at which at most 25% of the kept tune
 answers are wrong) use tune rows only and are written to data/rag/confidence.json.
 Reported on test rows: expected calibration error (10 bins), and the share of wrong answers
@@ -30,7 +30,8 @@ from evaluation.calibration import (
     reliability_diagram,
     wrong_above,
 )
-from refinery.rag.answer import CONFIDENCE_FILE, build_messages, lexical_confidence, signals
+from refinery.rag.confidence import CONFIDENCE_FILE, lexical_confidence, signals
+from refinery.rag.prompt import build_messages
 from refinery.retrieval.embedding import Embedder
 from refinery.retrieval.search import Mode, search
 

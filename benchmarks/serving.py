@@ -167,7 +167,7 @@ def rag_prompts(settings: Any) -> tuple[list[Any], list[Any]]:
     question), split in two by question id: tune (first half) and test."""
     from evaluation.datasets import load_rag_questions
     from refinery.core.stores import make_engine
-    from refinery.rag.answer import build_messages
+    from refinery.rag.prompt import build_messages
     from refinery.retrieval.embedding import Embedder
     from refinery.retrieval.search import Retriever
     from refinery.retrieval.vectorstore import VectorStore

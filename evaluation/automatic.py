@@ -5,7 +5,7 @@ Metrics (all in MLflow, per example and aggregated):
   the generated answers against them;
 - RAG questions: the same three against the reference answers; retrieval hit@k and MRR against
   the documents that hold the answer; groundedness of each answer in the chunks it was given
-  (``refinery.rag.answer.support``); whether the answer is correct (``evaluation.calibration.is_correct``)
+  (``refinery.rag.confidence.support``); whether the answer is correct (``evaluation.calibration.is_correct``)
   and the calibrated confidence, with its expected calibration error on the test split
   (``rag_test_ece``) and a reliability diagram (``reliability_png``);
 - latency per question (generation is batched: batch time / batch size) and tokens/s.
@@ -24,6 +24,7 @@ from evaluation.calibration import calibration_metrics, is_correct, reliability_
 from evaluation.metrics import exact_match, hit_at_k, reciprocal_rank, rouge_l, token_f1
 from refinery.generation.scoring import answer_nll
 from refinery.rag.answer import answer_batch
+from refinery.rag.confidence import Calibration
 
 
 class EvaluationError(ValueError):
@@ -70,8 +71,11 @@ def evaluate_model(
     k: int = 3,
     batch_size: int = 8,
     max_new_tokens: int = 48,
+    calibration: Calibration | None = None,
     progress: Callable[[str], None] | None = None,
 ) -> ModelEvaluation:
+    """Both sets answered and scored. ``calibration``: the RAG confidence model the service
+    runs (``refinery.rag.confidence.load_calibration``); None: the lexical score."""
     if not heldout_rows and not rag_rows:
         raise EvaluationError("both evaluation sets are empty: nothing to evaluate")
     say = progress or (lambda _m: None)
@@ -80,7 +84,7 @@ def evaluate_model(
     )
     say(f"{label}: {len(heldout_rows)} held-out answers")
     rag, rag_tokens, rag_seconds = _rag_examples(
-        generator, rag_rows, retriever, k, batch_size, max_new_tokens
+        generator, rag_rows, retriever, k, batch_size, max_new_tokens, calibration
     )
     examples += rag
     tokens += rag_tokens
@@ -130,6 +134,7 @@ def _rag_examples(
     k: int,
     batch_size: int,
     max_new_tokens: int,
+    calibration: Calibration | None,
 ) -> tuple[list[ExampleResult], int, float]:
     """(scored RAG answers, completion tokens, answering seconds)."""
     examples: list[ExampleResult] = []
@@ -137,8 +142,9 @@ def _rag_examples(
     for batch in _batches(rows, batch_size):
         t0 = time.perf_counter()
         answers = answer_batch(
-            [r["question"] for r in batch], retriever, generator, k=k, max_new_tokens=max_new_tokens
-        )
+            [r["question"] for r in batch], retriever, generator, k=k,
+            max_new_tokens=max_new_tokens, calibration=calibration,
+        )  # fmt: skip
         dt = time.perf_counter() - t0
         seconds += dt
         for row, ans in zip(batch, answers, strict=True):

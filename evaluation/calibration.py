@@ -3,12 +3,13 @@ expected calibration error and the reliability diagram.
 
 **Correct** (``is_correct``): an answer is correct when it carries the reference answer's facts:
 every number in the reference appears in the answer, and at least half of the reference's
-content words (stop words removed) appear in it. Lexical on purpose: it can be computed for
-every answer, and what a small model gets wrong is mostly a number or the thing named. An
-answer that says it does not know is not correct (every question in the sets has an answer).
+content words appear in it (``refinery.rag.text.content_words``: the same words that RAG's
+confidence signals count). Lexical on purpose: it can be computed for every answer, and what a
+small model gets wrong is mostly a number or the thing named. An answer that says it does not
+know is not correct (every question in the sets has an answer).
 
 The model (``fit_calibration``): logistic regression with an L2 penalty on standardized signals
-(``refinery.rag.answer.signals``), fitted by Newton's method in numpy; stored as JSON coefficients.
+(``refinery.rag.confidence.signals``), fitted by Newton's method in numpy; stored as JSON coefficients.
 Fitted only on rows of the tune split; ECE and the reliability diagram are reported on the test
 split.
 """
@@ -23,7 +24,8 @@ from typing import Any
 
 import numpy as np
 
-from refinery.rag.answer import Calibration, ConfidenceModel, says_unknown
+from refinery.rag.confidence import Calibration, ConfidenceModel, says_unknown
+from refinery.rag.text import content_words
 
 LOGPROB_FEATURES = ("mean_logprob", "min_logprob")
 BASE_FEATURES = (
@@ -35,70 +37,8 @@ BASE_FEATURES = (
     "fact_support",
     "says_unknown",
 )
-_STOP = frozenset(
-    [
-        "a",
-        "an",
-        "the",
-        "and",
-        "or",
-        "of",
-        "to",
-        "in",
-        "on",
-        "at",
-        "by",
-        "for",
-        "with",
-        "from",
-        "as",
-        "is",
-        "are",
-        "was",
-        "were",
-        "be",
-        "it",
-        "its",
-        "this",
-        "that",
-        "about",
-        "about",
-        "than",
-        "then",
-        "there",
-        "their",
-        "they",
-        "them",
-        "which",
-        "who",
-        "what",
-        "when",
-        "how",
-        "do",
-        "does",
-        "can",
-        "should",
-        "will",
-        "would",
-        "may",
-        "might",
-        "not",
-        "no",
-        "yes",
-        "your",
-        "you",
-    ]
-)
-_WORD = re.compile(r"[a-z0-9]+")
 _NUMBER = re.compile(r"\d+(?:\.\d+)?")
-
-
 _THOUSANDS = re.compile(r"(?<=\d),(?=\d)")
-
-
-def _content(text: str) -> set[str]:
-    text = _THOUSANDS.sub("", text.lower())
-    return {w for w in _WORD.findall(text) if w not in _STOP and len(w) > 1}
 
 
 def is_correct(answer: str, reference: str, min_recall: float = 0.5) -> bool:
@@ -109,10 +49,10 @@ def is_correct(answer: str, reference: str, min_recall: float = 0.5) -> bool:
     numbers = set(_NUMBER.findall(_THOUSANDS.sub("", reference)))
     if any(not re.search(rf"(?<![\d.]){re.escape(n)}(?![\d])", text) for n in numbers):
         return False
-    wanted = _content(reference)
+    wanted = content_words(reference)
     if not wanted:
         return True
-    return len(wanted & _content(answer)) / len(wanted) >= min_recall
+    return len(wanted & content_words(answer)) / len(wanted) >= min_recall
 
 
 def fit_logistic(

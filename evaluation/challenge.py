@@ -23,6 +23,7 @@ from evaluation.review import HumanEvaluation
 from evaluation.tracing import log_traces
 from refinery.core.registry import LocalModel, ModelRef, download, resolve
 from refinery.core.tracking import TrackedRun
+from refinery.rag.confidence import Calibration, load_calibration
 from refinery.retrieval.search import Retriever
 
 Progress = Callable[[str], None]
@@ -158,6 +159,7 @@ def run_evaluation(
     progress: Progress | None = None,
 ) -> EvaluationOutcome:
     results: dict[str, ModelEvaluation] = {}
+    calibration = load_calibration()  # the RAG confidence model the service runs, read once
     contenders = [("challenger", plan.challenger)]
     if plan.champion is not None:
         contenders.append(("champion", plan.champion))
@@ -166,7 +168,7 @@ def run_evaluation(
             progress(f"evaluating the {role}, {ref.label}")
         result = _evaluate_version(
             tracking_uri, ref, plan, retriever, k=k, batch_size=batch_size,
-            max_new_tokens=max_new_tokens, progress=progress,
+            max_new_tokens=max_new_tokens, calibration=calibration, progress=progress,
         )  # fmt: skip
         _log_contender(tracking_uri, run, role, ref.label, result)
         results[role] = result
@@ -216,6 +218,7 @@ def _evaluate_version(
     k: int,
     batch_size: int,
     max_new_tokens: int,
+    calibration: Calibration | None,
     progress: Progress | None,
 ) -> ModelEvaluation:
     # The download (hundreds of MB) lives as long as the evaluation, not in /tmp forever.
@@ -225,7 +228,7 @@ def _evaluate_version(
             return evaluate_model(
                 ref.label, model, plan.heldout, plan.rag, retriever, k=k,
                 batch_size=model.batch_size(batch_size), max_new_tokens=max_new_tokens,
-                progress=progress,
+                calibration=calibration, progress=progress,
             )  # fmt: skip
         finally:
             model.close()

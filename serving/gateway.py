@@ -2,6 +2,11 @@
 routes to it): cache and single flight, the guard, embeddings in this process, RAG retrieval,
 generation through the chat service's engine, cost accounting, the traffic log.
 
+One handler per endpoint family (``ChatHandler``, ``EmbeddingsHandler``, ``RagHandler``), over
+one ``GatewayContext`` holding what they share: the chat service, the cache, the traffic log,
+limits, pricing, which model answers, the guard's screen and the timeout. ``Gateway`` builds
+them from one set of arguments and is what the service holds.
+
 A cache hit never leaves this process. Identical requests in flight share one generation.
 Embeddings (and the guard's screening, which embeds too) run here, on a micro-batcher over the
 in-process model: no hop to another service and no copy of the vectors on the way.
@@ -20,6 +25,9 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from refinery.rag.answer import make_answer
+from refinery.rag.confidence import Calibration, load_calibration
+from refinery.rag.prompt import new_canary, prepare
 from serving.accounting import request_cost
 from serving.cache import ResponseCache, cache_key
 from serving.concurrency import MicroBatcher, SingleFlight
@@ -74,49 +82,62 @@ def unb64(text: str) -> np.ndarray:
     return np.frombuffer(base64.b64decode(text), dtype="<f4")  # (dim,)
 
 
-class Gateway:
-    def __init__(
-        self,
-        *,
-        chat: ChatClient,
-        encode: Callable[[list[str]], np.ndarray],
-        count_tokens: Callable[[list[str]], list[int]],
-        screen: Callable[[list[str]], list[dict[str, Any]]] | None,
-        chunk_screen: Any = None,
-        cache: ResponseCache,
-        traffic: TrafficLog,
-        limits: Limits,
-        hourly_price: float,
-        model_id: str,
-        model_label: str,
-        embedding_model: str,
-        follow: bool,
-        embed_batch: int = 32,
-        timeout_s: float = 120.0,
-        variant: str = "none",
-    ) -> None:
-        self.chat, self.cache, self.traffic, self.limits = chat, cache, traffic, limits
-        self.hourly_price, self.model_id, self.variant = hourly_price, model_id, variant
-        self.model_label = ""
-        self.show_model(model_label)
-        self.embedding_model, self.follow = embedding_model, follow
-        self.screen_fn, self.chunk_screen = screen, chunk_screen
-        # Every request ends within this: a generation, an embedding, a retrieval that takes
-        # longer answers 504 (the engine request is cancelled), never a hang.
-        self.timeout_s = timeout_s
-        self.flight = SingleFlight()
-        self._label_checked = 0.0
+# -- the shared parts -----------------------------------------------------------------------------
+class ModelIdentity:
+    """Which model answers: the registered name clients ask for (``model_id``), the version
+    answering now (``label``; it moves when the chat service follows an alias) and its
+    variant. The one mutable part of the context."""
 
-        def embed_batch_fn(texts: Sequence[str]) -> list[Embedded]:
-            t0 = time.perf_counter()
-            vectors = encode(list(texts))  # (n, dim)
-            share = (time.perf_counter() - t0) / max(1, len(texts))
-            tokens = count_tokens(list(texts))
-            return [Embedded(v, n, share) for v, n in zip(vectors, tokens, strict=True)]
+    def __init__(self, model_id: str, label: str, variant: str, follow: bool) -> None:
+        self.model_id, self.variant, self.follow = model_id, variant, follow
+        self.label = ""
+        self._checked = 0.0
+        self.show(label)
 
-        self.embedder = MicroBatcher(embed_batch_fn, max_batch=embed_batch, name="embed-batcher")
+    def show(self, label: str) -> None:
+        """Move the answering version (and its ``refinery_model_info`` series) to ``label``."""
+        if label == self.label:
+            return
+        if self.label:
+            MODEL_INFO.labels(model=self.label, variant=self.variant).set(0)
+        self.label = label
+        MODEL_INFO.labels(model=label, variant=self.variant).set(1)
 
-    # -- helpers ------------------------------------------------------------------------------
+    async def refresh(self, chat: ChatClient) -> None:
+        """When the chat service follows an alias, learn (every 2 s) which version answers, so
+        that cache keys and headers name the model that will answer."""
+        now = time.monotonic()
+        if self.follow and now - self._checked > 2.0:
+            self._checked = now
+            self.show(await chat.current_model())
+
+    def check(self, model: str | None) -> None:
+        """Refuse a request for a model that is not served here."""
+        if model and model not in (self.model_id, self.label, "refinery", "default"):
+            raise ApiError(
+                404,
+                f"model {model!r} is not served here; GET /v1/models lists {self.model_id!r}",
+                param="model",
+                code="model_not_found",
+            )
+
+
+@dataclass(frozen=True)
+class GatewayContext:
+    """What every handler shares: the chat service, the response cache, the traffic log, the
+    request limits, the price of an hour of this replica, which model answers, the guard's
+    screen (None: off) and the time every request ends within (a generation, an embedding, a
+    retrieval that takes longer answers 504, never a hang)."""
+
+    chat: ChatClient
+    cache: ResponseCache
+    traffic: TrafficLog
+    limits: Limits
+    hourly_price: float
+    model: ModelIdentity
+    screen_fn: Callable[[list[str]], list[dict[str, Any]]] | None = None
+    timeout_s: float = 120.0
+
     def account(self, endpoint: str, prompt: int, completion: int, compute_s: float) -> float:
         cost = request_cost(compute_s, self.hourly_price)
         TOKENS.labels(endpoint=endpoint, direction="in").inc(prompt)
@@ -126,29 +147,12 @@ class Gateway:
         REQUEST_COST.labels(endpoint=endpoint).observe(cost)
         return cost
 
-    async def refresh_label(self) -> None:
-        """When the chat service follows an alias, learn (every 2 s) which version answers, so
-        that cache keys and headers name the model that will answer."""
-        now = time.monotonic()
-        if self.follow and now - self._label_checked > 2.0:
-            self._label_checked = now
-            self.show_model(await self.chat.current_model())
-
-    def show_model(self, label: str) -> None:
-        """Move the answering version (and its ``refinery_model_info`` series) to ``label``."""
-        if label == self.model_label:
-            return
-        if self.model_label:
-            MODEL_INFO.labels(model=self.model_label, variant=self.variant).set(0)
-        self.model_label = label
-        MODEL_INFO.labels(model=label, variant=self.variant).set(1)
-
     def log(self, endpoint: str, prompt: str, t0: float, **fields: Any) -> None:
         """One traffic-log row (sampled, queued; written by a background thread)."""
         fields.setdefault("guard", "passed" if self.screen_fn else "off")
         self.traffic.record(
             endpoint=endpoint,
-            model=fields.pop("model", self.model_label),
+            model=fields.pop("model", self.model.label),
             prompt=prompt,
             latency_s=time.perf_counter() - t0,
             **fields,
@@ -171,6 +175,7 @@ class Gateway:
             await self._cache_io(self.cache.set, key, value)
 
     async def screen(self, endpoint: str, texts: list[str], t0: float) -> None:
+        """Refuse (400) texts the guard blocks, saying why; nothing when the guard is off."""
         if self.screen_fn is None or not texts:
             return
         verdicts = await asyncio.to_thread(self.screen_fn, texts)
@@ -185,18 +190,9 @@ class Gateway:
                 )
                 raise ApiError(400, message, code="prompt_injection")
 
-    def check_model(self, model: str | None) -> None:
-        if model and model not in (self.model_id, self.model_label, "refinery", "default"):
-            raise ApiError(
-                404,
-                f"model {model!r} is not served here; GET /v1/models lists {self.model_id!r}",
-                param="model",
-                code="model_not_found",
-            )
-
     def headers(self, cache: str, cost: float, label: str | None = None) -> dict[str, str]:
         return {
-            "x-refinery-model-version": label or self.model_label,
+            "x-refinery-model-version": label or self.model.label,
             "x-refinery-cache": cache,
             "x-refinery-cost-usd": f"{cost:.8f}",
         }
@@ -223,59 +219,69 @@ class Gateway:
             )  # fmt: skip
         return {**last, "text": "".join(text).strip()}
 
-    # -- chat --------------------------------------------------------------------------------
-    async def chat_completion(
+
+# -- chat -----------------------------------------------------------------------------------------
+class ChatHandler:
+    """``/v1/chat/completions``: cached and shared when greedy, or streamed from the engine."""
+
+    def __init__(self, ctx: GatewayContext) -> None:
+        self.ctx = ctx
+        self.flight = SingleFlight()
+
+    async def completion(
         self, item: dict[str, Any], t0: float
     ) -> tuple[dict[str, Any], dict[str, str]]:
         """Non-streamed chat: the cache, then one shared generation per identical request."""
+        ctx = self.ctx
         user_turns = [m["content"] for m in item["messages"] if m["role"] == "user"]
         prompt = user_turns[-1] if user_turns else ""
         greedy = item["temperature"] == 0 and item.get("seed") is None
-        key = cache_key("chat", self.model_label, item) if greedy else None
-        hit = await self.cached("chat", key)
+        key = cache_key("chat", ctx.model.label, item) if greedy else None
+        hit = await ctx.cached("chat", key)
         if hit is not None:  # cached answers passed the guard when they were made
-            self.log("chat", prompt, t0, answer=hit["text"], cache_hit=True, guard="cached")
-            return chat_response(self.model_id, **hit), self.headers("hit", 0.0)
-        await self.screen("chat", user_turns, t0)
-
-        async def make() -> dict[str, Any]:
-            out = await self.generate(item)
-            result = {
-                "text": out["text"],
-                "finish": out["finish_reason"],
-                "prompt_tokens": out["prompt_tokens"],
-                "completion_tokens": out["completion_tokens"],
-            }
-            await self.remember(key, result)
-            return {"result": result, "model": out.get("model", self.model_label),
-                    "compute_s": out.get("compute_s", 0.0)}  # fmt: skip
-
-        done, shared = await self.flight.run(key, make)
+            ctx.log("chat", prompt, t0, answer=hit["text"], cache_hit=True, guard="cached")
+            return chat_response(ctx.model.model_id, **hit), ctx.headers("hit", 0.0)
+        await ctx.screen("chat", user_turns, t0)
+        done, shared = await self.flight.run(key, lambda: self._make(item, key))
         result, label = done["result"], done["model"]
-        self.show_model(label)
+        ctx.model.show(label)
         cost = 0.0
         if shared:
             SHARED.labels(endpoint="chat").inc()
         else:
-            cost = self.account(
+            cost = ctx.account(
                 "chat", result["prompt_tokens"], result["completion_tokens"], done["compute_s"]
             )
-        self.log(
+        ctx.log(
             "chat", prompt, t0, answer=result["text"], prompt_tokens=result["prompt_tokens"],
             completion_tokens=result["completion_tokens"], cost_usd=cost, model=label,
         )  # fmt: skip
         state = "shared" if shared else "miss"
-        return chat_response(self.model_id, **result), self.headers(state, cost, label)
+        return chat_response(ctx.model.model_id, **result), ctx.headers(state, cost, label)
+
+    async def _make(self, item: dict[str, Any], key: str | None) -> dict[str, Any]:
+        """One generation, cached under ``key``; what every caller sharing it receives."""
+        out = await self.ctx.generate(item)
+        result = {
+            "text": out["text"],
+            "finish": out["finish_reason"],
+            "prompt_tokens": out["prompt_tokens"],
+            "completion_tokens": out["completion_tokens"],
+        }
+        await self.ctx.remember(key, result)
+        return {"result": result, "model": out.get("model", self.ctx.model.label),
+                "compute_s": out.get("compute_s", 0.0)}  # fmt: skip
 
     async def open_stream(self, item: dict[str, Any]) -> AsyncGenerator[dict[str, Any], None]:
         """The events of one generation, its first one already there: a request the engine
         refuses (busy, prompt too long) raises here, while its HTTP status can still say so."""
-        events: Any = self.chat.generate(item)
+        timeout_s = self.ctx.timeout_s
+        events: Any = self.ctx.chat.generate(item)
         try:
-            first = await asyncio.wait_for(anext(events), self.timeout_s)
+            first = await asyncio.wait_for(anext(events), timeout_s)
         except TimeoutError:
             await events.aclose()
-            raise timed_out("the first token", self.timeout_s) from None
+            raise timed_out("the first token", timeout_s) from None
 
         async def all_events() -> AsyncGenerator[dict[str, Any], None]:
             try:
@@ -287,7 +293,7 @@ class Gateway:
 
         return all_events()
 
-    async def chat_stream(
+    async def stream(
         self,
         events: AsyncIterator[dict[str, Any]],
         item: dict[str, Any],
@@ -296,12 +302,8 @@ class Gateway:
     ) -> AsyncIterator[str]:
         """Server-sent events in OpenAI's chunk format, straight from the engine's batches; a
         client that goes away closes this generator, which cancels its engine request."""
-        chunk_id = f"chatcmpl-{uuid.uuid4().hex}"
-
-        def sse(payload: dict[str, Any]) -> str:
-            return f"data: {json.dumps(payload)}\n\n"
-
-        yield sse(chat_chunk(chunk_id, self.model_id, {"role": "assistant", "content": ""}))
+        chunk_id, model_id = f"chatcmpl-{uuid.uuid4().hex}", self.ctx.model.model_id
+        yield _sse(chat_chunk(chunk_id, model_id, {"role": "assistant", "content": ""}))
         pieces: list[str] = []
         last: dict[str, Any] = {}
         try:
@@ -309,136 +311,316 @@ class Gateway:
                 last = event
                 if event.get("text"):
                     pieces.append(event["text"])
-                    yield sse(chat_chunk(chunk_id, self.model_id, {"content": event["text"]}))
+                    yield _sse(chat_chunk(chunk_id, model_id, {"content": event["text"]}))
             if last.get("finish_reason") == "error":
                 raise ApiError(503, f"generation failed: {last.get('error')}", type="server_error")
         except ApiError as err:
             # Headers are gone once a stream has started: report the error in-band, as an SSE
             # event with OpenAI's error body, and end the stream.
-            yield sse(err.body())
+            yield _sse(err.body())
             return
-        prompt_tokens, completion_tokens = (
-            last.get("prompt_tokens", 0),
-            last.get("completion_tokens", 0),
-        )
-        cost = self.account("chat", prompt_tokens, completion_tokens, last.get("compute_s", 0.0))
-        turns = [m["content"] for m in item["messages"] if m["role"] == "user"]
-        self.log(
-            "chat", turns[-1] if turns else "", t_start, answer="".join(pieces),
-            prompt_tokens=prompt_tokens, completion_tokens=completion_tokens, cost_usd=cost,
-            model=last.get("model", self.model_label),
-        )  # fmt: skip
-        yield sse(chat_chunk(chunk_id, self.model_id, {}, last.get("finish_reason") or "stop"))
+        prompt_tokens, completion_tokens = self._account_stream(item, last, pieces, t_start)
+        yield _sse(chat_chunk(chunk_id, model_id, {}, last.get("finish_reason") or "stop"))
         if options.get("include_usage"):
             usage = {
                 "prompt_tokens": prompt_tokens,
                 "completion_tokens": completion_tokens,
                 "total_tokens": prompt_tokens + completion_tokens,
             }
-            payload = chat_chunk(chunk_id, self.model_id, {}, None, usage)
+            payload = chat_chunk(chunk_id, model_id, {}, None, usage)
             payload["choices"] = []
-            yield sse(payload)
+            yield _sse(payload)
         yield "data: [DONE]\n\n"
 
-    # -- embeddings --------------------------------------------------------------------------
+    def _account_stream(
+        self, item: dict[str, Any], last: dict[str, Any], pieces: list[str], t_start: float
+    ) -> tuple[int, int]:
+        """Cost and traffic-log row of a finished stream; (prompt, completion) tokens."""
+        ctx = self.ctx
+        prompt_tokens, completion_tokens = (
+            last.get("prompt_tokens", 0),
+            last.get("completion_tokens", 0),
+        )
+        cost = ctx.account("chat", prompt_tokens, completion_tokens, last.get("compute_s", 0.0))
+        turns = [m["content"] for m in item["messages"] if m["role"] == "user"]
+        ctx.log(
+            "chat", turns[-1] if turns else "", t_start, answer="".join(pieces),
+            prompt_tokens=prompt_tokens, completion_tokens=completion_tokens, cost_usd=cost,
+            model=last.get("model", ctx.model.label),
+        )  # fmt: skip
+        return prompt_tokens, completion_tokens
+
+
+def _sse(payload: dict[str, Any]) -> str:
+    return f"data: {json.dumps(payload)}\n\n"
+
+
+# -- embeddings -----------------------------------------------------------------------------------
+class EmbeddingsHandler:
+    """``/v1/embeddings`` and the questions RAG embeds: a micro-batcher over the in-process
+    model, answers cached by text."""
+
+    def __init__(
+        self,
+        ctx: GatewayContext,
+        *,
+        encode: Callable[[list[str]], np.ndarray],
+        count_tokens: Callable[[list[str]], list[int]],
+        model_name: str,
+        max_batch: int = 32,
+    ) -> None:
+        self.ctx, self.model_name = ctx, model_name
+
+        def embed_batch(texts: Sequence[str]) -> list[Embedded]:
+            t0 = time.perf_counter()
+            vectors = encode(list(texts))  # (n, dim)
+            share = (time.perf_counter() - t0) / max(1, len(texts))
+            tokens = count_tokens(list(texts))
+            return [Embedded(v, n, share) for v, n in zip(vectors, tokens, strict=True)]
+
+        self.batcher = MicroBatcher(embed_batch, max_batch=max_batch, name="embed-batcher")
+
     async def embed(self, texts: list[str]) -> list[Embedded]:
         try:
-            return await asyncio.wait_for(self.embedder.submit_many(texts), self.timeout_s)
+            return await asyncio.wait_for(self.batcher.submit_many(texts), self.ctx.timeout_s)
         except TimeoutError:
-            raise timed_out("the embedding", self.timeout_s) from None
+            raise timed_out("the embedding", self.ctx.timeout_s) from None
 
     async def embeddings(self, texts: list[str], t0: float) -> tuple[list[str], int, str, float]:
         """(base64 vectors, tokens, cache state, cost)."""
-        key = cache_key("embeddings", self.embedding_model, {"input": texts})
-        hit = await self.cached("embeddings", key)
+        ctx = self.ctx
+        key = cache_key("embeddings", self.model_name, {"input": texts})
+        hit = await ctx.cached("embeddings", key)
         cost, state = 0.0, "hit"
         if hit is None:
             rows = await self.embed(texts)
             hit = {"vectors": [b64(r.vector) for r in rows], "tokens": sum(r.tokens for r in rows)}
-            cost = self.account("embeddings", hit["tokens"], 0, sum(r.compute_s for r in rows))
-            await self.remember(key, hit)
+            cost = ctx.account("embeddings", hit["tokens"], 0, sum(r.compute_s for r in rows))
+            await ctx.remember(key, hit)
             state = "miss"
-        self.log(
+        ctx.log(
             "embeddings", "\n".join(texts), t0, answer=None, prompt_tokens=hit["tokens"],
             cost_usd=cost, cache_hit=state == "hit", guard="off",  # embeddings are not screened
         )  # fmt: skip
         return hit["vectors"], hit["tokens"], state, cost
 
     def close(self) -> None:
-        self.embedder.close()
-        self.traffic.close()
+        self.batcher.close()
 
-    # -- RAG ---------------------------------------------------------------------------------
-    async def rag(
+
+# -- RAG ------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class RagPolicy:
+    """How ``/rag`` scores and withholds answers: the fitted confidence model (None: the
+    lexical score, nothing withheld; ``refinery.rag.confidence.load_calibration`` reads the
+    stored one) and the threshold (None: the calibration's own; 0: never withhold)."""
+
+    calibration: Calibration | None = None
+    min_confidence: float | None = None
+
+
+def _rag_policy_from_env() -> RagPolicy:
+    """What /rag ran with before the policy was a parameter: the stored calibration and
+    REFINERY_RAG_MIN_CONFIDENCE. Only for a ``Gateway`` built without ``rag_policy`` (the
+    service should pass ``RagPolicy(load_calibration(), settings.rag_min_confidence)``)."""
+    from refinery.core.settings import ServingSettings
+
+    return RagPolicy(load_calibration(), ServingSettings.from_env().rag_min_confidence)
+
+
+# search(question vector (dim,), k, filters) → hits, run in a thread
+Search = Callable[[np.ndarray, int, Any], list[Any]]
+
+
+class RagHandler:
+    """``/rag``: the question embedded, the corpus searched, the chunks screened, the answer
+    generated and scored; one shared generation per identical request, cached."""
+
+    def __init__(
         self,
-        request: dict[str, Any],
-        search: Callable[[np.ndarray, int, Any], list[Any]],
-        filters: Any,
-        t0: float,
+        ctx: GatewayContext,
+        embeddings: EmbeddingsHandler,
+        *,
+        chunk_screen: Any = None,
+        policy: RagPolicy = RagPolicy(),
+    ) -> None:
+        self.ctx, self.embeddings = ctx, embeddings
+        self.chunk_screen, self.policy = chunk_screen, policy
+        self.flight = SingleFlight()
+
+    async def answer(
+        self, request: dict[str, Any], search: Search, filters: Any, t0: float
     ) -> tuple[dict[str, Any], dict[str, str]]:
         """Answer ``request["question"]`` from the corpus: retrieval (``search``: vector, k,
         filters → hits), a prompt with the chunks, one shared generation per identical request."""
-        from refinery.rag.answer import make_answer, new_canary, prepare
-
-        question = request["question"]
-        key = cache_key("rag", self.model_label, request)
-        hit = await self.cached("rag", key)
+        ctx, question = self.ctx, request["question"]
+        key = cache_key("rag", ctx.model.label, request)
+        hit = await ctx.cached("rag", key)
         if hit is not None:  # cached answers passed the guard when they were made
-            self.log(
+            ctx.log(
                 "rag", question, t0, answer=hit["answer"], cache_hit=True, guard="cached",
                 retrieval_scores=[s["score"] for s in hit["sources"]],
             )  # fmt: skip
-            return hit, self.headers("hit", 0.0)
-        await self.screen("rag", [question], t0)
-
-        async def make() -> dict[str, Any]:
-            (emb,) = await self.embed([question])
-            try:
-                hits = await asyncio.wait_for(
-                    asyncio.to_thread(search, emb.vector, request["k"], filters), self.timeout_s
-                )
-            except TimeoutError:
-                raise timed_out("retrieval", self.timeout_s) from None
-            # Chunks that try to instruct the model are dropped (indirect injection); a random
-            # canary in the system prompt tells when an answer repeats it.
-            prompt = await asyncio.to_thread(
-                prepare, question, hits, screen=self.chunk_screen, canary=new_canary()
-            )
-            if prompt.screened:
-                SCREENED_CHUNKS.labels(endpoint="rag").inc(prompt.screened)
-            item = {
-                "messages": prompt.messages,
-                "max_tokens": request["max_tokens"],
-                "temperature": 0.0,
-                "top_p": 1.0,
-            }
-            out = await self.generate(item)
-            answer = make_answer(
-                question, prompt.hits, out["text"], out["prompt_tokens"], out["completion_tokens"],
-                screened=prompt.screened, canary=prompt.canary,
-            ).to_dict()  # fmt: skip
-            if answer["leak"]:
-                ANSWER_LEAKS.labels(endpoint="rag", how=answer["leak"]).inc()
-            answer["model"] = out.get("model", self.model_label)
-            await self.remember(key, answer)
-            compute = out.get("compute_s", 0.0) + emb.compute_s
-            return {"answer": answer, "compute_s": compute, "embed_tokens": emb.tokens,
-                    "scores": [h.score for h in hits]}  # fmt: skip
-
-        done, shared = await self.flight.run(key, make)
+            return hit, ctx.headers("hit", 0.0)
+        await ctx.screen("rag", [question], t0)
+        done, shared = await self.flight.run(key, lambda: self._make(request, search, filters, key))
         answer = done["answer"]
-        self.show_model(answer["model"])
+        ctx.model.show(answer["model"])
         prompt_tokens = answer["prompt_tokens"] + done["embed_tokens"]
         cost = 0.0
         if shared:
             SHARED.labels(endpoint="rag").inc()
         else:
-            cost = self.account(
-                "rag", prompt_tokens, answer["completion_tokens"], done["compute_s"]
-            )
-        self.log(
+            cost = ctx.account("rag", prompt_tokens, answer["completion_tokens"], done["compute_s"])
+        ctx.log(
             "rag", question, t0, answer=answer["answer"], prompt_tokens=prompt_tokens,
             completion_tokens=answer["completion_tokens"], cost_usd=cost,
             retrieval_scores=done["scores"], model=answer["model"],
         )  # fmt: skip
-        return answer, self.headers("shared" if shared else "miss", cost, answer["model"])
+        return answer, ctx.headers("shared" if shared else "miss", cost, answer["model"])
+
+    async def _retrieve(
+        self, request: dict[str, Any], search: Search, filters: Any
+    ) -> tuple[Embedded, list[Any]]:
+        """The question's embedding and the hits for it, within the timeout."""
+        (emb,) = await self.embeddings.embed([request["question"]])
+        try:
+            hits = await asyncio.wait_for(
+                asyncio.to_thread(search, emb.vector, request["k"], filters), self.ctx.timeout_s
+            )
+        except TimeoutError:
+            raise timed_out("retrieval", self.ctx.timeout_s) from None
+        return emb, hits
+
+    async def _make(
+        self, request: dict[str, Any], search: Search, filters: Any, key: str | None
+    ) -> dict[str, Any]:
+        """One answer, cached under ``key``; what every caller sharing it receives."""
+        ctx, question = self.ctx, request["question"]
+        emb, hits = await self._retrieve(request, search, filters)
+        # Chunks that try to instruct the model are dropped (indirect injection); a random
+        # canary in the system prompt tells when an answer repeats it.
+        prompt = await asyncio.to_thread(
+            prepare, question, hits, screen=self.chunk_screen, canary=new_canary()
+        )
+        if prompt.screened:
+            SCREENED_CHUNKS.labels(endpoint="rag").inc(prompt.screened)
+        item = {"messages": prompt.messages, "max_tokens": request["max_tokens"],
+                "temperature": 0.0, "top_p": 1.0}  # fmt: skip
+        out = await ctx.generate(item)
+        answer = make_answer(
+            question, prompt.hits, out["text"], out["prompt_tokens"], out["completion_tokens"],
+            calibration=self.policy.calibration, min_confidence=self.policy.min_confidence,
+            screened=prompt.screened, canary=prompt.canary,
+        ).to_dict()  # fmt: skip
+        if answer["leak"]:
+            ANSWER_LEAKS.labels(endpoint="rag", how=answer["leak"]).inc()
+        answer["model"] = out.get("model", ctx.model.label)
+        await ctx.remember(key, answer)
+        compute = out.get("compute_s", 0.0) + emb.compute_s
+        return {"answer": answer, "compute_s": compute, "embed_tokens": emb.tokens,
+                "scores": [h.score for h in hits]}  # fmt: skip
+
+
+# -- the facade the service holds -----------------------------------------------------------------
+class Gateway:
+    """The context and the three handlers, built from one set of arguments; the service calls
+    its methods (each one a handler's)."""
+
+    def __init__(
+        self,
+        *,
+        chat: ChatClient,
+        encode: Callable[[list[str]], np.ndarray],
+        count_tokens: Callable[[list[str]], list[int]],
+        screen: Callable[[list[str]], list[dict[str, Any]]] | None,
+        chunk_screen: Any = None,
+        cache: ResponseCache,
+        traffic: TrafficLog,
+        limits: Limits,
+        hourly_price: float,
+        model_id: str,
+        model_label: str,
+        embedding_model: str,
+        follow: bool,
+        embed_batch: int = 32,
+        timeout_s: float = 120.0,
+        variant: str = "none",
+        rag_policy: RagPolicy | None = None,
+    ) -> None:
+        self.context = GatewayContext(
+            chat=chat, cache=cache, traffic=traffic, limits=limits, hourly_price=hourly_price,
+            model=ModelIdentity(model_id, model_label, variant, follow), screen_fn=screen,
+            timeout_s=timeout_s,
+        )  # fmt: skip
+        self.chat_handler = ChatHandler(self.context)
+        self.embeddings_handler = EmbeddingsHandler(
+            self.context, encode=encode, count_tokens=count_tokens,
+            model_name=embedding_model, max_batch=embed_batch,
+        )  # fmt: skip
+        self.rag_handler = RagHandler(
+            self.context, self.embeddings_handler, chunk_screen=chunk_screen,
+            policy=_rag_policy_from_env() if rag_policy is None else rag_policy,
+        )  # fmt: skip
+
+    # -- the model answering ---------------------------------------------------------------------
+    @property
+    def model_id(self) -> str:
+        return self.context.model.model_id
+
+    @property
+    def model_label(self) -> str:
+        return self.context.model.label
+
+    async def refresh_label(self) -> None:
+        await self.context.model.refresh(self.context.chat)
+
+    def show_model(self, label: str) -> None:
+        self.context.model.show(label)
+
+    def check_model(self, model: str | None) -> None:
+        self.context.model.check(model)
+
+    # -- shared steps the routes call ------------------------------------------------------------
+    def headers(self, cache: str, cost: float, label: str | None = None) -> dict[str, str]:
+        return self.context.headers(cache, cost, label)
+
+    async def screen(self, endpoint: str, texts: list[str], t0: float) -> None:
+        await self.context.screen(endpoint, texts, t0)
+
+    # -- the endpoints ---------------------------------------------------------------------------
+    async def chat_completion(
+        self, item: dict[str, Any], t0: float
+    ) -> tuple[dict[str, Any], dict[str, str]]:
+        return await self.chat_handler.completion(item, t0)
+
+    async def open_stream(self, item: dict[str, Any]) -> AsyncGenerator[dict[str, Any], None]:
+        return await self.chat_handler.open_stream(item)
+
+    def chat_stream(
+        self,
+        events: AsyncIterator[dict[str, Any]],
+        item: dict[str, Any],
+        options: dict[str, Any],
+        t_start: float,
+    ) -> AsyncIterator[str]:
+        return self.chat_handler.stream(events, item, options, t_start)
+
+    @property
+    def embedder(self) -> MicroBatcher[str, Embedded]:
+        return self.embeddings_handler.batcher
+
+    async def embed(self, texts: list[str]) -> list[Embedded]:
+        return await self.embeddings_handler.embed(texts)
+
+    async def embeddings(self, texts: list[str], t0: float) -> tuple[list[str], int, str, float]:
+        return await self.embeddings_handler.embeddings(texts, t0)
+
+    async def rag(
+        self, request: dict[str, Any], search: Search, filters: Any, t0: float
+    ) -> tuple[dict[str, Any], dict[str, str]]:
+        return await self.rag_handler.answer(request, search, filters, t0)
+
+    def close(self) -> None:
+        self.embeddings_handler.close()
+        self.context.traffic.close()

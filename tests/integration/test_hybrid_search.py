@@ -279,18 +279,21 @@ def test_query_explain_from_the_command_line(tmp_path, small_corpus):
     assert rows and all(r["text_rank"] is None for r in rows)
 
 
-def test_rag_answer_below_the_threshold_says_it_does_not_know(
-    store, small_corpus, embedder, monkeypatch
-):
+def test_rag_answer_below_the_threshold_says_it_does_not_know(store, small_corpus, embedder):
     from refinery.rag.answer import make_answer
+    from refinery.rag.confidence import load_calibration
 
     ingest(store, small_corpus, embedder)
     hits = Retriever(store, embedder).search("What is the airspeed of an unladen swallow?", k=3)
-    monkeypatch.setenv("REFINERY_RAG_MIN_CONFIDENCE", "0.99")
+    calibration = load_calibration()
+    assert calibration is not None
     answer = make_answer(
-        "What is the airspeed of an unladen swallow?", hits, "About 24 mph.", 50, 5
-    )
+        "What is the airspeed of an unladen swallow?", hits, "About 24 mph.", 50, 5,
+        calibration=calibration, min_confidence=0.99,
+    )  # fmt: skip
     assert answer.abstained and answer.answer.startswith("I don't know")
     assert answer.sources and all(s.source in answer.answer for s in answer.sources)
-    monkeypatch.setenv("REFINERY_RAG_MIN_CONFIDENCE", "0")
-    assert make_answer("q", hits, "About 24 mph.", 50, 5).answer == "About 24 mph."
+    never = make_answer(
+        "q", hits, "About 24 mph.", 50, 5, calibration=calibration, min_confidence=0
+    )
+    assert never.answer == "About 24 mph."

@@ -17,14 +17,14 @@ from evaluation.calibration import (
     is_correct,
     wrong_above,
 )
-from refinery.rag.answer import (
+from refinery.rag.answer import make_answer
+from refinery.rag.confidence import (
     CONFIDENCE_FILE,
     Calibration,
     ConfidenceModel,
     fact_support,
     facts,
     load_calibration,
-    make_answer,
     signals,
 )
 from refinery.retrieval.search import Hit
@@ -129,8 +129,7 @@ def test_with_and_without_logprobs():
     )
 
 
-def test_an_unsure_answer_says_it_does_not_know_with_its_sources(monkeypatch):
-    monkeypatch.delenv("REFINERY_RAG_MIN_CONFIDENCE", raising=False)
+def test_an_unsure_answer_says_it_does_not_know_with_its_sources():
     hits = [hit("Queens emerge after 16 days.", 0.3)]
     unsure = make_answer("When?", hits, "After 40 days.", 10, 4, calibration=calibration(0.5))
     assert unsure.abstained and unsure.confidence < 0.5
@@ -147,11 +146,14 @@ def test_an_unsure_answer_says_it_does_not_know_with_its_sources(monkeypatch):
     )
     assert not sure.abstained and sure.answer == "After 16 days."
     # the threshold is configurable: 0 never withholds
-    monkeypatch.setenv("REFINERY_RAG_MIN_CONFIDENCE", "0")
-    assert not make_answer("When?", hits, "x", 1, 1, calibration=calibration(0.5)).abstained
-    monkeypatch.setenv("REFINERY_RAG_MIN_CONFIDENCE", "2")
-    with pytest.raises(ValueError, match="REFINERY_RAG_MIN_CONFIDENCE"):
-        make_answer("When?", hits, "x", 1, 1, calibration=calibration(0.5))
+    assert not make_answer(
+        "When?", hits, "x", 1, 1, calibration=calibration(0.5), min_confidence=0
+    ).abstained
+    with pytest.raises(ValueError, match="min_confidence"):
+        make_answer("When?", hits, "x", 1, 1, calibration=calibration(0.5), min_confidence=2)
+    # without a calibration: the lexical score, nothing withheld
+    lexical = make_answer("When?", hits, "After 40 days.", 10, 4)
+    assert not lexical.abstained and lexical.answer == "After 40 days."
 
 
 def test_calibration_round_trips_through_json_and_the_stored_one_loads():
@@ -172,4 +174,9 @@ def test_calibration_round_trips_through_json_and_the_stored_one_loads():
 def test_the_stored_calibration_loads():
     """data/rag/confidence.json is made by `python -m benchmarks confidence` and committed."""
     stored = load_calibration(CONFIDENCE_FILE)
+    assert stored is not None
     assert 0 < stored.threshold < 1 and stored.without_logprobs.features
+
+
+def test_no_stored_calibration_means_none(tmp_path):
+    assert load_calibration(tmp_path / "none.json") is None

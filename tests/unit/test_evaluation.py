@@ -17,7 +17,8 @@ from evaluation.metrics import (
     rouge_l,
     token_f1,
 )
-from refinery.rag.answer import build_messages, retrieval_confidence, support
+from refinery.rag.confidence import retrieval_confidence, support
+from refinery.rag.prompt import build_messages
 from refinery.retrieval.search import Hit
 
 

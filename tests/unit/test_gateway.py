@@ -11,7 +11,9 @@ import numpy as np
 import pytest
 
 from serving.cache import InProcessCache
-from serving.gateway import Gateway, unb64
+from refinery.rag.confidence import Calibration, ConfidenceModel
+from refinery.retrieval.search import Hit
+from serving.gateway import Gateway, RagPolicy, unb64
 from serving.openai_schema import ApiError, Limits
 from serving.traffic import TrafficLog, TrafficSettings
 
@@ -44,7 +46,7 @@ class ScriptedChat:
             self.closed += 1
 
 
-def gateway(chat, screen=None) -> Gateway:
+def gateway(chat, screen=None, rag_policy=None) -> Gateway:
     return Gateway(
         chat=chat,
         encode=lambda texts: np.eye(len(texts), 4, dtype=np.float32),
@@ -58,6 +60,7 @@ def gateway(chat, screen=None) -> Gateway:
         model_label="chat/1",
         embedding_model="mini",
         follow=False,
+        rag_policy=rag_policy,
     )
 
 
@@ -169,6 +172,41 @@ def test_embeddings_are_batched_in_process_and_cached():
     assert unb64(many[0][0][0]).shape == (4,)
     assert gw.embedder.items == 6 and gw.embedder.batches < 6  # concurrent texts shared batches
     gw.close()
+
+
+def test_rag_answers_from_the_hits_caches_and_withholds_below_the_policys_threshold():
+    chat = ScriptedChat(words=("Bees", " make", " honey."))
+    chat.gate.set()
+    hits = [Hit("c1", "d1", "bees.md", "Bees", 0, "Bees make honey from nectar.", 0.8, {}, 1, 1)]
+    searched: list[int] = []
+
+    def search(vector, k, filters):
+        searched.append(k)
+        return hits
+
+    request = {"question": "What do bees make?", "k": 3, "filters": {}, "max_tokens": 8}
+    always_unsure = Calibration(
+        None, ConfidenceModel(("top_cosine",), (0.5,), (0.1,), (0.0,), 0.0), 0.9
+    )
+    plain, unsure = (
+        gateway(chat, rag_policy=RagPolicy()),
+        gateway(chat, rag_policy=RagPolicy(always_unsure)),
+    )
+
+    async def run():
+        first = await plain.rag(dict(request), search, None, 0.0)
+        again = await plain.rag(dict(request), search, None, 0.0)
+        withheld, _ = await unsure.rag(dict(request), search, None, 0.0)
+        return first, again, withheld
+
+    (answer, headers), (_, again), withheld = asyncio.run(run())
+    assert answer["answer"] == "Bees make honey." and answer["sources"][0]["source"] == "bees.md"
+    assert not answer["abstained"] and headers["x-refinery-cache"] == "miss"
+    assert again["x-refinery-cache"] == "hit" and searched == [3, 3]  # the repeat was cached
+    assert withheld["abstained"] and withheld["answer"].startswith("I don't know")
+    assert withheld["confidence"] == 0.5  # the calibration's sigmoid(0), under its 0.9
+    plain.close()
+    unsure.close()
 
 
 # --- the chat service's client: every response closed, whatever the ending --------------------

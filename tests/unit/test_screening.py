@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 from refinery.corpus.documents import corpus_file, parse_file
-from refinery.rag.answer import LEAK_REFUSAL, SYSTEM_PROMPT, leak, make_answer, new_canary, prepare
+from refinery.rag.answer import make_answer
+from refinery.rag.prompt import LEAK_REFUSAL, SYSTEM_PROMPT, leak, new_canary, prepare
 from refinery.retrieval.search import Hit
 from refinery.safety.screening.documents import DocumentScreen, document_screen, passages, sentences
 from refinery.safety.screening.features import ngram_buckets, ngram_vector
