@@ -118,8 +118,6 @@ def register(
     Through an explicit client: the fluent ``log_model`` would set process-wide tracking and
     registry URIs that outlive the call.
     """
-    import mlflow.pyfunc
-
     from refinery.core.tracking import client_for
 
     _check_name(name)
@@ -137,27 +135,8 @@ def register(
         TAG_VARIANT: variant,
     }
     artifact_path = f"model-{variant}"
-    with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
-        # MLflow warns that predict's type hints give no schema and that no input example
-        # was given: the signature below says what the model takes.
-        warnings.simplefilter("ignore", UserWarning)
-        local = Path(tmp) / artifact_path
-        image = kind == "image"
-        mlflow.pyfunc.save_model(
-            str(local),
-            python_model=str(IMAGE_PYFUNC_FILE if image else PYFUNC_FILE),
-            # "model": the weights MLflow's pyfunc loads; extra ones (an OpenVINO export for
-            # the CPU serving engine) travel with the version.
-            artifacts={
-                "model": str(model_dir),
-                **{k: str(v) for k, v in (extra_artifacts or {}).items()},
-            },
-            code_paths=[str(IMAGEGEN_FILE if image else GENERATION_FILE)],
-            model_config={"variant": variant},
-            signature=image_signature() if image else signature(),
-            pip_requirements=pip_requirements(("diffusers", "pillow") if image else ()),
-        )
-        client.log_artifacts(run_id, str(local), artifact_path)
+    image = kind == "image"
+    _log_pyfunc(client, run_id, artifact_path, model_dir, variant, image, extra_artifacts)
     if not client.search_registered_models(filter_string=f"name = '{name}'"):
         client.create_registered_model(
             name,
@@ -175,6 +154,41 @@ def register(
     if alias:
         client.set_registered_model_alias(name, alias, mv.version)
     return RegisteredVersion(name, str(mv.version), run_id, mv.source or "", reused=False)
+
+
+def _log_pyfunc(
+    client: Any,
+    run_id: str,
+    artifact_path: str,
+    model_dir: Path,
+    variant: str,
+    image: bool,
+    extra_artifacts: Mapping[str, Path] | None,
+) -> None:
+    """Save ``model_dir`` as an MLflow model from code and log it to ``run_id`` under
+    ``artifact_path``."""
+    import mlflow.pyfunc
+
+    with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
+        # MLflow warns that predict's type hints give no schema and that no input example
+        # was given: the signature below says what the model takes.
+        warnings.simplefilter("ignore", UserWarning)
+        local = Path(tmp) / artifact_path
+        mlflow.pyfunc.save_model(
+            str(local),
+            python_model=str(IMAGE_PYFUNC_FILE if image else PYFUNC_FILE),
+            # "model": the weights MLflow's pyfunc loads; extra ones (an OpenVINO export for
+            # the CPU serving engine) travel with the version.
+            artifacts={
+                "model": str(model_dir),
+                **{k: str(v) for k, v in (extra_artifacts or {}).items()},
+            },
+            code_paths=[str(IMAGEGEN_FILE if image else GENERATION_FILE)],
+            model_config={"variant": variant},
+            signature=image_signature() if image else signature(),
+            pip_requirements=pip_requirements(("diffusers", "pillow") if image else ()),
+        )
+        client.log_artifacts(run_id, str(local), artifact_path)
 
 
 def register_folder(
