@@ -236,9 +236,6 @@ def train_lora(
     training would otherwise be resumed.
     """
     import torch
-    from datasets import Dataset
-    from transformers import DataCollatorForSeq2Seq, Trainer
-    from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
     cuda = torch.cuda.is_available()
     config.validate(cuda)
@@ -247,21 +244,12 @@ def train_lora(
     model, tokenizer = load_base_for_training(base_dir, config, use_cuda)
     peft_model = _attach_lora(model, config)
     trainable, total = peft_model.get_nb_trainable_parameters()
-    train_ds = Dataset.from_list(tokenize_for_sft(train_rows, tokenizer, config.max_tokens))
-    eval_ds = Dataset.from_list(tokenize_for_sft(eval_rows, tokenizer, config.max_tokens))
     checkpoints = work_dir / "checkpoints"
     history: list[dict[str, float]] = []
-    trainer = Trainer(
-        model=peft_model,
-        args=_training_arguments(config, checkpoints, use_cuda),
-        train_dataset=train_ds,
-        eval_dataset=eval_ds,
-        data_collator=DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100),
-        callbacks=[_metrics_callback(history, on_metrics, progress)],
-    )
-    # Progress goes to the metric sink and the log, not to stdout dictionaries.
-    trainer.remove_callback(PrinterCallback)
-    trainer.remove_callback(ProgressCallback)
+    trainer = _make_trainer(
+        peft_model, tokenizer, train_rows, eval_rows, config, checkpoints, use_cuda,
+        _MetricsTarget(history, on_metrics, progress),
+    )  # fmt: skip
     resume = _latest_checkpoint(checkpoints)
     resumed_from = int(resume.name.split("-")[-1]) if resume else 0
     eval_before = _eval_loss_before(trainer, work_dir)
@@ -275,25 +263,73 @@ def train_lora(
     seconds = time.perf_counter() - t0
     eval_after = float(trainer.evaluate()["eval_loss"])
     adapter_dir = work_dir / "adapter"
-    if trainer.is_world_process_zero():
+    if trainer.is_world_process_zero():  # one writer when several processes train
         peft_model.save_pretrained(str(adapter_dir), safe_serialization=True)
         tokenizer.save_pretrained(str(adapter_dir))
-    rates = sorted(h["tokens_per_second"] for h in history if "tokens_per_second" in h)
     return TrainingResult(
         adapter_dir=str(adapter_dir),
         steps=trainer.state.global_step,
         resumed_from_step=resumed_from,
-        train_loss=float(
-            next((h["loss"] for h in reversed(history) if "loss" in h), output.training_loss)
-        ),
+        train_loss=_last_train_loss(history, output.training_loss),
         eval_loss_before=eval_before,
         eval_loss_after=eval_after,
         trainable_parameters=int(trainable),
         total_parameters=int(total),
         seconds=seconds,
-        tokens_per_second=rates[len(rates) // 2] if rates else 0.0,  # median over logged steps
+        tokens_per_second=_median_tokens_per_second(history),
         history=history,
     )
+
+
+def _last_train_loss(history: list[dict[str, float]], mean_loss: float) -> float:
+    """The loss of the last logged step; the Trainer's mean over the run if none was logged."""
+    return float(next((h["loss"] for h in reversed(history) if "loss" in h), mean_loss))
+
+
+def _median_tokens_per_second(history: list[dict[str, float]]) -> float:
+    """Median tokens/s over the logged training steps (0 when none was timed)."""
+    rates = sorted(h["tokens_per_second"] for h in history if "tokens_per_second" in h)
+    return rates[len(rates) // 2] if rates else 0.0
+
+
+@dataclass
+class _MetricsTarget:
+    """Where the Trainer's log rows go: kept in ``history``, passed to the sink and progress."""
+
+    history: list[dict[str, float]]
+    on_metrics: MetricSink | None
+    progress: Callable[[str], None] | None
+
+
+def _make_trainer(
+    peft_model: Any,
+    tokenizer: Any,
+    train_rows: list[dict[str, Any]],
+    eval_rows: list[dict[str, Any]],
+    config: LoraTrainingConfig,
+    checkpoints: Path,
+    use_cuda: bool,
+    metrics: _MetricsTarget,
+) -> Any:
+    """A Trainer over the tokenized rows that reports through ``metrics`` only."""
+    from datasets import Dataset
+    from transformers import DataCollatorForSeq2Seq, Trainer
+    from transformers.trainer_callback import PrinterCallback, ProgressCallback
+
+    train_ds = Dataset.from_list(tokenize_for_sft(train_rows, tokenizer, config.max_tokens))
+    eval_ds = Dataset.from_list(tokenize_for_sft(eval_rows, tokenizer, config.max_tokens))
+    trainer = Trainer(
+        model=peft_model,
+        args=_training_arguments(config, checkpoints, use_cuda),
+        train_dataset=train_ds,
+        eval_dataset=eval_ds,
+        data_collator=DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100),
+        callbacks=[_metrics_callback(metrics)],
+    )
+    # Progress goes to the metric sink and the log, not to stdout dictionaries.
+    trainer.remove_callback(PrinterCallback)
+    trainer.remove_callback(ProgressCallback)
+    return trainer
 
 
 def _attach_lora(model: Any, config: LoraTrainingConfig) -> Any:
@@ -354,13 +390,11 @@ def _training_arguments(config: LoraTrainingConfig, checkpoints: Path, use_cuda:
     )
 
 
-def _metrics_callback(
-    history: list[dict[str, float]],
-    on_metrics: MetricSink | None,
-    progress: Callable[[str], None] | None,
-) -> Any:
-    """A Trainer callback that appends each log row to ``history`` and passes it on."""
+def _metrics_callback(target: _MetricsTarget) -> Any:
+    """A Trainer callback that appends each log row to the history and passes it on."""
     from transformers import TrainerCallback
+
+    history, on_metrics, progress = target.history, target.on_metrics, target.progress
 
     clock = {"t": time.perf_counter(), "tokens": 0}
     started = time.perf_counter()
