@@ -180,17 +180,7 @@ def run_evaluation(
     run.log_artifact(report)
     if plan.challenger_is_champion:
         results["champion"] = results["challenger"]
-    run.log_dict(
-        {
-            role: {
-                "model": r.label,
-                "metrics": r.metrics,
-                "examples": [e.to_dict() for e in r.examples],
-            }
-            for role, r in results.items()
-        },
-        "evaluation.json",
-    )
+    _log_evaluation_json(run, results)
     champion_label = plan.champion_label
     run.set_tags(
         {"refinery.challenger": plan.challenger.label, "refinery.champion": champion_label}
@@ -206,6 +196,21 @@ def run_evaluation(
         rag_rows_dropped=plan.rag_dropped,
         mlflow_run_id=run.run_id,
         mlflow_run_url=run.url,
+    )
+
+
+def _log_evaluation_json(run: TrackedRun, results: dict[str, ModelEvaluation]) -> None:
+    """Each role's model, metrics and scored examples, as ``evaluation.json`` of the run."""
+    run.log_dict(
+        {
+            role: {
+                "model": r.label,
+                "metrics": r.metrics,
+                "examples": [e.to_dict() for e in r.examples],
+            }
+            for role, r in results.items()
+        },
+        "evaluation.json",
     )
 
 

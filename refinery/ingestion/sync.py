@@ -182,6 +182,11 @@ def sync_documents(
     result.documents = len(good) if only is None else len(existing) + result.new - result.removed
     result.corpus_hash = store.corpus_hash()
     result.seconds = time.perf_counter() - t0
+    _report_documents(result, progress)
+    return result
+
+
+def _report_documents(result: DocumentSyncResult, progress: Progress | None) -> None:
     for rej in result.rejections:
         log.warning("rejected %s: %s (%s)", rej.source, rej.reason.value, rej.detail)
     if progress:
@@ -189,7 +194,6 @@ def sync_documents(
             f"documents: {result.documents} indexed ({result.new} new, {result.changed} changed, "
             f"{result.unchanged} unchanged), {result.removed} removed, {result.rejected} rejected"
         )
-    return result
 
 
 def _files_to_sync(corpus_dir: Path, only: Sequence[str] | None) -> list[CorpusFile | Rejection]:
