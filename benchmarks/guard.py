@@ -68,11 +68,12 @@ def _by_category(path: Path, blocked: np.ndarray) -> list[str]:
 
 
 def prompt_guard(embedder: Any) -> tuple[list[str], dict[str, Any]]:
-    from refinery.safety.guard import GUARD_DIR, InjectionGuard, heuristic_reasons, measure
+    from evaluation.guard import measure
+    from refinery.safety.guard import GUARD_DIR, InjectionGuard, heuristic_reasons
     from refinery.safety.screening import load_labeled
 
     guard = InjectionGuard(embedder.encode)
-    old = _old_module("refinery/safety/guard.py", "refinery_old_guard")
+    old = _old_module("serving/guard.py", "refinery_old_guard")
     old_guard = old.InjectionGuard(embedder.encode)
     lines: list[str] = []
     figures: dict[str, Any] = {}
@@ -129,10 +130,10 @@ def prompt_guard(embedder: Any) -> tuple[list[str], dict[str, Any]]:
 
 
 def document_screen(embedder: Any) -> tuple[list[str], dict[str, Any]]:
+    from evaluation.guard import measure_documents
     from refinery.corpus.chunking import ChunkingConfig
     from refinery.corpus.documents import corpus_file, parse_file
     from refinery.ingestion.sync import make_chunker
-    from refinery.safety.guard import measure_documents
     from refinery.safety.screening.documents import document_screen as load
 
     screen = load()
@@ -269,7 +270,7 @@ def main() -> None:
             f"Run {started:%Y-%m-%d %H:%M} UTC on: {machine()}.",
             "Command: `python -m benchmarks guard`. The guard's and the document screen's "
             "weights and thresholds were chosen on the *tune* splits "
-            "(`python -m refinery.safety.guard train`); every figure below is on the *test* splits, "
+            "(`python -m training.guard`); every figure below is on the *test* splits, "
             "which training and tuning never read, unless it says otherwise.",
             "",
             *sections,

@@ -6,7 +6,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from refinery.safety.guard import GUARD_DIR, LEARNED, InjectionGuard, heuristic_reasons, measure
+from evaluation.guard import measure
+from refinery.safety.guard import GUARD_DIR, LEARNED, InjectionGuard, heuristic_reasons
 from refinery.safety.screening import load_labeled
 
 pytestmark = pytest.mark.integration

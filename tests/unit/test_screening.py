@@ -148,7 +148,7 @@ def test_scorer_round_trips_without_pickle(tmp_path):
     assert loaded.threshold == 0.7
     with np.load(tmp_path / "m.npz", allow_pickle=False) as weights:  # plain arrays only
         assert set(weights.files) == {"ngram_weights", "dense_weights", "bias"}
-    with pytest.raises(FileNotFoundError, match=r"refinery\.safety\.guard train"):
+    with pytest.raises(FileNotFoundError, match=r"python -m training\.guard"):
         LinearScorer.load(tmp_path / "missing")
 
 
@@ -222,7 +222,7 @@ def test_leak_check_finds_the_canary_and_the_prompt_but_not_ordinary_answers():
 
 
 def test_document_screen_holds_its_floors_on_the_test_split():
-    from refinery.safety.guard import measure_documents
+    from evaluation.guard import measure_documents
 
     m = measure_documents(document_screen(), "test")  # measured: recall 1.0, FPR 0.0096
     assert m["injections"] >= 20 and m["benign"] >= 100

@@ -67,7 +67,7 @@ class LinearScorer:
         meta_path, weights_path = stem.with_suffix(".json"), stem.with_suffix(".npz")
         if not weights_path.exists() or not meta_path.exists():
             raise FileNotFoundError(
-                f"no trained scorer at {stem}.npz/.json: run `python -m refinery.safety.guard train`"
+                f"no trained scorer at {stem}.npz/.json: run `python -m training.guard`"
             )
         config = json.loads(meta_path.read_text())
         with np.load(weights_path, allow_pickle=False) as w:
