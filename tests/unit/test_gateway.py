@@ -10,9 +10,9 @@ import json
 import numpy as np
 import pytest
 
-from serving.cache import InProcessCache
 from refinery.rag.confidence import Calibration, ConfidenceModel
 from refinery.retrieval.search import Hit
+from serving.cache import InProcessCache
 from serving.gateway import Gateway, RagPolicy, unb64
 from serving.openai_schema import ApiError, Limits
 from serving.traffic import TrafficLog, TrafficSettings
