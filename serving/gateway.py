@@ -26,7 +26,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from refinery.rag.answer import make_answer
-from refinery.rag.confidence import Calibration, load_calibration
+from refinery.rag.confidence import Calibration
 from refinery.rag.prompt import new_canary, prepare
 from serving.accounting import request_cost
 from serving.cache import ResponseCache, cache_key
@@ -419,15 +419,6 @@ class RagPolicy:
     min_confidence: float | None = None
 
 
-def _rag_policy_from_env() -> RagPolicy:
-    """What /rag ran with before the policy was a parameter: the stored calibration and
-    REFINERY_RAG_MIN_CONFIDENCE. Only for a ``Gateway`` built without ``rag_policy`` (the
-    service should pass ``RagPolicy(load_calibration(), settings.rag_min_confidence)``)."""
-    from refinery.core.settings import ServingSettings
-
-    return RagPolicy(load_calibration(), ServingSettings.from_env().rag_min_confidence)
-
-
 # search(question vector (dim,), k, filters) → hits, run in a thread
 Search = Callable[[np.ndarray, int, Any], list[Any]]
 
@@ -546,7 +537,7 @@ class Gateway:
         embed_batch: int = 32,
         timeout_s: float = 120.0,
         variant: str = "none",
-        rag_policy: RagPolicy | None = None,
+        rag_policy: RagPolicy = RagPolicy(),
     ) -> None:
         self.context = GatewayContext(
             chat=chat, cache=cache, traffic=traffic, limits=limits, hourly_price=hourly_price,
@@ -560,7 +551,7 @@ class Gateway:
         )  # fmt: skip
         self.rag_handler = RagHandler(
             self.context, self.embeddings_handler, chunk_screen=chunk_screen,
-            policy=_rag_policy_from_env() if rag_policy is None else rag_policy,
+            policy=rag_policy,
         )  # fmt: skip
 
     # -- the model answering ---------------------------------------------------------------------

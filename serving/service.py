@@ -34,8 +34,9 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from refinery.core.settings import ServingSettings, Settings
+from refinery.rag.confidence import load_calibration
 from serving.bento import Pins, service_settings
-from serving.gateway import RAG_DEFAULT_TOKENS, RETRY_AFTER_S, Gateway, unb64
+from serving.gateway import RAG_DEFAULT_TOKENS, RETRY_AFTER_S, Gateway, RagPolicy, unb64
 from serving.generations import (
     ImageGenerationRequest,
     ImageModel,
@@ -497,6 +498,7 @@ class Refinery:
             embed_batch=s.embed_max_batch,
             timeout_s=s.request_timeout_s,
             variant=self.pins.variant,
+            rag_policy=RagPolicy(load_calibration(), s.rag_min_confidence),
         )
         for reason in ("queue_full", "db_error"):  # the series exist before the first drop
             TRAFFIC_DROPPED.labels(reason=reason).inc(0)

@@ -46,7 +46,7 @@ class ScriptedChat:
             self.closed += 1
 
 
-def gateway(chat, screen=None, rag_policy=None) -> Gateway:
+def gateway(chat, screen=None, rag_policy: RagPolicy | None = None) -> Gateway:
     return Gateway(
         chat=chat,
         encode=lambda texts: np.eye(len(texts), 4, dtype=np.float32),
@@ -60,7 +60,7 @@ def gateway(chat, screen=None, rag_policy=None) -> Gateway:
         model_label="chat/1",
         embedding_model="mini",
         follow=False,
-        rag_policy=rag_policy,
+        rag_policy=rag_policy or RagPolicy(),
     )
 
 

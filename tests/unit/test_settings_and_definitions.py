@@ -105,10 +105,8 @@ def test_every_value_the_manifests_set_is_valid():
 
 def test_only_the_settings_and_processes_modules_touch_the_environment():
     allowed = {"refinery/core/settings.py", "refinery/core/processes.py"}
-    # Not Refinery settings, or on their way out: LOCAL_RANK is what accelerate tells each
-    # training process; REFINERY_RAG_MIN_CONFIDENCE is becoming a parameter (its value:
-    # ServingSettings.rag_min_confidence).
-    exempt = ("LOCAL_RANK", "REFINERY_RAG_MIN_CONFIDENCE")
+    # Not a Refinery setting: LOCAL_RANK is what accelerate tells each training process.
+    exempt = ("LOCAL_RANK",)
     found = []
     for folder in ("refinery", "serving", "training", "evaluation"):
         for path in sorted((REPO_ROOT / folder).rglob("*.py")):
