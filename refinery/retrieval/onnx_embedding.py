@@ -85,8 +85,7 @@ def export(models_dir: Path, embedder: Any) -> Path:
     pooling, normalize = _pooling(location)
     target = export_dir(models_dir, ref)
     target.parent.mkdir(parents=True, exist_ok=True)
-    st_model = embedder.model  # sentence-transformers; its first module wraps the HF model
-    transformer = st_model[0].auto_model.eval()
+    transformer = embedder.transformer.eval()
     max_len = int(embedder.max_seq_length)
     work = Path(tempfile.mkdtemp(prefix=".export-", dir=target.parent))
     try:
