@@ -25,6 +25,7 @@ import statistics
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -42,31 +43,36 @@ def _closed_loop(
     step: Callable[[random.Random], bool], seconds: float, seed: int
 ) -> dict[str, Any]:
     """``CLIENTS`` threads, each calling ``step`` (one request; True when it succeeded) again as
-    soon as it returns, until ``seconds`` are up."""
-    latencies: list[float] = []
-    errors: list[int] = []
+    soon as it returns, until ``seconds`` are up. Each client hands back its own latencies and
+    error count; a client that raised fails the benchmark (its exception is re-raised here)
+    rather than leaving a thread that quietly stopped counting."""
     stop = time.monotonic() + seconds
 
-    def client(i: int) -> None:
+    def client(i: int) -> tuple[list[float], int]:
         rng = random.Random(seed + i)
+        latencies: list[float] = []
+        errors = 0
         while time.monotonic() < stop:
             t0 = time.perf_counter()
             if step(rng):
                 latencies.append(time.perf_counter() - t0)
             else:
-                errors.append(1)
+                errors += 1
+        return latencies, errors
 
     t0 = time.perf_counter()
-    threads = [threading.Thread(target=client, args=(i,)) for i in range(CLIENTS)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    with ThreadPoolExecutor(CLIENTS, thread_name_prefix="client") as pool:
+        futures = [pool.submit(client, i) for i in range(CLIENTS)]
+        outcomes = [f.result() for f in futures]
     wall = time.perf_counter() - t0
-    latencies.sort()
+    assert len(outcomes) == CLIENTS and all(lat or err for lat, err in outcomes), outcomes
+    latencies = sorted(x for lat, _ in outcomes for x in lat)
+    errors = sum(err for _, err in outcomes)
+    if not latencies:
+        raise RuntimeError(f"no request succeeded ({errors} errors)")
     return {
         "images": len(latencies),
-        "errors": len(errors),
+        "errors": errors,
         "per_s": len(latencies) / wall,
         "p50": statistics.median(latencies),
         "p99": latencies[min(len(latencies) - 1, int(0.99 * len(latencies)))],
@@ -80,20 +86,27 @@ def _request(rng: random.Random) -> ImageRequest:
 def _load(generator: ImageGenerator, mode: str) -> dict[str, Any]:
     """The model in-process: each request alone (behind a lock), or batched by a collector."""
     lock = threading.Lock()
-    pending: queue.Queue[tuple[ImageRequest, threading.Event]] = queue.Queue()
-    done_at = time.monotonic() + DURATION_S + 30
+    pending: queue.Queue[tuple[ImageRequest, Future[None]]] = queue.Queue()
+    done = threading.Event()
 
     def collector() -> None:
-        while time.monotonic() < done_at:
+        """Takes every request waiting (up to ``CLIENTS``) as one batch; a failed batch hands
+        its error to each of its requests, so no client waits for an answer that never comes."""
+        while not done.is_set():
             try:
                 batch = [pending.get(timeout=0.5)]
             except queue.Empty:
                 continue
             while len(batch) < CLIENTS and not pending.empty():
                 batch.append(pending.get_nowait())
-            generator.generate([r for r, _ in batch])
-            for _, done in batch:
-                done.set()
+            try:
+                generator.generate([r for r, _ in batch])
+            except Exception as err:  # noqa: BLE001 - re-raised in each client of the batch
+                for _, answer in batch:
+                    answer.set_exception(err)
+            else:
+                for _, answer in batch:
+                    answer.set_result(None)
 
     def alone(rng: random.Random) -> bool:
         with lock:
@@ -101,14 +114,20 @@ def _load(generator: ImageGenerator, mode: str) -> dict[str, Any]:
         return True
 
     def batched(rng: random.Random) -> bool:
-        done = threading.Event()
-        pending.put((_request(rng), done))
-        done.wait()
+        answer: Future[None] = Future()
+        pending.put((_request(rng), answer))
+        answer.result(timeout=600)  # a collector that stopped answering fails the run
         return True
 
-    if mode == "batched":
-        threading.Thread(target=collector, daemon=True).start()
-    return _closed_loop(alone if mode == "one at a time" else batched, DURATION_S, seed=0)
+    if mode != "batched":
+        return _closed_loop(alone, DURATION_S, seed=0)
+    with ThreadPoolExecutor(1, thread_name_prefix="collector") as pool:
+        collecting = pool.submit(collector)
+        try:
+            return _closed_loop(batched, DURATION_S, seed=0)
+        finally:
+            done.set()
+            collecting.result()  # the collector's own failure, if any, is raised here
 
 
 def _service_load(url: str, seconds: float = DURATION_S) -> dict[str, Any]:
@@ -121,7 +140,10 @@ def _service_load(url: str, seconds: float = DURATION_S) -> dict[str, Any]:
             r = _request(rng)
             body = {"prompt": r.prompt, "size": f"{SIZE}x{SIZE}", "seed": r.seed,
                     "steps": r.steps, "response_format": "b64_json"}  # fmt: skip
-            return http.post(url + "/v1/images/generations", json=body).status_code == 200
+            try:
+                return http.post(url + "/v1/images/generations", json=body).status_code == 200
+            except httpx.HTTPError:  # a transport error or timeout is an error, like a 5xx
+                return False
 
         return _closed_loop(post, seconds, seed=100)
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -35,13 +34,16 @@ TIER_TIMEOUTS = {"unit": 60, "integration": 600, "e2e": 1500}
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Every test gets its tier's marker (from its folder) and the tier's time limit, unless it
-    sets its own; a GPU test is skipped, saying why, where no CUDA device is present."""
+    sets its own; every e2e test is ``slow`` (integration tests that take more than a minute
+    say so themselves); a GPU test is skipped, saying why, where no CUDA device is present."""
     for item in items:
         tier = Path(str(item.path)).resolve().relative_to(TESTS).parts[0]
         if tier in TIER_TIMEOUTS:
             item.add_marker(getattr(pytest.mark, tier))
             if item.get_closest_marker("timeout") is None:
                 item.add_marker(pytest.mark.timeout(TIER_TIMEOUTS[tier]))
+        if tier == "e2e":  # each one runs the graph through Dagster: minutes on 2 cores
+            item.add_marker(pytest.mark.slow)
         if item.get_closest_marker("gpu") is not None and not _cuda():
             item.add_marker(pytest.mark.skip(reason="needs a CUDA device; none is present here"))
 
@@ -80,19 +82,10 @@ def server_url(settings) -> str:
 @pytest.fixture
 def db_url(server_url: str) -> Iterator[str]:
     """A fresh, empty database on the embedded server for one test, dropped afterwards."""
-    import sqlalchemy as sa
+    from tests.support import fresh_database
 
-    name = f"t_{uuid.uuid4().hex[:12]}"
-    admin = sa.create_engine(server_url, isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.execute(sa.text(f'CREATE DATABASE "{name}"'))
-    url = sa.make_url(server_url).set(database=name).render_as_string(hide_password=False)
-    try:
+    with fresh_database(server_url) as url:
         yield url
-    finally:
-        with admin.connect() as conn:
-            conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        admin.dispose()
 
 
 @pytest.fixture
@@ -157,20 +150,3 @@ def dataset(tokenizer):
     from training.sft_data import SFTConfig, build_dataset
 
     return build_dataset(SFTConfig(max_tokens=512), tokenizer)
-
-
-def kill_embedded_postgres(settings) -> None:
-    """SIGKILL the embedded Postgres's postmaster (a crash, not a shutdown) and wait until it
-    is gone; its backends notice and exit. The next Refinery process starts it again."""
-    import signal
-    import time
-
-    from refinery.core.stores import embedded_postgres_running
-
-    pid = int((settings.pgdata / "postmaster.pid").read_text().splitlines()[0])
-    os.kill(pid, signal.SIGKILL)
-    deadline = time.monotonic() + 30
-    while embedded_postgres_running(settings):
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"postmaster {pid} still running 30 s after SIGKILL")
-        time.sleep(0.1)

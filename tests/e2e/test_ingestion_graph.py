@@ -6,7 +6,6 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -25,7 +24,8 @@ from refinery.ingestion.sync import sync_embeddings
 from refinery.retrieval.embedding import Embedder
 from refinery.retrieval.search import Retriever
 from refinery.retrieval.vectorstore import VectorStore
-from tests.conftest import SAMPLE_CORPUS, kill_embedded_postgres
+from tests.conftest import SAMPLE_CORPUS
+from tests.support import REFINERY, kill_embedded_postgres
 
 pytestmark = pytest.mark.e2e
 
@@ -168,8 +168,7 @@ MODEL = "sentence-transformers/all-MiniLM-L6-v2"
 def ingest_until_killed(store_holder: list, stop_at) -> tuple[int, set[str]]:
     """`refinery ingest` in a subprocess, SIGKILLed as soon as ``stop_at(integrity)`` holds;
     returns how many vectors were committed then, and which chunks had one."""
-    refinery = str(Path(sys.executable).parent / "refinery")
-    cmd = [refinery, "ingest", "--corpus", str(SAMPLE_CORPUS), "--batch-size", str(BATCH)]
+    cmd = [REFINERY, "ingest", "--corpus", str(SAMPLE_CORPUS), "--batch-size", str(BATCH)]
     proc = subprocess.Popen(
         cmd, env=dict(os.environ), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         start_new_session=True,
@@ -241,9 +240,8 @@ def test_sigkill_at_two_points_leaves_whole_batches_and_the_rerun_embeds_exactly
 def test_postgres_killed_mid_ingest_fails_clearly_and_the_rerun_completes(fresh_home, tmp_path):
     """The database crashes (postmaster SIGKILLed) while `refinery ingest` embeds: the command
     fails saying the database went away, and the rerun, which starts Postgres again, finishes
-    the index with every document and chunk once."""
-    refinery = str(Path(sys.executable).parent / "refinery")
-    cmd = [refinery, "ingest", "--corpus", str(SAMPLE_CORPUS), "--batch-size", str(BATCH)]
+    the index with every document; running it once more changes nothing."""
+    cmd = [REFINERY, "ingest", "--corpus", str(SAMPLE_CORPUS), "--batch-size", str(BATCH)]
     log = tmp_path / "first.log"
     with log.open("w") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
@@ -272,8 +270,11 @@ def test_postgres_killed_mid_ingest_fails_clearly_and_the_rerun_completes(fresh_
     assert "FAILED" in first and "the database connection was lost" in first, first[-3000:]
     assert "rerun the same command" in first
 
-    again = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
-    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    def rerun() -> None:
+        again = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+        assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+
+    rerun()
     store = store_for_home()
     try:
         space = store.find_space(MODEL)
@@ -283,8 +284,23 @@ def test_postgres_killed_mid_ingest_fails_clearly_and_the_rerun_completes(fresh_
         with store.engine.connect() as conn:
             sources = conn.execute(sa.select(schema.documents.c.source)).scalars().all()
         expected = sorted(p.name for p in SAMPLE_CORPUS.iterdir() if p.is_file())
-        assert sorted(sources) == expected  # every document, once
+        assert sorted(sources) == expected  # every document of the corpus
         assert store.rejections() == []
+        # The index is complete: one more run finds nothing to add, rewrite or remove.
+        before = index_rows(store, space)
+        rerun()
+        assert index_rows(store, space) == before
     finally:
         store.engine.dispose()
         shutil.rmtree(fresh_home / "dagster" / "storage", ignore_errors=True)
+
+
+def index_rows(store: VectorStore, space) -> dict[str, dict]:
+    """Every document, chunk and vector of the index with when it was last written."""
+    d, c, v = schema.documents, schema.chunks, space.table
+    with store.engine.connect() as conn:
+        return {
+            "documents": dict(conn.execute(sa.select(d.c.doc_id, d.c.updated_at)).all()),
+            "chunks": dict(conn.execute(sa.select(c.c.chunk_id, c.c.updated_at)).all()),
+            "vectors": dict(conn.execute(sa.select(v.c.chunk_id, v.c.created_at)).all()),
+        }

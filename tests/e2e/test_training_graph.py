@@ -5,10 +5,9 @@ from __future__ import annotations
 
 import shutil
 import subprocess
-import sys
 import threading
-import time
 import uuid
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import dagster as dg
@@ -17,7 +16,8 @@ import yaml
 
 from refinery.core.settings import Settings
 from refinery.core.tracking import client_for
-from tests.conftest import SAMPLE_CORPUS, kill_embedded_postgres
+from tests.conftest import SAMPLE_CORPUS
+from tests.support import REFINERY, kill_embedded_postgres
 
 pytestmark = pytest.mark.e2e
 
@@ -47,24 +47,28 @@ def with_steps(n: int) -> dict:
     }
 
 
-def kill_postgres_when_step_starts(run_id: str, step: str) -> threading.Thread:
-    """In the background: SIGKILL the embedded Postgres as soon as ``step`` of the run starts."""
+def kill_postgres_when_step_starts(run_id: str, step: str, stop: threading.Event) -> Future[bool]:
+    """In the background: SIGKILL the embedded Postgres as soon as ``step`` of the run starts.
+    The future says whether it did (False: ``stop`` was set first); an error in the watcher
+    is raised by its ``result()``, not lost with its thread."""
 
-    def watch() -> None:
+    def watch() -> bool:
         instance = dg.DagsterInstance.get()
-        deadline = time.monotonic() + 600
-        while time.monotonic() < deadline:
+        while not stop.is_set():
             records = instance.get_records_for_run(
                 run_id, of_type=dg.DagsterEventType.STEP_START
             ).records
             if any(r.event_log_entry.step_key == step for r in records):
                 kill_embedded_postgres(Settings.from_env())
-                return
-            time.sleep(0.2)
+                return True
+            stop.wait(0.2)  # polling the run's event log
+        return False
 
-    thread = threading.Thread(target=watch, daemon=True)
-    thread.start()
-    return thread
+    pool = ThreadPoolExecutor(1, thread_name_prefix="kill-postgres")
+    try:
+        return pool.submit(watch)
+    finally:
+        pool.shutdown(wait=False)
 
 
 def metadata(result, asset: str) -> dict:
@@ -133,9 +137,8 @@ def test_train_job_registers_a_challenger_with_its_lineage(fresh_home, tmp_path)
     corpus = tmp_path / "corpus"
     shutil.copytree(SAMPLE_CORPUS, corpus)
     (corpus / "new-note.md").write_text("# Drone congregation areas\n\nDrones gather in areas.")
-    refinery = str(Path(sys.executable).parent / "refinery")
     ingest_proc = subprocess.Popen(
-        [refinery, "ingest", "--corpus", str(corpus)],
+        [REFINERY, "ingest", "--corpus", str(corpus)],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )  # fmt: skip
     both = run("train", with_steps(4))
@@ -158,9 +161,13 @@ def test_train_job_registers_a_challenger_with_its_lineage(fresh_home, tmp_path)
     from orchestration.cli import _step_failures
 
     run_id = str(uuid.uuid4())
-    watcher = kill_postgres_when_step_starts(run_id, "lora_adapter")
-    crashed = run("train", with_steps(5), run_id=run_id)
-    watcher.join(timeout=5)
+    stop = threading.Event()
+    watcher = kill_postgres_when_step_starts(run_id, "lora_adapter", stop)
+    try:
+        crashed = run("train", with_steps(5), run_id=run_id)
+    finally:
+        stop.set()
+    assert watcher.result(timeout=60), "Postgres was not killed while lora_adapter ran"
     assert not crashed.success
     failures = dict(_step_failures(crashed))
     assert list(failures) == ["candidate_model"], failures
@@ -181,7 +188,6 @@ BAD_CASES = [
     ),
     ({"sft_dataset": {"config": {"path": "BAD"}}}, "sft_dataset", "only 0 usable rows"),
     ({"lora_adapter": {"config": {"r": 0}}}, "lora_adapter", "r must be > 0"),
-    ({"lora_adapter": {"config": {"device": "cuda"}}}, "lora_adapter", "no CUDA device"),
     (
         {"lora_adapter": {"config": {"target_modules": ["qkv"]}}},
         "lora_adapter",
@@ -190,10 +196,17 @@ BAD_CASES = [
 ]
 
 
+# Bad only where no CUDA device is present (where one is, device="cuda" is a valid choice).
+NEEDS_CUDA = ({"lora_adapter": {"config": {"device": "cuda"}}}, "lora_adapter", "no CUDA device")
+
+
 def test_bad_training_input_fails_the_asset_with_what_to_fix(fresh_home, tmp_path):
+    import torch
+
     bad_data = tmp_path / "bad.jsonl"
     bad_data.write_text('{oops\n{"instruction": "", "response": "x"}\n')
-    for ops, failing_step, message in BAD_CASES:  # one home: the base model converts once
+    cases = BAD_CASES if torch.cuda.is_available() else [*BAD_CASES, NEEDS_CUDA]
+    for ops, failing_step, message in cases:  # one home: the base model converts once
         if failing_step == "sft_dataset":
             ops = {"sft_dataset": {"config": {"path": str(bad_data)}}}
         result = run("train", {**SMALL, **ops})

@@ -7,7 +7,7 @@ Dagster's testing APIs against an ephemeral instance."""
 from __future__ import annotations
 
 import json
-import socket
+import threading
 import time
 import uuid
 from datetime import UTC, datetime, timedelta
@@ -36,6 +36,7 @@ from refinery.core.schema import traffic_log as traffic_table
 from refinery.ingestion.sync import corpus_changes, sync_documents
 from serving.traffic import TrafficLog, TrafficSettings
 from tests.integration.test_drift import SHIFTED, TOPICS, traffic
+from tests.support import free_port, wait_for
 from training.user_data import (
     Proposal,
     ReviewError,
@@ -82,22 +83,35 @@ def test_traffic_log_writes_batches_to_postgres(db_url: str):
 
 
 def test_traffic_log_with_unreachable_database_drops_rows_only():
-    with socket.socket() as s:  # a port nothing listens on
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    """Recording never waits for the database: every row is queued while the writer is stuck
+    connecting (the connection is held until the test has recorded them all), and the
+    database's failure then drops the rows, counted, without failing anything."""
+    port = free_port()  # closed again: nothing listens on it
     url = f"postgresql+psycopg://x:y@127.0.0.1:{port}/none"
-    log = TrafficLog(
-        lambda: sa.create_engine(url, connect_args={"connect_timeout": 1}),
-        TrafficSettings(flush_s=0.05),
-    )
+    connecting = threading.Event()
+    recorded = threading.Event()
+    held: list[bool] = []  # per connection attempt: whether the test let it go on
+
+    def engine() -> sa.Engine:
+        connecting.set()
+        held.append(recorded.wait(60))
+        return sa.create_engine(url, connect_args={"connect_timeout": 1})
+
+    log = TrafficLog(engine, TrafficSettings(flush_s=0.05))
     try:
-        t0 = time.perf_counter()
-        for i in range(50):
-            log.record(endpoint="chat", model="m/1", prompt=f"p{i}", answer="a", latency_s=0.1)
-        assert time.perf_counter() - t0 < 1.0  # recording never waits for the database
+        assert log.record(endpoint="chat", model="m/1", prompt="p0", answer="a", latency_s=0.1)
+        assert connecting.wait(30), "the writer never tried to connect"
+        # The writer is stuck in its connection attempt: recording goes on regardless.
+        for i in range(1, 50):
+            assert log.record(
+                endpoint="chat", model="m/1", prompt=f"p{i}", answer="a", latency_s=0.1
+            )
+        recorded.set()
         assert log.flush(20)
     finally:
+        recorded.set()
         log.close()
+    assert held and all(held), held  # every row was recorded before the connection went on
     assert log.written == 0 and log.dropped["db_error"] == 50
 
 
@@ -420,9 +434,7 @@ def test_alias_follower_keeps_serving_while_mlflow_is_unreachable(
 
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "2")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        closed = f"http://127.0.0.1:{s.getsockname()[1]}"  # nothing listens once it is closed
+    closed = f"http://127.0.0.1:{free_port()}"  # nothing listens on it once it is closed
     root = tmp_path / "artifacts"
     weights = tmp_path / "w"
     weights.mkdir()
@@ -435,18 +447,14 @@ def test_alias_follower_keeps_serving_while_mlflow_is_unreachable(
         workdir=tmp_path / "follow", interval_s=0.2,
     ).start()  # fmt: skip
     try:
-        deadline = time.monotonic() + 60
-        while follower.last_error is None and time.monotonic() < deadline:
-            time.sleep(0.1)
-        assert follower.last_error, "the follower never noticed the store was away"
+        wait_for(lambda: follower.last_error, 60, "the follower to notice the store is away")
         assert follower.version == v1.version and swapped == []  # still serving v1
         second = tmp_path / "w2"  # another folder: a new version (one folder, one lineage)
         second.mkdir()
         (second / "weights.txt").write_text("two")
         v2 = register_folder(mlflow_uri, "m", second, alias="champion", artifact_root=root)
         follower.tracking_uri = mlflow_uri  # the store is back
-        while follower.version != v2.version and time.monotonic() < deadline:
-            time.sleep(0.1)
+        wait_for(lambda: follower.version == v2.version, 60, "the follower to swap to v2")
         assert swapped == [v2.version] and follower.last_error is None
     finally:
         follower.stop()

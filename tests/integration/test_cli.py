@@ -3,32 +3,14 @@
 from __future__ import annotations
 
 import json
-import os
 import shlex
-import subprocess
-import sys
-from pathlib import Path
 
 import psycopg
 import pytest
 
+from tests.support import refinery
+
 pytestmark = pytest.mark.integration
-
-REFINERY = str(Path(sys.executable).parent / "refinery")
-
-
-def refinery(
-    *args: str, home: Path | None = None, check: bool = True, timeout: float = 300
-) -> subprocess.CompletedProcess[str]:
-    env = dict(os.environ)
-    if home is not None:
-        env["REFINERY_HOME"] = str(home)
-    proc = subprocess.run(
-        [REFINERY, *args], env=env, capture_output=True, text=True, timeout=timeout
-    )
-    if check:
-        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return proc
 
 
 def test_env_gives_working_variables_for_psql_and_mlflow(tmp_path):

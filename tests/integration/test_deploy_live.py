@@ -41,13 +41,13 @@ from refinery.core.settings import REPO_ROOT
 from tests.integration.test_service import (  # the module's server, built and served as there
     API_KEY,
     MODEL,
-    free_port,
     openai_client,
     served,  # noqa: F401  (a fixture)
-    wait_for,
 )
+from tests.support import REFINERY, free_port, metric_values, wait_for
 
-pytestmark = pytest.mark.integration
+# test_service's server, Prometheus and a split deployment: minutes before the first test.
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 PROMETHEUS_DIR = REPO_ROOT / "deploy" / "prometheus"
 RULES = PROMETHEUS_DIR / "rules" / "refinery.yml"
@@ -284,11 +284,10 @@ def test_the_bento_holds_its_generated_dockerfile_on_a_pinned_base(served, setti
 
 
 def test_deploy_render_writes_the_champions_image(served, settings, tmp_path):  # noqa: F811
-    refinery = str(Path(sys.executable).parent / "refinery")
     tag = newest_bento(settings)["tag"]
     proc = subprocess.run(
         [
-            refinery,
+            REFINERY,
             "deploy",
             "render",
             "--overlay",
@@ -312,7 +311,7 @@ def test_deploy_render_writes_the_champions_image(served, settings, tmp_path):  
     }
     assert images == {tag}
     missing = subprocess.run(
-        [refinery, "deploy", "render", "--model", "no-such-model"],
+        [REFINERY, "deploy", "render", "--model", "no-such-model"],
         capture_output=True,
         text=True,
         check=False,
@@ -375,19 +374,6 @@ def split(served, settings, server_url, tmp_path_factory) -> Iterator[Split]:  #
     finally:
         for proc in procs:
             stop_tree(proc)
-
-
-def metric_values(url: str, name: str, **labels: str) -> list[float]:
-    """The values of one metric's samples on a /metrics page (those with ``labels``)."""
-    from prometheus_client.parser import text_string_to_metric_families
-
-    text = httpx.get(url + "/metrics", timeout=10).text
-    return [
-        s.value
-        for family in text_string_to_metric_families(text)
-        for s in family.samples
-        if s.name == name and labels.items() <= s.labels.items()
-    ]
 
 
 def test_the_services_answer_when_they_run_apart(split):

@@ -45,6 +45,7 @@ def check_trained(result, work: Path, steps: int) -> None:
     assert result.eval_loss_after < result.eval_loss_before  # lr 1e-2 on a random model: it learns
 
 
+@pytest.mark.slow  # accelerate launches a training process: more than a minute on 2 cores
 def test_accelerate_launch_trains_the_adapter(tiny, tmp_path):
     from training.distributed import RESULT_FILE, launch_command, run
 
@@ -66,6 +67,7 @@ def test_several_processes_need_gpus():
 
 
 @pytest.mark.gpu
+@pytest.mark.slow
 @pytest.mark.skipif(
     not cuda_available(),
     reason="needs CUDA: `accelerate launch` over every GPU of the node (no GPU on this machine)",

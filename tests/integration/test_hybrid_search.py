@@ -264,7 +264,7 @@ def test_onnx_query_embedder_agrees_with_the_model(tmp_path, embedder):
 
 
 def test_query_explain_from_the_command_line(tmp_path, small_corpus):
-    from tests.integration.test_cli import refinery
+    from tests.support import refinery
 
     home = tmp_path / "home"
     refinery("ingest", "--corpus", str(small_corpus), home=home, timeout=600)

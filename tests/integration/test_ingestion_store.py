@@ -219,15 +219,30 @@ def test_selective_filters_still_return_k_rows(store):
     assert len({h.chunk_id for h in approx} & {h.chunk_id for h in exact}) >= 8
 
 
-def test_two_ingests_of_one_corpus_at_once_leave_no_duplicates(
-    store, db_url, small_corpus, embedder
+def index_rows(store, embedder) -> dict[str, set[str]]:
+    """The ids of every document, chunk and vector in the index."""
+    d, c = schema.documents, schema.chunks
+    vectors = store.find_space(embedder.name).table
+    with store.engine.connect() as conn:
+        return {
+            "documents": set(conn.execute(sa.select(d.c.doc_id)).scalars()),
+            "chunks": set(conn.execute(sa.select(c.c.chunk_id)).scalars()),
+            "vectors": set(conn.execute(sa.select(vectors.c.chunk_id)).scalars()),
+        }
+
+
+def test_two_ingests_of_one_corpus_at_once_leave_the_index_one_ingest_leaves(
+    store, db_url, small_corpus, embedder, server_url
 ):
     """Two ingests of the same corpus at the same time (two engines, as two `refinery ingest`
-    processes would have): both finish without error, and the index holds each chunk and
-    vector once, as one ingest alone would."""
+    processes would have): both finish without error, and the index holds the very documents,
+    chunks and vectors that one ingest alone makes of the corpus (in another database), so
+    that a rerun has nothing left to do. (The tables' keys rule out a second copy of a row;
+    what a race could do is leave one out, or keep one from a stale chunking.)"""
     from concurrent.futures import ThreadPoolExecutor
 
     from refinery.retrieval.vectorstore import VectorStore
+    from tests.support import fresh_database
 
     def one() -> tuple:
         other = VectorStore(sa.create_engine(db_url))
@@ -239,15 +254,25 @@ def test_two_ingests_of_one_corpus_at_once_leave_no_duplicates(
     with ThreadPoolExecutor(2) as pool:
         results = [f.result() for f in [pool.submit(one), pool.submit(one)]]
     assert all(docs.documents == 6 for docs, _, _ in results)
-    space = store.find_space(embedder.name)
-    integrity = store.integrity(space)
+    integrity = store.integrity(store.find_space(embedder.name))
     assert integrity.missing == integrity.orphans == integrity.stale == integrity.nan == 0
-    c = schema.chunks
-    with store.engine.connect() as conn:
-        n_chunks = conn.execute(sa.select(sa.func.count()).select_from(c)).scalar_one()
-        n_vectors = conn.execute(sa.select(sa.func.count()).select_from(space.table)).scalar_one()
-        n_docs = conn.execute(sa.select(sa.func.count()).select_from(schema.documents)).scalar_one()
-    assert n_docs == 6 and n_chunks == n_vectors == max(r[1].chunks_total for r in results)
+
+    with fresh_database(server_url) as alone_url:
+        alone = VectorStore(sa.create_engine(alone_url))
+        try:
+            alone.create_schema()
+            ingest(alone, small_corpus, embedder)
+            expected = index_rows(alone, embedder)
+        finally:
+            alone.engine.dispose()
+    got = index_rows(store, embedder)
+    assert len(expected["documents"]) == 6 and expected["chunks"] == expected["vectors"]
+    assert {k: len(v) for k, v in got.items()} == {k: len(v) for k, v in expected.items()}
+    assert got == expected
+    docs, chunks, vectors = ingest(store, small_corpus, embedder)
+    assert (docs.new, docs.changed, docs.removed, docs.unchanged) == (0, 0, 0, 6)
+    assert chunks.documents_chunked == 0 and vectors.embedded == 0
+    assert index_rows(store, embedder) == expected
 
 
 def test_images_and_scans_are_indexed_through_ocr_and_bad_images_go_to_the_ledger(

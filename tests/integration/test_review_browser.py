@@ -4,9 +4,7 @@ headless by Playwright), and the rating counts in the aggregate the promotion ga
 from __future__ import annotations
 
 import shutil
-import socket
 import threading
-import time
 
 import pytest
 import uvicorn
@@ -14,8 +12,9 @@ import uvicorn
 from evaluation import review
 from evaluation.review_app import create_app
 from tests.review_helpers import make_queue
+from tests.support import free_port, wait_for
 
-pytestmark = pytest.mark.e2e
+pytestmark = pytest.mark.integration
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 FLAGS = [
@@ -29,12 +28,6 @@ FLAGS = [
 ]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @pytest.fixture
 def review_server(store, mlflow_uri):
     port = free_port()
@@ -45,13 +38,16 @@ def review_server(store, mlflow_uri):
     )
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert server.started
-    yield f"http://127.0.0.1:{port}"
-    server.should_exit = True
-    thread.join(timeout=10)
+    try:
+        wait_for(
+            lambda: server.started or not thread.is_alive(), 30, "the review server", interval=0.1
+        )
+        assert server.started, "the review server stopped before it started"
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+    assert not thread.is_alive(), "the review server did not stop"
 
 
 def test_rating_through_the_review_page_is_counted(store, mlflow_uri, tmp_path, review_server):

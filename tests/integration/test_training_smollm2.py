@@ -35,6 +35,7 @@ def test_packaged_base_model_converts_once_to_safetensors(smollm2, settings):
     assert again == smollm2
 
 
+@pytest.mark.slow  # real fine-tuning steps, quantization and a fresh-process load
 def test_few_steps_of_smollm2_fine_tuning_quantized_and_registered(smollm2, tmp_path, mlflow_uri):
     from transformers import AutoTokenizer
 

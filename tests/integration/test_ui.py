@@ -6,47 +6,33 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
-import sys
-import time
 import urllib.request
-from pathlib import Path
 
 import psutil
 import pytest
 
 from refinery.core.processes import stop_tree
+from tests.support import REFINERY, free_port, wait_for
 
 pytestmark = pytest.mark.integration
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+def fetch(url: str, data: bytes | None = None) -> bytes:
+    req = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=5) as resp:
+        return resp.read()
 
 
-def wait_for(url: str, timeout: float, data: bytes | None = None) -> bytes:
-    deadline = time.monotonic() + timeout
-    last: Exception | None = None
-    while time.monotonic() < deadline:
-        try:
-            req = urllib.request.Request(
-                url, data=data, headers={"Content-Type": "application/json"}
-            )
-            with urllib.request.urlopen(req, timeout=5) as resp:
-                return resp.read()
-        except OSError as err:
-            last = err
-            time.sleep(1)
-    raise AssertionError(f"{url} did not answer in {timeout}s: {last}")
+def answer(url: str, timeout: float, data: bytes | None = None) -> bytes:
+    """The first answer of ``url`` (POSTing ``data``) once it is up."""
+    return wait_for(lambda: fetch(url, data), timeout, url, interval=1)
 
 
 def test_ui_serves_both_and_stops_cleanly():
     dagster_port, mlflow_port = free_port(), free_port()
     cmd = [
-        str(Path(sys.executable).parent / "refinery"),
+        REFINERY,
         "ui",
         "--dagster-port",
         str(dagster_port),
@@ -60,11 +46,11 @@ def test_ui_serves_both_and_stops_cleanly():
     )  # fmt: skip
     family: list[psutil.Process] = []
     try:
-        assert wait_for(f"http://127.0.0.1:{mlflow_port}/health", 120) == b"OK"
+        assert answer(f"http://127.0.0.1:{mlflow_port}/health", 120) == b"OK"
         query = json.dumps(
             {"query": "{ assetNodes { assetKey { path } hasAssetChecks } }"}
         ).encode()
-        body = json.loads(wait_for(f"http://127.0.0.1:{dagster_port}/graphql", 120, data=query))
+        body = json.loads(answer(f"http://127.0.0.1:{dagster_port}/graphql", 120, data=query))
         nodes = {n["assetKey"]["path"][0]: n["hasAssetChecks"] for n in body["data"]["assetNodes"]}
         assert {"source_documents", "document_chunks", "chunk_embeddings"} <= set(nodes)
         assert nodes["chunk_embeddings"] and nodes["source_documents"]
@@ -83,9 +69,10 @@ def test_ui_serves_both_and_stops_cleanly():
 
 def _graphql(port: int, query: str) -> dict:
     body = json.dumps({"query": query}).encode()
-    return json.loads(wait_for(f"http://127.0.0.1:{port}/graphql", 60, data=body))["data"]
+    return json.loads(answer(f"http://127.0.0.1:{port}/graphql", 60, data=body))["data"]
 
 
+@pytest.mark.slow  # the daemon's sensor tick, then an ingest run: over a minute
 def test_a_file_dropped_into_the_corpus_starts_an_ingest_run_on_its_own(tmp_path):
     """The daemon under `refinery ui` runs the corpus sensor: a new file leads to an ingest run
     of just that file, and its document lands in Postgres, with nobody pressing a button."""
@@ -99,7 +86,7 @@ def test_a_file_dropped_into_the_corpus_starts_an_ingest_run_on_its_own(tmp_path
     env = {**os.environ, "REFINERY_HOME": str(home), "REFINERY_CORPUS_DIR": str(corpus)}
     dagster_port, mlflow_port = free_port(), free_port()
     cmd = [
-        str(Path(sys.executable).parent / "refinery"), "ui",
+        REFINERY, "ui",
         "--dagster-port", str(dagster_port), "--mlflow-port", str(mlflow_port),
     ]  # fmt: skip
     proc = subprocess.Popen(
@@ -112,12 +99,13 @@ def test_a_file_dropped_into_the_corpus_starts_an_ingest_run_on_its_own(tmp_path
         runs_query = """{ runsOrError(filter: {tags: [{key: "refinery/trigger",
             value: "corpus_sensor"}]}) { ... on Runs { results { runId jobName status
             tags { key value } } } } }"""
-        deadline, runs = time.monotonic() + 420, []
-        while time.monotonic() < deadline:
+
+        def finished_runs() -> list[dict]:
             runs = _graphql(dagster_port, runs_query)["runsOrError"]["results"]
-            if runs and runs[0]["status"] in ("SUCCESS", "FAILURE", "CANCELED"):
-                break
-            time.sleep(3)
+            done = runs and runs[0]["status"] in ("SUCCESS", "FAILURE", "CANCELED")
+            return runs if done else []
+
+        runs = wait_for(finished_runs, 420, "the sensor's ingest run to finish", interval=3)
         assert len(runs) == 1, runs
         run = runs[0]
         assert run["jobName"] == "ingest" and run["status"] == "SUCCESS", run

@@ -10,6 +10,17 @@ import pytest
 from serving.concurrency import MicroBatcher, SingleFlight
 
 
+async def after_started(action) -> None:
+    """Run ``action`` once every task created before this call has taken its first step: the
+    loop starts ready tasks in the order they were created, so a task created now runs after
+    them (``submit`` queues its item and ``SingleFlight.run`` leads or joins in that step)."""
+
+    async def act() -> None:
+        action()
+
+    await asyncio.create_task(act())
+
+
 def test_identical_requests_in_flight_share_one_computation():
     calls = 0
 
@@ -25,8 +36,7 @@ def test_identical_requests_in_flight_share_one_computation():
 
         tasks = [asyncio.create_task(flight.run("k", work)) for _ in range(8)]
         other = asyncio.create_task(flight.run("other", work))
-        await asyncio.sleep(0.01)
-        gate.set()
+        await after_started(gate.set)  # every caller has led or joined its flight
         results = await asyncio.gather(*tasks, other)
         return results, flight
 
@@ -63,8 +73,7 @@ def test_a_failure_reaches_every_waiter_and_a_cancelled_leader_hands_over():
         leader = asyncio.create_task(flight.run("j", slow))
         await started.wait()
         follower = asyncio.create_task(flight.run("j", slow))
-        await asyncio.sleep(0)
-        leader.cancel()  # the client that started the generation went away
+        await after_started(leader.cancel)  # the client that started the generation went away
         result, shared = await follower
         assert (result, shared) == (2, False)  # the follower ran it itself, and got an answer
         assert (await flight.run(None, slow))[1] is False  # no key: never shared
@@ -74,22 +83,23 @@ def test_a_failure_reaches_every_waiter_and_a_cancelled_leader_hands_over():
 
 def test_micro_batcher_batches_concurrent_items_and_keeps_order():
     seen_batches: list[int] = []
+    working = threading.Event()  # the worker is inside fn
     release = threading.Event()
 
     def fn(items):
-        release.wait(5)
+        working.set()
+        assert release.wait(30), "never released"
         seen_batches.append(len(items))
         return [i * 10 for i in items]
 
     batcher = MicroBatcher(fn, max_batch=8, max_wait_s=0.005)
 
     async def main():
-        first = asyncio.create_task(batcher.submit(0))  # occupies the worker
-        await asyncio.sleep(0.02)
-        rest = asyncio.gather(*(batcher.submit(i) for i in range(1, 20)))
-        await asyncio.sleep(0.02)
-        release.set()
-        return [await first, *(await rest)]
+        first = asyncio.create_task(batcher.submit(0))
+        assert await asyncio.to_thread(working.wait, 30)  # item 0 alone occupies the worker
+        rest = [asyncio.create_task(batcher.submit(i)) for i in range(1, 20)]
+        await after_started(release.set)  # all 19 are queued while the worker is busy
+        return [await first, *(await asyncio.gather(*rest))]
 
     try:
         assert asyncio.run(main()) == [i * 10 for i in range(20)]

@@ -4,8 +4,9 @@ on a scripted backend. The real backends are in tests/integration."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
-import time
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
@@ -130,12 +131,16 @@ def test_leaving_early_cancels_the_request_in_the_backend():
     engine = Engine(backend, WordTokenizer())
 
     async def run():
-        async for _ in engine.stream("Tell me", SamplingParams(max_tokens=50)):
-            break  # the client went away
+        # The server closes the stream of a client that went away, as aclosing does here.
+        async with contextlib.aclosing(
+            engine.stream("Tell me", SamplingParams(max_tokens=50))
+        ) as stream:
+            async for _ in stream:
+                break  # the client went away
+        # Closed: the request left the engine and the backend before anything else runs.
+        assert len(backend.cancelled) == 1 and not backend.active and engine.cancelled == 1
 
     asyncio.run(run())
-    time.sleep(0.05)
-    assert len(backend.cancelled) == 1 and not backend.active and engine.cancelled == 1
 
 
 def test_full_queue_and_long_prompts_are_refused_before_anything_runs():
@@ -169,28 +174,40 @@ def test_an_engine_closes_only_when_idle_and_then_refuses_requests():
     # was refused; none is accepted after the close.
     backend = ScriptedBackend(SCRIPT, tick_s=0.001)
     engine = Engine(backend, WordTokenizer())
-    outcomes: list[str] = []
+    finished = threading.Condition()  # notified whenever a request ends
+    submitted = threading.Event()  # requests are in flight: time to try retiring the engine
 
-    def client() -> None:
+    def ended(delta: Delta, done: threading.Event) -> None:
+        if delta.finished:
+            done.set()
+            with finished:
+                finished.notify_all()
+
+    def client() -> list[str]:
+        outcomes: list[str] = []
         for _ in range(50):
             done = threading.Event()
             try:
                 engine.submit("Tell me", SamplingParams(max_tokens=8),
-                              lambda d, done=done: d.finished and done.set())  # fmt: skip
+                              lambda d, done=done: ended(d, done))  # fmt: skip
             except EngineClosed:
                 outcomes.append("refused")
-                return
-            outcomes.append("answered" if done.wait(5) else "lost")
+                return outcomes
+            submitted.set()
+            outcomes.append("answered" if done.wait(30) else "lost")
+        return outcomes
 
-    threads = [threading.Thread(target=client) for _ in range(4)]
-    for th in threads:
-        th.start()
-    time.sleep(0.02)
-    while not engine.close_if_idle():
-        time.sleep(0.0005)
-    for th in threads:
-        th.join(30)
-    assert outcomes and "lost" not in outcomes, sorted(set(outcomes))
+    with ThreadPoolExecutor(4) as pool:
+        futures = [pool.submit(client) for _ in range(4)]
+        assert submitted.wait(30)
+        with finished:  # retire it at a moment with nothing in flight (checked at each end)
+            assert finished.wait_for(engine.close_if_idle, timeout=60), "never idle"
+        outcomes = [f.result(timeout=60) for f in futures]  # a client that died raises here
+    assert backend.stop.is_set() and len(outcomes) == 4
+    for mine in outcomes:  # every request was answered, until the engine refused one
+        answered = mine[:-1] if mine[-1:] == ["refused"] else mine
+        assert answered == ["answered"] * len(answered), mine
+        assert len(mine) == 50 or mine[-1] == "refused", mine
 
 
 def test_generate_answers_many_prompts_through_the_batch():

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import time
 
 import pytest
 
@@ -22,6 +21,7 @@ from serving.openai_schema import (
     Limits,
     clean_text,
 )
+from tests.support import free_port
 
 LIMITS = Limits(max_tokens=64, max_prompt_chars=100, max_messages=3, max_embedding_inputs=4)
 
@@ -42,7 +42,26 @@ def test_cache_key_ignores_whitespace_and_key_order_but_not_case_or_model():
     )
 
 
-def test_in_process_cache_evicts_least_recently_used_and_expires():
+class Clock:
+    """Stands in for the cache module's clock: time moves only when a test moves it."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def monotonic(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def clock(monkeypatch: pytest.MonkeyPatch) -> Clock:
+    import serving.cache
+
+    fake = Clock()
+    monkeypatch.setattr(serving.cache, "time", fake)
+    return fake
+
+
+def test_in_process_cache_evicts_least_recently_used_and_expires(clock):
     cache = InProcessCache(max_entries=2, ttl_s=60)
     cache.set("a", 1)
     cache.set("b", 2)
@@ -50,30 +69,37 @@ def test_in_process_cache_evicts_least_recently_used_and_expires():
     cache.set("c", 3)
     assert cache.get("b") == ("miss", None)
     assert cache.get("a") == ("hit", 1) and cache.get("c") == ("hit", 3)
-    short = InProcessCache(ttl_s=0.01)
+    short = InProcessCache(ttl_s=10)
     short.set("k", {"v": 1})
-    time.sleep(0.03)
+    clock.now += 9
+    assert short.get("k") == ("hit", {"v": 1})
+    clock.now += 2
     assert short.get("k") == ("miss", None)
 
 
-def test_redis_cache_that_cannot_connect_reports_errors_and_backs_off():
-    port = _closed_port()
+def test_redis_cache_that_cannot_connect_reports_errors_and_backs_off(clock, monkeypatch):
+    port = free_port()  # closed again: nothing listens on it
     cache = RedisCache(f"redis://127.0.0.1:{port}/0", retry_after_s=30)
+    calls: list[str] = []  # what reached the Redis client (each one a connection attempt)
+
+    def counted(name: str, method):
+        def call(*args, **kwargs):
+            calls.append(name)
+            return method(*args, **kwargs)
+
+        return call
+
+    for name in ("get", "set"):
+        monkeypatch.setattr(cache._client, name, counted(name, getattr(cache._client, name)))
+    assert cache.get("k") == ("error", None) and calls == ["get"]
+    clock.now += 29  # backing off: no connection attempt at all
     assert cache.get("k") == ("error", None)
-    t0 = time.perf_counter()
-    assert cache.get("k") == ("error", None)  # backing off: no connection attempt at all
     assert cache.set("k", 1) is False
-    assert time.perf_counter() - t0 < 0.01
+    assert calls == ["get"]
+    clock.now += 2  # the back-off is over: it tries again
+    assert cache.get("k") == ("error", None) and calls == ["get", "get"]
     assert isinstance(make_cache(None), InProcessCache)
     assert isinstance(make_cache(f"redis://127.0.0.1:{port}/0"), RedisCache)
-
-
-def _closed_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 # --- request shapes and limits -------------------------------------------------------------
