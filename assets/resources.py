@@ -200,8 +200,11 @@ class MLflowResource(dg.ConfigurableResource):
 
 class PromotionPolicy(dg.ConfigurableResource):
     """Promotion thresholds, in one place. ``tolerances`` overrides the default tolerance of
-    a metric rule (``evaluation.gate.DEFAULT_RULES``); ``rules`` restricts the gate to those
-    metrics. Waiving the human gate needs a reason, and is recorded with every decision."""
+    a metric rule (``evaluation.gate.DEFAULT_RULES``); ``rules`` restricts the comparison with
+    the champion to those metrics. ``floors`` moves the bound of an absolute floor that every
+    model must meet, the first one included (``evaluation.gate.DEFAULT_FLOORS``: metric ->
+    minimum, or maximum for ``rag_wrong_shown``); ``rules`` does not turn floors off. Waiving
+    the human gate needs a reason, and is recorded with every decision."""
 
     human_gate: HumanGate = HumanGate.required
     waiver_reason: str = ""
@@ -210,6 +213,7 @@ class PromotionPolicy(dg.ConfigurableResource):
     min_ci_low: float = 3.8
     rules: list[str] = Field(default_factory=list)
     tolerances: dict[str, float] = Field(default_factory=dict)
+    floors: dict[str, float] = Field(default_factory=dict)
 
     def policy(self) -> GatePolicy:
         """The policy as the gate takes it; ValueError names an unknown metric."""
@@ -221,6 +225,7 @@ class PromotionPolicy(dg.ConfigurableResource):
             min_ci_low=self.min_ci_low,
             rules=self.rules,
             tolerances=self.tolerances,
+            floors=self.floors,
         )
 
 

@@ -7,7 +7,13 @@ Metrics (all in MLflow, per example and aggregated):
   the documents that hold the answer; groundedness of each answer in the chunks it was given
   (``refinery.rag.confidence.support``); whether the answer is correct (``evaluation.calibration.is_correct``)
   and the calibrated confidence, with its expected calibration error on the test split
-  (``rag_test_ece``) and a reliability diagram (``reliability_png``);
+  (``rag_test_ece``) and a reliability diagram (``reliability_png``); what a user would see:
+  ``answered_right`` (shown and correct) and ``wrong_shown`` (shown and wrong), where "shown"
+  means neither withheld below the confidence threshold (``abstained``) nor replaced as a leak,
+  over all RAG rows (``rag_answered_right``, ``rag_wrong_shown``: the gate's floors) and per
+  split (``rag_test_answered_right`` ...); how well confidence separates right from wrong
+  (``rag_test_auroc``), and the precision and coverage of shown answers at the stored threshold
+  (``evaluation.calibration.calibration_metrics``);
 - latency per question (generation is batched: batch time / batch size) and tokens/s.
 """
 
@@ -155,6 +161,9 @@ def _rag_examples(
 
 def _rag_example(row: dict[str, Any], ans: Any, k: int, latency_s: float) -> ExampleResult:
     retrieved = [s.source for s in ans.sources]
+    correct = is_correct(ans.model_answer, row["answer"])
+    # What the user gets: the model's text unless withheld as unsure or replaced as a leak.
+    shown = not ans.abstained and not ans.leak
     # The model's own text is scored (what the gate compares models on), also when the
     # service would withhold it below the confidence threshold ("abstained").
     scores = {
@@ -163,9 +172,11 @@ def _rag_example(row: dict[str, Any], ans: Any, k: int, latency_s: float) -> Exa
         "reciprocal_rank": reciprocal_rank(retrieved, row["sources"]),
         "groundedness": ans.groundedness,
         # correctness of the model's own text, even when it was withheld as unsure
-        "correct": float(is_correct(ans.model_answer, row["answer"])),
+        "correct": float(correct),
         "confidence": ans.confidence,
         "abstained": float(ans.abstained),
+        "answered_right": float(shown and correct),
+        "wrong_shown": float(shown and not correct),
     }
     return ExampleResult(
         "rag",
@@ -191,7 +202,8 @@ def _answer_scores(answer: str, reference: str) -> dict[str, float]:
 
 
 def aggregate(examples: Sequence[ExampleResult]) -> dict[str, float]:
-    """Means per kind of example, named like the gate's rules (``rag_token_f1`` ...)."""
+    """Means per kind of example, named like the gate's rules (``rag_token_f1`` ...), and the
+    RAG rows' ``SPLIT_SCORES`` per split (``rag_test_answered_right`` ...)."""
     out: dict[str, float] = {"examples": float(len(examples))}
     for kind in ("heldout", "rag"):
         mine = [e for e in examples if e.kind == kind]
@@ -204,10 +216,25 @@ def aggregate(examples: Sequence[ExampleResult]) -> dict[str, float]:
             out[name] = value
         if kind == "rag":
             out["retrieval_mrr"] = out.pop("rag_reciprocal_rank")
+            out.update(_per_split(mine))
     latencies = sorted(e.latency_s for e in examples)
     if latencies:
         out["latency_p50_s"] = latencies[len(latencies) // 2]
         out["latency_p95_s"] = latencies[min(len(latencies) - 1, int(0.95 * len(latencies)))]
+    return out
+
+
+SPLIT_SCORES = ("answered_right", "wrong_shown")
+
+
+def _per_split(rag: Sequence[ExampleResult]) -> dict[str, float]:
+    """``rag_<split>_<score>`` means of ``SPLIT_SCORES``, named like ``calibration_metrics``."""
+    out: dict[str, float] = {}
+    for split in sorted({e.split for e in rag if e.split}):
+        rows = [e for e in rag if e.split == split]
+        for key in SPLIT_SCORES:
+            if all(key in e.scores for e in rows):
+                out[f"rag_{split}_{key}"] = statistics.fmean(e.scores[key] for e in rows)
     return out
 
 

@@ -12,6 +12,13 @@ The model (``fit_calibration``): logistic regression with an L2 penalty on stand
 (``refinery.rag.confidence.signals``), fitted by Newton's method in numpy; stored as JSON coefficients.
 Fitted only on rows of the tune split; ECE and the reliability diagram are reported on the test
 split.
+
+The threshold (``threshold_for_precision``): the lowest confidence at which the answers shown
+(confidence at or above it) reach a stated precision, e.g. 0.75 (``max_wrong`` 0.25 in
+``fit_calibration``); the share of answers it still shows (coverage) is stored in the
+calibration's meta. On the test split ``calibration_metrics`` reports how well confidence
+separates right from wrong answers (``auroc``), and the precision and coverage of the answers
+shown at the stored threshold.
 """
 
 from __future__ import annotations
@@ -19,6 +26,7 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -109,15 +117,69 @@ def expected_calibration_error(
     return float(total)
 
 
+def auroc(probs: Sequence[float], labels: Sequence[bool]) -> float:
+    """Area under the ROC curve of ``probs`` for right (True) against wrong (False) answers:
+    the chance that a right answer has a higher confidence than a wrong one, ties counted
+    half (the Mann-Whitney form). 1.0 separates perfectly, 0.5 is chance, 0.0 is inverted.
+    When only one class is present (or no rows) the area is undefined: 0.5 is reported, so
+    the figure is never NaN."""
+    p = np.asarray(probs, dtype=np.float64)
+    y = np.asarray(labels, dtype=bool)
+    if len(p) != len(y):
+        raise ValueError(f"{len(p)} confidences for {len(y)} labels")
+    right, wrong = p[y], p[~y]
+    if len(right) == 0 or len(wrong) == 0:
+        return 0.5
+    # (n_right, n_wrong) comparisons: a few hundred test answers, so the pairs fit easily
+    above = (right[:, None] > wrong[None, :]).sum()
+    ties = (right[:, None] == wrong[None, :]).sum()
+    return float((above + 0.5 * ties) / (len(right) * len(wrong)))
+
+
+@dataclass(frozen=True)
+class ThresholdChoice:
+    """A threshold and what it leaves on the rows it was chosen on: the share of answers
+    shown (``coverage``) and the share of those that are right (``precision``); ``reached``
+    is False when no threshold reaches the target (then the fallback 0.5)."""
+
+    threshold: float
+    precision: float
+    coverage: float
+    reached: bool
+
+
+def threshold_for_precision(
+    probs: Sequence[float], labels: Sequence[bool], precision: float
+) -> ThresholdChoice:
+    """The lowest threshold whose shown answers (confidence >= threshold) are right at least
+    ``precision`` of the time, on the rows given (fit it on the tune split); 0.5, with
+    ``reached`` False, when none does. Only whole groups of equal confidence are shown or
+    withheld, as serving does."""
+    pairs = sorted(zip(probs, labels, strict=True))
+    n = len(pairs)
+    right_from = [0] * (n + 1)  # right answers among pairs[i:]
+    for i in range(n - 1, -1, -1):
+        right_from[i] = right_from[i + 1] + int(pairs[i][1])
+    for i, (p, _) in enumerate(pairs):
+        if i and pairs[i - 1][0] == p:
+            continue  # a threshold at p shows the whole group of equal confidence
+        kept = n - i
+        if right_from[i] >= precision * kept - 1e-9:
+            return ThresholdChoice(float(p), right_from[i] / kept, kept / n, True)
+    kept_labels = [y for p, y in pairs if p >= 0.5]
+    return ThresholdChoice(
+        0.5,
+        sum(kept_labels) / len(kept_labels) if kept_labels else 0.0,
+        len(kept_labels) / max(1, n),
+        False,
+    )
+
+
 def choose_threshold(probs: Sequence[float], labels: Sequence[bool], max_wrong: float) -> float:
     """The lowest threshold at which at most ``max_wrong`` of the answers kept are wrong
-    (fitted on the tune split). 0.5 if none reaches it."""
-    pairs = sorted(zip(probs, labels, strict=True))
-    for i, (p, _) in enumerate(pairs):
-        kept = [y for _, y in pairs[i:]]
-        if kept and 1 - sum(kept) / len(kept) <= max_wrong:
-            return float(p)
-    return 0.5
+    (fitted on the tune split): ``threshold_for_precision`` with precision 1 - ``max_wrong``.
+    0.5 if none reaches it."""
+    return threshold_for_precision(probs, labels, 1 - max_wrong).threshold
 
 
 def wrong_above(
@@ -143,15 +205,25 @@ def fit_calibration(
     l2: float = 1.0,
     meta: dict[str, Any] | None = None,
 ) -> Calibration:
-    """Both models (with logprob signals when every row has them) and the threshold."""
+    """Both models (with logprob signals when every row has them) and the threshold
+    (``threshold_for_precision`` at 1 - ``max_wrong``); ``meta`` gains what the threshold
+    leaves on these rows: ``threshold_target_precision``, ``threshold_precision``,
+    ``threshold_coverage`` (share of answers shown) and ``threshold_reached``."""
     with_lp = None
     if rows and all(all(f in r for f in LOGPROB_FEATURES) for r in rows):
         with_lp = fit_logistic(rows, labels, BASE_FEATURES + LOGPROB_FEATURES, l2=l2)
     without = fit_logistic(rows, labels, BASE_FEATURES, l2=l2)
     model = with_lp or without
     probs = [model.predict(r) for r in rows]
-    threshold = choose_threshold(probs, labels, max_wrong)
-    return Calibration(with_lp, without, round(threshold, 4), meta or {})
+    choice = threshold_for_precision(probs, labels, 1 - max_wrong)
+    fitted = {
+        "threshold_target_precision": round(1 - max_wrong, 4),
+        "threshold_precision": round(choice.precision, 4),
+        "threshold_coverage": round(choice.coverage, 4),
+        "threshold_reached": choice.reached,
+    }
+    # Not rounded: rounding up would withhold the answers at the threshold that it counted.
+    return Calibration(with_lp, without, choice.threshold, {**(meta or {}), **fitted})
 
 
 def reliability_diagram(
@@ -206,19 +278,30 @@ def reliability_diagram(
 
 
 def calibration_metrics(examples: Sequence[Any], split: str = "test") -> dict[str, float]:
-    """ECE and answer accuracy of RAG examples of ``split`` (ExampleResult with scores
-    ``confidence`` and ``correct``); empty when there are none."""
+    """ECE, AUROC (``auroc``: 0.5 when the split's answers are all right or all wrong) and
+    answer accuracy of RAG examples of ``split`` (ExampleResult with scores ``confidence``
+    and ``correct``); empty when there are none. Where the rows also carry
+    ``answered_right`` and ``wrong_shown`` (``evaluation.automatic``): ``coverage``, the share
+    of answers shown at the stored threshold, and ``shown_precision``, the share of those that
+    are right (0 when nothing is shown, so withholding everything does not look precise)."""
     rows = [e for e in examples if e.kind == "rag" and e.split == split]
     if not rows:
         return {}
     probs = [e.scores["confidence"] for e in rows]
     labels = [bool(e.scores["correct"]) for e in rows]
-    return {
+    out = {
         f"rag_{split}_ece": expected_calibration_error(probs, labels),
+        f"rag_{split}_auroc": auroc(probs, labels),
         f"rag_{split}_accuracy": sum(labels) / len(labels),
         f"rag_{split}_mean_confidence": float(np.mean(probs)),
         f"rag_{split}_examples": float(len(rows)),
     }
+    if all("answered_right" in e.scores and "wrong_shown" in e.scores for e in rows):
+        right = sum(e.scores["answered_right"] for e in rows)
+        shown = right + sum(e.scores["wrong_shown"] for e in rows)
+        out[f"rag_{split}_coverage"] = shown / len(rows)
+        out[f"rag_{split}_shown_precision"] = right / shown if shown else 0.0
+    return out
 
 
 def sigmoid(x: float) -> float:

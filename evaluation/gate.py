@@ -1,5 +1,10 @@
 """The promotion gate: a pure function from evaluation results and a policy to a decision
-with reasons. Dagster wraps it in a blocking asset check; nothing here has side effects."""
+with reasons. Dagster wraps it in a blocking asset check; nothing here has side effects.
+
+Two kinds of automatic rule: ``MetricRule`` compares the challenger with the champion (a first
+model passes them on its own), ``FloorRule`` is an absolute bound that every model must meet,
+the first one included, so a model that withholds every answer cannot become champion because
+there was nothing to compare it with."""
 
 from __future__ import annotations
 
@@ -47,6 +52,42 @@ DEFAULT_RULES: tuple[MetricRule, ...] = (
 
 
 @dataclass(frozen=True)
+class FloorRule:
+    """An absolute bound on ``metric``, for first models and challengers alike: at least
+    ``minimum`` and at most ``maximum`` (None: no bound on that side). ``why`` ends the reason
+    of a failure."""
+
+    metric: str
+    minimum: float | None = None
+    maximum: float | None = None
+    why: str = ""
+
+    def problem(self, value: float) -> str | None:
+        """What is wrong with ``value`` (None: it is within the bounds)."""
+        why = f" ({self.why})" if self.why else ""
+        if self.minimum is not None and not value >= self.minimum:
+            return f"{self.metric}: {value:.4g} is below the floor {self.minimum:.4g}{why}"
+        if self.maximum is not None and not value <= self.maximum:
+            return f"{self.metric}: {value:.4g} is above the ceiling {self.maximum:.4g}{why}"
+        return None
+
+    def with_bound(self, bound: float) -> FloorRule:
+        """The same floor with its bound moved: the minimum where it has one, else the maximum."""
+        if self.minimum is not None:
+            return replace(self, minimum=bound)
+        return replace(self, maximum=bound)
+
+
+# Placeholders until they are tuned on measured models; every default floor lives here.
+# ``rag_answered_right``: share of RAG questions answered (not withheld) and correct;
+# ``rag_wrong_shown``: share answered and wrong (``evaluation.automatic``).
+DEFAULT_FLOORS: tuple[FloorRule, ...] = (
+    FloorRule("rag_answered_right", minimum=0.25, why="a model must answer and be right"),
+    FloorRule("rag_wrong_shown", maximum=0.25, why="a model must not show wrong answers"),
+)
+
+
+@dataclass(frozen=True)
 class HumanRule:
     min_ratings: int = 10
     min_mean: float = 4.0
@@ -56,6 +97,7 @@ class HumanRule:
 @dataclass(frozen=True)
 class GatePolicy:
     rules: tuple[MetricRule, ...] = DEFAULT_RULES
+    floors: tuple[FloorRule, ...] = DEFAULT_FLOORS
     human: HumanRule = field(default_factory=HumanRule)
     human_gate: Literal["required", "waived"] = "required"
     waiver_reason: str = ""
@@ -73,20 +115,35 @@ def policy_from(
     min_ci_low: float = 3.8,
     rules: Sequence[str] = (),
     tolerances: Mapping[str, float] | None = None,
+    floors: Mapping[str, float] | None = None,
 ) -> GatePolicy:
-    """A policy from plain settings: ``rules`` restricts the gate to those metrics,
-    ``tolerances`` overrides a rule's default tolerance. ValueError names unknown metrics."""
+    """A policy from plain settings: ``rules`` restricts the comparison with the champion to
+    those metrics, ``tolerances`` overrides a rule's default tolerance, ``floors`` moves the
+    bound of a floor (``DEFAULT_FLOORS``; its minimum, or its maximum for a ceiling such as
+    ``rag_wrong_shown``). Floors always apply, whatever ``rules`` says. ValueError names
+    unknown metrics and non-finite bounds."""
     gate = HumanGate(human_gate)  # ValueError for anything but required / waived
     tolerances = dict(tolerances or {})
+    floors = dict(floors or {})
     known = {r.metric for r in DEFAULT_RULES}
     unknown = sorted((set(rules) | set(tolerances)) - known)
     if unknown:
         raise ValueError(f"unknown gate metrics {unknown}; known: {sorted(known)}")
+    known_floors = {f.metric for f in DEFAULT_FLOORS}
+    unknown = sorted(set(floors) - known_floors)
+    if unknown:
+        raise ValueError(f"unknown floor metrics {unknown}; known: {sorted(known_floors)}")
+    bad = sorted(m for m, v in floors.items() if not math.isfinite(v))
+    if bad:
+        raise ValueError(f"floor bounds must be finite numbers: {bad}")
     return GatePolicy(
         rules=tuple(
             replace(r, tolerance=tolerances.get(r.metric, r.tolerance))
             for r in DEFAULT_RULES
             if not rules or r.metric in rules
+        ),
+        floors=tuple(
+            f.with_bound(floors[f.metric]) if f.metric in floors else f for f in DEFAULT_FLOORS
         ),
         human=HumanRule(min_ratings, min_mean, min_ci_low),
         human_gate=gate.value,
@@ -119,7 +176,8 @@ def compare_to_champion(
     human: HumanSummary | None,
     policy: GatePolicy,
 ) -> GateDecision:
-    """Pass only if every rule and the human gate pass; every failure names its reason."""
+    """Pass only if every floor, every rule and the human gate pass; every failure names its
+    reason. Floors hold for a first model too (no champion to compare with)."""
     reasons: list[str] = []
     checks: list[dict[str, Any]] = []
     if not challenger or not challenger.get("examples"):
@@ -128,6 +186,8 @@ def compare_to_champion(
         )
     if champion is None:
         reasons.append("no champion yet: the first model is compared with the thresholds only")
+    for floor in policy.floors:
+        _floor_check(floor, challenger.get(floor.metric), checks, reasons)
     for rule in policy.rules:
         value = challenger.get(rule.metric)
         if value is None or not math.isfinite(value):
@@ -166,6 +226,28 @@ def compare_to_champion(
     if passed:
         reasons.append("all rules passed")
     return GateDecision(passed, reasons, checks, human_waived)
+
+
+def _floor_check(
+    floor: FloorRule, value: float | None, checks: list[dict[str, Any]], reasons: list[str]
+) -> None:
+    check: dict[str, Any] = {
+        "metric": floor.metric,
+        "kind": "floor",
+        "challenger": value,
+        "minimum": floor.minimum,
+        "maximum": floor.maximum,
+    }
+    if value is None or not math.isfinite(value):
+        checks.append({**check, "ok": False})
+        reasons.append(
+            f"{floor.metric}: missing from the challenger's evaluation (a floor every model must meet)"
+        )
+        return
+    problem = floor.problem(value)
+    checks.append({**check, "ok": problem is None})
+    if problem is not None:
+        reasons.append(problem)
 
 
 def _human_gate(

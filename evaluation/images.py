@@ -154,9 +154,10 @@ def gate_image_model(
     champion_version: str | None = None,
 ) -> ImagePromotion:
     """The text model's gate (``compare_to_champion``) with the image rules, plus a floor:
-    a first model must reach ``min_accuracy`` on its own."""
+    a first model must reach ``min_accuracy`` on its own. The text floors (``rag_*``) do not
+    apply: an image evaluation has no RAG answers."""
     decision: GateDecision = compare_to_champion(
-        challenger, champion, human, replace(policy, rules=IMAGE_RULES)
+        challenger, champion, human, replace(policy, rules=IMAGE_RULES, floors=())
     )
     reasons = list(decision.reasons)
     passed = decision.passed

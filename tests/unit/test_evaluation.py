@@ -8,7 +8,16 @@ import math
 import pytest
 
 from evaluation.datasets import DEFAULT_RAG_QUESTIONS, EvaluationDataError, load_rag_questions
-from evaluation.gate import GatePolicy, HumanRule, HumanSummary, MetricRule, compare_to_champion
+from evaluation.gate import (
+    DEFAULT_FLOORS,
+    FloorRule,
+    GatePolicy,
+    HumanRule,
+    HumanSummary,
+    MetricRule,
+    compare_to_champion,
+    policy_from,
+)
 from evaluation.metrics import (
     bootstrap_ci,
     exact_match,
@@ -76,6 +85,9 @@ GOOD = {
     "retrieval_hit_at_k": 0.9,
     "heldout_token_f1": 0.3,
     "heldout_perplexity": 20.0,
+    "rag_answered_right": 0.5,
+    "rag_wrong_shown": 0.1,
+    "rag_abstained": 0.4,
 }
 HAPPY_HUMANS = HumanSummary(count=12, mean=4.4, ci_low=4.1, ci_high=4.7)
 
@@ -139,6 +151,7 @@ def test_empty_or_broken_evaluations_never_promote():
     assert not missing.passed and any("missing" in r for r in missing.reasons)
     custom = GatePolicy(
         rules=(MetricRule("heldout_perplexity", higher_is_better=False),),
+        floors=(),
         human=HumanRule(min_ratings=1),
         human_gate="waived",
         waiver_reason="x",
@@ -146,6 +159,87 @@ def test_empty_or_broken_evaluations_never_promote():
     assert compare_to_champion(
         {"examples": 1, "heldout_perplexity": 10.0}, {"heldout_perplexity": 11.0}, None, custom
     ).passed
+
+
+WAIVED = GatePolicy(human_gate="waived", waiver_reason="unit test")
+
+
+def test_a_first_model_that_withholds_everything_is_refused_by_the_floor():
+    useless = dict(GOOD, rag_answered_right=0.0, rag_wrong_shown=0.0, rag_abstained=1.0)
+    decision = compare_to_champion(useless, None, HAPPY_HUMANS, WAIVED)
+    assert not decision.passed and "all rules passed" not in decision.reasons
+    assert (
+        "rag_answered_right: 0 is below the floor 0.25 (a model must answer and be right)"
+        in decision.reasons
+    )
+    (check,) = [c for c in decision.checks if c["metric"] == "rag_answered_right"]
+    assert check == {
+        "metric": "rag_answered_right",
+        "kind": "floor",
+        "challenger": 0.0,
+        "minimum": 0.25,
+        "maximum": None,
+        "ok": False,
+    }
+    wrong = compare_to_champion(dict(GOOD, rag_wrong_shown=0.4), None, HAPPY_HUMANS, WAIVED)
+    assert not wrong.passed
+    assert any(
+        r.startswith("rag_wrong_shown: 0.4 is above the ceiling 0.25") for r in wrong.reasons
+    )
+
+
+def test_a_challenger_better_than_the_champion_but_below_a_floor_is_refused():
+    weak_champion = dict(GOOD, rag_token_f1=0.1, rag_answered_right=0.1)
+    challenger = dict(GOOD, rag_token_f1=0.2, rag_answered_right=0.2)
+    decision = compare_to_champion(challenger, weak_champion, HAPPY_HUMANS, GatePolicy())
+    assert not decision.passed
+    failed = {c["metric"] for c in decision.checks if not c["ok"]}
+    assert failed == {"rag_answered_right"}
+    assert any(r.startswith("rag_answered_right: 0.2 is below the floor") for r in decision.reasons)
+
+
+def test_a_model_that_meets_the_floors_passes_and_a_missing_floor_metric_fails():
+    first = compare_to_champion(GOOD, None, HAPPY_HUMANS, GatePolicy())
+    assert first.passed and "all rules passed" in first.reasons
+    floors = [c for c in first.checks if c.get("kind") == "floor"]
+    assert {c["metric"] for c in floors} == {f.metric for f in DEFAULT_FLOORS}
+    assert all(c["ok"] for c in floors)
+    at_the_bounds = dict(GOOD, rag_answered_right=0.25, rag_wrong_shown=0.25)
+    assert compare_to_champion(at_the_bounds, None, HAPPY_HUMANS, GatePolicy()).passed
+    for broken in ({k: v for k, v in GOOD.items() if k != "rag_wrong_shown"},
+                   dict(GOOD, rag_wrong_shown=float("nan"))):  # fmt: skip
+        decision = compare_to_champion(broken, None, HAPPY_HUMANS, GatePolicy())
+        assert not decision.passed
+        assert any(r.startswith("rag_wrong_shown: missing") for r in decision.reasons)
+
+
+def test_floor_overrides_and_unknown_names():
+    policy = policy_from(floors={"rag_answered_right": 0.6, "rag_wrong_shown": 0.05})
+    assert policy.floors == (
+        FloorRule("rag_answered_right", minimum=0.6, why=DEFAULT_FLOORS[0].why),
+        FloorRule("rag_wrong_shown", maximum=0.05, why=DEFAULT_FLOORS[1].why),
+    )
+    decision = compare_to_champion(GOOD, None, HAPPY_HUMANS, policy)
+    assert {c["metric"] for c in decision.checks if not c["ok"]} == {
+        "rag_answered_right",
+        "rag_wrong_shown",
+    }
+    # restricting the comparison with the champion leaves the floors on
+    assert policy_from(rules=["heldout_perplexity"]).floors == DEFAULT_FLOORS
+    assert policy_from().floors == DEFAULT_FLOORS
+    with pytest.raises(ValueError, match=r"unknown floor metrics \['rag_token_f1'\]"):
+        policy_from(floors={"rag_token_f1": 0.3})
+    with pytest.raises(ValueError, match="finite"):
+        policy_from(floors={"rag_answered_right": float("nan")})
+
+
+def test_the_promotion_policy_resource_passes_floor_overrides():
+    from assets.resources import PromotionPolicy
+
+    policy = PromotionPolicy(floors={"rag_answered_right": 0.1}).policy()
+    assert policy.floors[0].minimum == 0.1 and policy.floors[1] == DEFAULT_FLOORS[1]
+    with pytest.raises(ValueError, match="unknown floor metrics"):
+        PromotionPolicy(floors={"nope": 1.0}).policy()
 
 
 def hit(i: int, score: float, text: str) -> Hit:
