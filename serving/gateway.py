@@ -47,6 +47,13 @@ from serving.traffic import TrafficLog
 
 RETRY_AFTER_S = "1"
 RAG_DEFAULT_TOKENS = 96  # (capped at the service's max_tokens)
+RAG_DEFAULT_K = 3  # chunks retrieved when a request does not say
+RAG_MAX_QUESTION_CHARS = 4000
+# The model id that answers chat completions through retrieval (``rag_chat_response``).
+RAG_MODEL = "refinery-rag"
+# The shape of a cached /rag answer: bumped when its fields change, so that a cache filled by
+# an older service (Redis outlives a deployment) never answers with the old shape.
+RAG_ANSWER_SHAPE = 2
 
 
 def timed_out(what: str, seconds: float) -> ApiError:
@@ -116,7 +123,8 @@ class ModelIdentity:
         if model and model not in (self.model_id, self.label, "refinery", "default"):
             raise ApiError(
                 404,
-                f"model {model!r} is not served here; GET /v1/models lists {self.model_id!r}",
+                f"model {model!r} is not served here; GET /v1/models lists {self.model_id!r} "
+                f"(and {RAG_MODEL!r}, which answers from the documents)",
                 param="model",
                 code="model_not_found",
             )
@@ -445,7 +453,7 @@ class RagHandler:
         """Answer ``request["question"]`` from the corpus: retrieval (``search``: vector, k,
         filters → hits), a prompt with the chunks, one shared generation per identical request."""
         ctx, question = self.ctx, request["question"]
-        key = cache_key("rag", ctx.model.label, request)
+        key = cache_key("rag", ctx.model.label, {**request, "shape": RAG_ANSWER_SHAPE})
         hit = await ctx.cached("rag", key)
         if hit is not None:  # cached answers passed the guard when they were made
             ctx.log(
@@ -511,6 +519,58 @@ class RagHandler:
         compute = out.get("compute_s", 0.0) + emb.compute_s
         return {"answer": answer, "compute_s": compute, "embed_tokens": emb.tokens,
                 "scores": [h.score for h in hits]}  # fmt: skip
+
+
+# -- RAG through the OpenAI API (model ``refinery-rag``) ---------------------------------------
+def rag_question(messages: Sequence[dict[str, str]]) -> str:
+    """The question a ``refinery-rag`` chat asks: its last user message (400 without one)."""
+    turns = [m["content"].strip() for m in messages if m["role"] == "user"]
+    if not turns or not turns[-1]:
+        raise ApiError(400, f"model {RAG_MODEL!r} answers the last user message, and there is "
+                       "none or it is empty", param="messages", code="no_question")  # fmt: skip
+    if len(turns[-1]) > RAG_MAX_QUESTION_CHARS:
+        raise ApiError(400, f"the question has {len(turns[-1])} characters; {RAG_MODEL!r} takes "
+                       f"at most {RAG_MAX_QUESTION_CHARS}", param="messages",
+                       code="prompt_too_long")  # fmt: skip
+    return turns[-1]
+
+
+def rag_chat_fields(answer: dict[str, Any]) -> dict[str, Any]:
+    """What a ``refinery-rag`` completion adds to OpenAI's body: the sources, the confidence
+    and what the content is (``kind``: answer, quote, none or refused)."""
+    return {
+        "sources": [
+            {k: s[k] for k in ("source", "title", "chunk_id", "score")} for s in answer["sources"]
+        ],
+        "confidence": answer["confidence"],
+        "kind": answer["kind"],
+    }
+
+
+def rag_chat_response(answer: dict[str, Any]) -> dict[str, Any]:
+    """A /rag answer as a chat completion: its text the assistant's message, its sources,
+    confidence and kind extra top-level fields (the openai client keeps them in
+    ``model_extra``)."""
+    payload = chat_response(
+        RAG_MODEL, answer["answer"], "stop", answer["prompt_tokens"], answer["completion_tokens"]
+    )
+    return {**payload, **rag_chat_fields(answer)}
+
+
+async def rag_chat_stream(answer: dict[str, Any], options: dict[str, Any]) -> AsyncIterator[str]:
+    """A /rag answer as server-sent chunks: the answer is scored (and maybe withheld) only once
+    it is whole, so it comes as one content chunk, then the finish chunk carrying the sources,
+    confidence and kind, the usage when asked, and [DONE]."""
+    chunk_id = f"chatcmpl-{uuid.uuid4().hex}"
+    yield _sse(chat_chunk(chunk_id, RAG_MODEL, {"role": "assistant", "content": ""}))
+    yield _sse(chat_chunk(chunk_id, RAG_MODEL, {"content": answer["answer"]}))
+    yield _sse({**chat_chunk(chunk_id, RAG_MODEL, {}, "stop"), **rag_chat_fields(answer)})
+    if options.get("include_usage"):
+        prompt, completion = answer["prompt_tokens"], answer["completion_tokens"]
+        usage = {"prompt_tokens": prompt, "completion_tokens": completion,
+                 "total_tokens": prompt + completion}  # fmt: skip
+        yield _sse({**chat_chunk(chunk_id, RAG_MODEL, {}, None, usage), "choices": []})
+    yield "data: [DONE]\n\n"
 
 
 # -- the facade the service holds -----------------------------------------------------------------

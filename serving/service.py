@@ -36,7 +36,19 @@ from pydantic import BaseModel, ConfigDict, Field
 from refinery.core.settings import ServingSettings, Settings
 from refinery.rag.confidence import load_calibration
 from serving.bento import Pins, service_settings
-from serving.gateway import RAG_DEFAULT_TOKENS, RETRY_AFTER_S, Gateway, RagPolicy, unb64
+from serving.gateway import (
+    RAG_DEFAULT_K,
+    RAG_DEFAULT_TOKENS,
+    RAG_MAX_QUESTION_CHARS,
+    RAG_MODEL,
+    RETRY_AFTER_S,
+    Gateway,
+    RagPolicy,
+    rag_chat_response,
+    rag_chat_stream,
+    rag_question,
+    unb64,
+)
 from serving.generations import (
     ImageGenerationRequest,
     ImageModel,
@@ -535,6 +547,12 @@ class Refinery:
                     "version": self.gw.model_label.rsplit("/", 1)[-1],
                     "variant": self.pins.variant,
                 },
+                {  # chat completions answered from the documents, as /rag answers
+                    "id": RAG_MODEL,
+                    "object": "model",
+                    "created": 0,
+                    "owned_by": "refinery",
+                },
                 {
                     "id": self.pins.embedding_model,
                     "object": "model",
@@ -551,8 +569,11 @@ class Refinery:
         t0 = time.perf_counter()
         gw = self.gw
         await gw.refresh_label()
-        gw.check_model(body.model)
+        if body.model != RAG_MODEL:
+            gw.check_model(body.model)
         await resolve_images(body.messages, self.limits)  # image_url parts → their OCR text
+        if body.model == RAG_MODEL:
+            return await self._rag_chat(body)
         item = body.engine_item(self.limits)
         if not body.stream:
             payload, headers = await gw.chat_completion(item, t0)
@@ -564,6 +585,21 @@ class Refinery:
             media_type="text/event-stream",
             headers={"x-refinery-model-version": gw.model_label},
         )
+
+    async def _rag_chat(self, body: ChatCompletionRequest) -> JSONResponse | StreamingResponse:
+        """``model: refinery-rag``: the last user message answered from the documents as /rag
+        answers it (k=3; greedy, whatever the temperature), sources in the body. Streamed, the
+        finished answer comes as one chunk: it is scored, and maybe withheld, only when whole."""
+        question = rag_question(body.plain_messages(self.limits))  # the checks of any chat
+        limit = body.token_limit(self.limits, RAG_DEFAULT_TOKENS)
+        answer, headers = await self._rag(question, RAG_DEFAULT_K, None, limit)
+        if body.stream:
+            return StreamingResponse(
+                rag_chat_stream(answer, body.stream_options or {}),
+                media_type="text/event-stream",
+                headers=headers,
+            )
+        return JSONResponse(rag_chat_response(answer), headers=headers)
 
     @openai_app.post("/embeddings")
     async def embeddings(self, body: EmbeddingRequest) -> JSONResponse:
@@ -633,8 +669,8 @@ class Refinery:
     @bentoml.api(route="/rag")
     async def rag(
         self,
-        question: Annotated[Text, Field(min_length=1, max_length=4000)],
-        k: Annotated[int, Field(ge=1, le=20)] = 3,
+        question: Annotated[Text, Field(min_length=1, max_length=RAG_MAX_QUESTION_CHARS)],
+        k: Annotated[int, Field(ge=1, le=20)] = RAG_DEFAULT_K,
         filters: RagFilters | None = None,
         max_tokens: Annotated[int | None, Field(ge=1, le=4096)] = None,
         images: list[dict[str, Any]] | None = None,

@@ -1,20 +1,24 @@
 """Retrieval-augmented answers: top-k chunks → a prompt with them (``refinery.rag.prompt``) →
 the answer, its sources and a calibrated confidence (``refinery.rag.confidence``).
 
-An answer that leaks the system prompt is replaced by ``LEAK_REFUSAL``; one whose confidence
-is below the threshold (``min_confidence``, default the one stored with the calibration) is
-replaced by a "don't know" that lists its sources. The calibration is a parameter: callers
-load it once (``load_calibration``) and pass it; without one, the lexical score is reported
-and nothing is withheld.
+An answer that leaks the system prompt is replaced by ``LEAK_REFUSAL`` (``kind`` "refused").
+One whose confidence is below the threshold (``min_confidence``, default the one stored with
+the calibration) is withheld; in its place the reader gets the evidence: the retrieved
+sentence that best supports an answer, quoted with its source (``refinery.rag.evidence``;
+``kind`` "quote"), or, when no passage supports one, a "not in the documents" that names the
+closest sources (``kind`` "none"). The calibration is a parameter: callers load it once
+(``load_calibration``) and pass it; without one, the lexical score is reported and nothing is
+withheld.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 from refinery.rag.confidence import Calibration, confidence, retrieval_confidence, signals
+from refinery.rag.evidence import Quote, best_quote
 from refinery.rag.prompt import LEAK_REFUSAL, ChunkScreen, leak, new_canary, prepare
 
 if TYPE_CHECKING:
@@ -32,10 +36,16 @@ class Source:
     pages: list[int] | None = None
 
 
+# What ``RagAnswer.answer`` shows: the model's answer; a quote of the retrieved passage that
+# best supports one (the model's answer withheld below the threshold); "not in the documents"
+# (withheld, and no passage supports an answer); the refusal of an answer that leaked.
+Kind = Literal["answer", "quote", "none", "refused"]
+
+
 @dataclass(frozen=True)
 class RagAnswer:
     question: str
-    answer: str  # what to show: the model's answer, or a "don't know" below the threshold
+    answer: str  # what to show (``kind`` says which): the model's answer, a quote, a "don't know"
     sources: list[Source]
     confidence: float  # calibrated probability that the model's answer is correct
     retrieval_confidence: float
@@ -45,6 +55,8 @@ class RagAnswer:
     screened_chunks: int = 0  # retrieved chunks dropped as instructions to the model
     leak: str | None = None  # why the generated answer was withheld as a leak, if it was
     abstained: bool = False  # the model's answer was withheld: confidence below the threshold
+    kind: Kind = "answer"
+    quote: Quote | None = None  # the passage quoted when ``kind`` is "quote"
     signals: dict[str, float] = field(default_factory=dict)
     # The model's own text, kept even when withheld (evaluation labels it); not in to_dict.
     model_answer: str = field(default="", compare=False)
@@ -55,15 +67,30 @@ class RagAnswer:
         return out
 
 
-def dont_know(hits: Sequence[Hit], confidence: float) -> str:
-    """What an answer below the threshold says instead of a guess."""
+def not_in_documents(hits: Sequence[Hit]) -> str:
+    """What a withheld answer says when no retrieved passage supports one."""
     if not hits:
         return "I don't know: no document matched the question."
     names = list(dict.fromkeys(h.source for h in hits))
     return (
-        f"I don't know: the documents I found do not answer this with enough confidence "
-        f"({confidence:.2f}). The closest sources: {', '.join(names)}."
+        "I don't know: the answer is not in the documents I found "
+        f"(the closest: {', '.join(names)})."
     )
+
+
+def quoted(quote: Quote, hits: Sequence[Hit]) -> str:
+    """A quote labelled as one, with its title and its number among the sources:
+    ``From "Queen mating flight" [2]: "A virgin queen …"``."""
+    number = next(i for i, h in enumerate(hits, 1) if h.chunk_id == quote.chunk_id)
+    return f'From "{quote.title}" [{number}]: "{quote.text}"'
+
+
+def evidence(question: str, hits: Sequence[Hit]) -> tuple[Kind, Quote | None, str]:
+    """What stands in for a withheld answer: (kind, the quote or None, the text shown)."""
+    quote = best_quote(question, hits)
+    if quote is None:
+        return "none", None, not_in_documents(hits)
+    return "quote", quote, quoted(quote, hits)
 
 
 def to_sources(hits: Sequence[Hit]) -> list[Source]:
@@ -158,16 +185,19 @@ def make_answer(
 ) -> RagAnswer:
     """The answer with its sources and confidence; an answer that leaks the system prompt is
     replaced by ``LEAK_REFUSAL`` (``leak`` says why); below the threshold (``min_confidence``,
-    else the calibration's; see ``refinery.rag.confidence.confidence``) it says it does not
-    know instead."""
+    else the calibration's; see ``refinery.rag.confidence.confidence``) it is withheld and the
+    best-supported passage is quoted instead, or "not in the documents" said (``evidence``)."""
     leaked = leak(text, canary)
     values = signals(question, hits, text, token_logprobs)
     score, limit = confidence(values, hits, text, calibration, min_confidence)
     abstain = score < limit and not leaked
-    answer = LEAK_REFUSAL if leaked else dont_know(hits, score) if abstain else text
+    kind: Kind = "refused" if leaked else "answer"
+    quote, shown = None, LEAK_REFUSAL if leaked else text
+    if abstain:
+        kind, quote, shown = evidence(question, hits)
     return RagAnswer(
         question=question,
-        answer=answer,
+        answer=shown,
         sources=to_sources(hits),
         confidence=round(score, 4),
         retrieval_confidence=round(retrieval_confidence(hits), 4),
@@ -177,6 +207,8 @@ def make_answer(
         screened_chunks=screened,
         leak=leaked,
         abstained=abstain,
+        kind=kind,
+        quote=quote,
         signals={k: round(v, 4) for k, v in values.items()},
         model_answer=text,
     )

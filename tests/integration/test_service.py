@@ -272,6 +272,33 @@ def test_rag_answers_with_sources_through_bentoml_client(served):
         }
 
 
+def test_refinery_rag_answers_chat_from_the_documents_through_the_openai_client(served):
+    client = openai_client(served)
+    assert "refinery-rag" in [m.id for m in client.models.list().data]
+    messages = [
+        {"role": "system", "content": "Answer briefly."},
+        *ask("How many days does a worker bee take to develop?"),
+    ]
+    resp = client.chat.completions.create(model="refinery-rag", messages=messages)
+    content = resp.choices[0].message.content
+    assert resp.model == "refinery-rag" and content and content.strip()
+    extra = resp.model_extra or {}
+    corpus = {p.name for p in SAMPLE_CORPUS.iterdir()}
+    assert extra["sources"] and all(
+        s["source"] in corpus and s["chunk_id"] for s in extra["sources"]
+    )
+    assert extra["kind"] in ("answer", "quote", "none") and 0 <= extra["confidence"] <= 1
+    if extra["kind"] == "quote":
+        assert content.startswith('From "')
+    # Streamed: the same answer (cached) in one content chunk, the sources on the last chunk.
+    chunks = list(
+        client.chat.completions.create(model="refinery-rag", messages=messages, stream=True)
+    )
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == content
+    assert chunks[-1].choices[0].finish_reason == "stop"
+    assert (chunks[-1].model_extra or {})["sources"] == extra["sources"]
+
+
 def image_part(lines: list[str], fmt: str = "PNG") -> dict:
     import base64
 

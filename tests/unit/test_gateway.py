@@ -13,7 +13,15 @@ import pytest
 from refinery.rag.confidence import Calibration, ConfidenceModel
 from refinery.retrieval.search import Hit
 from serving.cache import InProcessCache
-from serving.gateway import Gateway, RagPolicy, unb64
+from serving.gateway import (
+    RAG_MODEL,
+    Gateway,
+    RagPolicy,
+    rag_chat_response,
+    rag_chat_stream,
+    rag_question,
+    unb64,
+)
 from serving.openai_schema import ApiError, Limits
 from serving.traffic import TrafficLog, TrafficSettings
 
@@ -203,10 +211,73 @@ def test_rag_answers_from_the_hits_caches_and_withholds_below_the_policys_thresh
     assert answer["answer"] == "Bees make honey." and answer["sources"][0]["source"] == "bees.md"
     assert not answer["abstained"] and headers["x-refinery-cache"] == "miss"
     assert again["x-refinery-cache"] == "hit" and searched == [3, 3]  # the repeat was cached
-    assert withheld["abstained"] and withheld["answer"].startswith("I don't know")
+    # withheld: the chunk's sentence that holds the question's words, quoted with its source
+    assert withheld["abstained"] and withheld["kind"] == "quote"
+    assert withheld["answer"] == 'From "Bees" [1]: "Bees make honey from nectar."'
+    assert withheld["quote"]["chunk_id"] == "c1" and answer["kind"] == "answer"
     assert withheld["confidence"] == 0.5  # the calibration's sigmoid(0), under its 0.9
     plain.close()
     unsure.close()
+
+
+def test_refinery_rag_answers_the_last_user_message_with_sources_in_the_body():
+    chat = ScriptedChat(words=("Bees", " make", " honey."))
+    chat.gate.set()
+    gw = gateway(chat)
+    hits = [Hit("c1", "d1", "bees.md", "Bees", 0, "Bees make honey from nectar.", 0.8, {}, 1, 1)]
+    messages = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Hello"},
+        {"role": "assistant", "content": "Hi! Ask me about bees."},
+        {"role": "user", "content": "  What do bees make? "},
+    ]
+    question = rag_question(messages)
+    assert question == "What do bees make?"
+    request = {"question": question, "k": 3, "filters": {}, "max_tokens": 8}
+
+    async def run():
+        answer, _ = await gw.rag(request, lambda vector, k, filters: hits, None, 0.0)
+        chunks = [c async for c in rag_chat_stream(answer, {"include_usage": True})]
+        return answer, chunks
+
+    answer, chunks = asyncio.run(run())
+    body = rag_chat_response(answer)
+    assert body["model"] == RAG_MODEL == "refinery-rag" and body["object"] == "chat.completion"
+    assert body["choices"][0]["message"] == {"role": "assistant", "content": "Bees make honey."}
+    assert body["sources"] == [{"source": "bees.md", "title": "Bees", "chunk_id": "c1",
+                                "score": 0.8}]  # fmt: skip
+    assert body["kind"] == "answer" and 0 <= body["confidence"] <= 1
+    assert body["usage"] == {"prompt_tokens": 5, "completion_tokens": 3, "total_tokens": 8}
+    # streamed: the whole answer in one content chunk, the sources on the finish chunk
+    assert chunks[-1] == "data: [DONE]\n\n"
+    payloads = [json.loads(c[6:]) for c in chunks[:-1]]
+    assert [p["choices"][0]["delta"].get("content") for p in payloads[:2]] == [
+        "",
+        "Bees make honey.",
+    ]
+    finish = payloads[2]
+    assert finish["choices"][0]["finish_reason"] == "stop" and finish["sources"] == body["sources"]
+    assert finish["kind"] == "answer" and payloads[3]["usage"]["total_tokens"] == 8
+    assert {p["model"] for p in payloads} == {"refinery-rag"}
+    gw.close()
+
+
+def test_refinery_rag_needs_a_user_message_and_other_unknown_models_stay_refused():
+    for messages in ([{"role": "system", "content": "Be brief."}],
+                     [{"role": "user", "content": "   "}]):  # fmt: skip
+        with pytest.raises(ApiError) as err:
+            rag_question(messages)
+        assert err.value.status == 400 and err.value.code == "no_question"
+    with pytest.raises(ApiError) as long:
+        rag_question([{"role": "user", "content": "why? " * 1000}])
+    assert long.value.status == 400 and long.value.param == "messages"
+    gw = gateway(ScriptedChat())
+    with pytest.raises(ApiError) as unknown:
+        gw.check_model("gpt-4")
+    assert unknown.value.status == 404 and unknown.value.code == "model_not_found"
+    assert "refinery-rag" in unknown.value.message
+    gw.check_model("chat")  # the served model still passes
+    gw.close()
 
 
 # --- the chat service's client: every response closed, whatever the ending --------------------
