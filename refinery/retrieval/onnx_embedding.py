@@ -131,8 +131,10 @@ def _export_graph(transformer: Any, path: Path) -> None:
         # The TorchScript exporter (3 s here; the dynamo one takes ~30 s) warns about
         # Python conditions it traces; the check below is what proves the graph right.
         warnings.simplefilter("ignore")
+        # eval(): the exporter puts every module back in the wrapper's mode afterwards, and a
+        # new module is in training mode, which left the shared model with dropout on.
         torch.onnx.export(
-            Encoder(transformer),
+            Encoder(transformer).eval(),
             (ids, mask),
             str(path),
             dynamo=False,

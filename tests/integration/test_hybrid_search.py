@@ -253,11 +253,15 @@ def test_switching_context_off_is_a_new_index_version(store, small_corpus, embed
 def test_onnx_query_embedder_agrees_with_the_model(tmp_path, embedder):
     from refinery.retrieval.onnx_embedding import OnnxEmbedder, ensure_export, find_export
 
+    texts = ["How do I count varroa mites?", "short", "a longer text about bees " * 40]
+    before = embedder.encode(texts)
     folder = ensure_export(tmp_path, embedder)
+    # Exporting leaves the model as it was (in eval mode: no dropout, the same vectors).
+    assert not embedder.transformer.training
+    assert np.sum(embedder.encode(texts) * before, axis=1).min() > 0.9999
     assert find_export(tmp_path, embedder.ref) == folder
     assert ensure_export(tmp_path, embedder) == folder  # made once
     onnx = OnnxEmbedder(folder)
-    texts = ["How do I count varroa mites?", "short", "a longer text about bees " * 40]
     cos = np.sum(onnx.encode(texts) * embedder.encode(texts), axis=1)
     assert cos.min() > 0.9999
     assert onnx.name == embedder.name and onnx.dim == 384
