@@ -3,11 +3,13 @@ candidate model (MLflow registry, alias "challenger"). Each asset hands the next
 frozen dataclass (``training.*Ref``) through the I/O manager."""
 
 from pathlib import Path
+from typing import Literal
 
 import dagster as dg
 from pydantic import Field
 
 from assets.resources import (
+    EmbeddingModelResource,
     HomeResource,
     MLflowResource,
     PostgresResource,
@@ -15,6 +17,8 @@ from assets.resources import (
     fails_on,
     mlflow_metadata,
 )
+from evaluation.datasets import EvaluationDataError, load_rag_questions
+from refinery.retrieval.search import Filters, Hit, Retriever
 from training import pipeline
 from training.base_model import BaseModelError, BaseModelInfo, resolve_base_model
 from training.lora import Device, LoraTrainingConfig, Optimizer, Quantization, TrainingConfigError
@@ -22,10 +26,12 @@ from training.merge import MergeCheckError
 from training.openvino_export import ExportError, WeightFormat
 from training.pipeline import AdapterRef, MergedModelRef, OpenVINOModelRef, QuantizedModels
 from training.quantize import QUANTIZED, QuantizationConfigError, QuantizeConfig
+from training.rag_sft import RagSFTConfig, rag_rows
 from training.registry import CandidateRef, register_candidate
 from training.sft_data import (
     DEFAULT_SFT_PATH,
     DatasetError,
+    RowFormat,
     SFTConfig,
     SFTDatasetRef,
     prepare_sft_dataset,
@@ -78,19 +84,35 @@ class SFTDatasetConfig(dg.Config):
     eval_fraction: float = 0.1
     seed: int = 42
     max_tokens: int = Field(
-        default=256, description="Rows longer than this once formatted are dropped."
+        default=1024, description="Rows longer than this once formatted are dropped."
     )
     include_approved_user_data: bool = Field(
         default=True,
         description="Add user examples a reviewer approved (never pending or rejected ones).",
+    )
+    format: Literal["rag", "closed_book"] = Field(
+        default="rag",
+        description="rag: each question with the chunks the retriever returns for it, in the "
+        "prompt /rag serves (training/rag_sft.py); closed_book: the bare question.",
+    )
+    k: int = Field(default=3, ge=1, le=10, description="rag: chunks in each prompt.")
+    no_answer_fraction: float = Field(
+        default=0.2,
+        ge=0.0,
+        lt=1.0,
+        description="rag: share of rows whose answering document is removed, taught to say "
+        "that the documents do not answer.",
     )
 
 
 @dg.asset(
     group_name=GROUP,
     kinds={"huggingface"},
-    description="Validated instruction rows (bad rows dropped and counted), chat-formatted by the base "
-    "model's template, split train/eval with a fixed seed, content-hashed.",
+    deps=[dg.AssetKey("chunk_embeddings")],
+    description="Validated question/answer rows (bad rows dropped and counted) in the prompt /rag "
+    "serves, with the chunks the retriever returns for each question (some without the "
+    "answering document, taught to say so), chat-formatted by the base model's template, split "
+    "train/eval with a fixed seed, content-hashed: a changed corpus is a changed dataset.",
 )
 def sft_dataset(
     context: dg.AssetExecutionContext,
@@ -98,15 +120,25 @@ def sft_dataset(
     base_model: BaseModelInfo,
     mlflow: MLflowResource,
     postgres: PostgresResource,
+    embedding_model: EmbeddingModelResource,
     home: HomeResource,
 ) -> dg.MaterializeResult[SFTDatasetRef]:
     path = config.path or str(DEFAULT_SFT_PATH)
     # User data enters only once approved by a reviewer (training/user_data.py).
     user_rows = approved_examples(postgres.engine) if config.include_approved_user_data else []
-    params = {"path": path, "eval_fraction": config.eval_fraction, "seed": config.seed}
-    with fails_on(DatasetError), mlflow.asset_run(context, EXPERIMENT, params=params) as run:
+    params = {"path": path, "eval_fraction": config.eval_fraction, "seed": config.seed,
+              "format": config.format, "k": config.k, "no_answer_fraction": config.no_answer_fraction}  # fmt: skip
+    with (
+        fails_on(DatasetError, EvaluationDataError),
+        mlflow.asset_run(context, EXPERIMENT, params=params) as run,
+    ):
         sft = SFTConfig(path, config.eval_fraction, config.seed, max_tokens=config.max_tokens)
-        ref = prepare_sft_dataset(sft, base_model.path, user_rows, home.folder("datasets"), run)
+        row_format = (
+            _rag_format(config, postgres, embedding_model) if config.format == "rag" else None
+        )
+        ref = prepare_sft_dataset(
+            sft, base_model.path, user_rows, home.folder("datasets"), run, row_format=row_format
+        )
     return dg.MaterializeResult(
         value=ref,
         metadata={
@@ -115,6 +147,21 @@ def sft_dataset(
         },
         data_version=dg.DataVersion(ref.content_hash[:32]),
     )
+
+
+def _rag_format(
+    config: SFTDatasetConfig, postgres: PostgresResource, embedding_model: EmbeddingModelResource
+) -> RowFormat:
+    """Rows -> RAG-format rows over the served index; the evaluation's questions (both
+    splits) are held out of training."""
+    retriever = Retriever(postgres.store(), embedding_model.get())
+    questions = [r["question"] for r in load_rag_questions()[0]]
+    rag = RagSFTConfig(k=config.k, no_answer_fraction=config.no_answer_fraction, seed=config.seed)
+
+    def search(question: str, k: int, filters: Filters | None) -> list[Hit]:
+        return retriever.search(question, k=k, filters=filters)
+
+    return lambda rows: rag_rows(rows, search, rag, held_out_questions=questions)
 
 
 class LoraAdapterConfig(dg.Config):

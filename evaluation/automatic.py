@@ -28,7 +28,7 @@ from typing import Any
 
 from evaluation.calibration import calibration_metrics, is_correct, reliability_diagram
 from evaluation.metrics import exact_match, hit_at_k, reciprocal_rank, rouge_l, token_f1
-from refinery.generation.scoring import answer_nll
+from refinery.generation.scoring import answer_nll, row_prompt
 from refinery.rag.answer import answer_batch
 from refinery.rag.confidence import Calibration
 
@@ -113,7 +113,7 @@ def _heldout_examples(
     tokens, seconds = 0, 0.0
     for batch in _batches(rows, batch_size):
         t0 = time.perf_counter()
-        outs = generator.generate([r["instruction"] for r in batch], max_new_tokens=max_new_tokens)
+        outs = generator.generate([row_prompt(r) for r in batch], max_new_tokens=max_new_tokens)
         dt = time.perf_counter() - t0
         seconds += dt
         for row, out in zip(batch, outs, strict=True):

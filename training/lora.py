@@ -77,7 +77,7 @@ class LoraTrainingConfig:
     eval_every: int = 10
     save_every: int = 10
     seed: int = 42
-    max_tokens: int = 256
+    max_tokens: int = 1024  # prompt + answer; RAG-format rows hold three chunks
     quantization: Literal["none", "nf4"] = "none"  # nf4: QLoRA, LoRA on a 4-bit base
     optimizer: Literal["auto", "adamw", "adamw_8bit"] = "auto"  # auto: 8-bit AdamW on CUDA
     device: Literal["auto", "cpu", "cuda"] = "auto"

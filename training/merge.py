@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from refinery.generation.scoring import messages
+from refinery.generation.scoring import row_messages
 
 
 class MergeCheckError(RuntimeError):
@@ -25,10 +25,7 @@ class MergeResult:
 
 def sample_batch(tokenizer: Any, rows: list[dict[str, Any]], n: int = 8) -> dict[str, Any]:
     """A left-padded batch of chat-formatted examples (prompt + reference answer)."""
-    texts = [
-        tokenizer.apply_chat_template(messages(r["instruction"], r["response"]), tokenize=False)
-        for r in rows[:n]
-    ]
+    texts = [tokenizer.apply_chat_template(row_messages(r), tokenize=False) for r in rows[:n]]
     tokenizer.padding_side = "left"
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token

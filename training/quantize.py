@@ -14,13 +14,13 @@ import logging
 import math
 import shutil
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 from refinery.generation.generator import ONNX_FILE, VARIANTS, load_generator
-from refinery.generation.scoring import answer_nll
+from refinery.generation.scoring import answer_nll, row_prompt
 from training.merge import sample_batch
 
 QUANTIZED = tuple(v for v in VARIANTS if v != "none")
@@ -227,7 +227,7 @@ def agreement(reference: Any, other: Any) -> tuple[float, float]:
     return float(cos), float(top1)
 
 
-def tokens_per_second(generator: Any, prompts: list[str], max_new_tokens: int) -> float:
+def tokens_per_second(generator: Any, prompts: Sequence[Any], max_new_tokens: int) -> float:
     generator.generate(prompts[:1], max_new_tokens=4)  # warm up
     tokens, seconds = 0, 0.0
     for prompt in prompts:
@@ -246,7 +246,7 @@ def measure(
     logits = generator.logits(batch["input_ids"], batch["attention_mask"])[
         batch["attention_mask"].bool()
     ]
-    prompts = [r["instruction"] for r in rows[: config.gen_prompts]]
+    prompts = [row_prompt(r) for r in rows[: config.gen_prompts]]
     result = {
         "perplexity": math.exp(nll / max(1, n)),
         "tokens_per_second": tokens_per_second(generator, prompts, config.gen_tokens),

@@ -12,7 +12,7 @@ import json
 import random
 import re
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,7 +20,7 @@ from typing import Any
 from refinery.core.jsonl import json_objects
 from refinery.core.lineage import sha256_hex
 from refinery.core.settings import REPO_ROOT
-from refinery.generation.scoring import messages
+from refinery.generation.scoring import row_messages
 
 DEFAULT_SFT_PATH = REPO_ROOT / "data" / "sft" / "beekeeping_qa.jsonl"
 
@@ -101,16 +101,28 @@ def read_rows(
     return rows, n, dropped
 
 
+# Rows -> (rows in another format, rows dropped by reason): ``training.rag_sft.rag_rows``.
+RowFormat = Callable[[list[dict[str, Any]]], tuple[list[dict[str, Any]], Counter[str]]]
+
+
 def build_dataset(
-    config: SFTConfig, tokenizer: Any, extra: Sequence[dict[str, Any]] = ()
+    config: SFTConfig,
+    tokenizer: Any,
+    extra: Sequence[dict[str, Any]] = (),
+    row_format: RowFormat | None = None,
 ) -> SFTDataset:
     """Validate, drop rows too long for ``max_tokens`` once formatted, split, hash.
 
     ``extra``: approved user examples (``training.user_data.approved_examples``), validated
-    like file rows and kept with their ``source`` and ``example_id``.
+    like file rows and kept with their ``source`` and ``example_id``. ``row_format``: turns
+    the file's rows into the served prompt format (``training.rag_sft``); its drops are
+    counted with the others. The hash covers the formatted rows, chunks included.
     """
     path = Path(config.path)
     rows, n, dropped = read_rows(path, config.max_instruction_chars, config.max_response_chars)
+    if row_format is not None:
+        rows, format_dropped = row_format(rows)
+        dropped.update(format_dropped)
     seen = {_normalized(r["instruction"]) for r in rows}
     for row in extra:
         n += 1
@@ -130,9 +142,7 @@ def build_dataset(
             rows.append({**row, "instruction": instruction, "response": response})
     kept = []
     for row in rows:
-        text = tokenizer.apply_chat_template(
-            messages(row["instruction"], row["response"]), tokenize=False
-        )
+        text = tokenizer.apply_chat_template(row_messages(row), tokenize=False)
         if len(tokenizer(text, add_special_tokens=False)["input_ids"]) > config.max_tokens:
             dropped["too_many_tokens"] += 1
             continue
@@ -203,12 +213,14 @@ def prepare_sft_dataset(
     user_rows: Sequence[dict[str, Any]],
     datasets_dir: Path,
     run: Any,
+    row_format: RowFormat | None = None,
 ) -> SFTDatasetRef:
     """Build, save and record the dataset: counts, hash and the approved user examples it
     contains (ids, sources, reviewers) go to the MLflow run ``run`` (a ``TrackedRun``)."""
     from transformers import AutoTokenizer
 
-    ds = build_dataset(config, AutoTokenizer.from_pretrained(base_model_dir), extra=user_rows)
+    tokenizer = AutoTokenizer.from_pretrained(base_model_dir)
+    ds = build_dataset(config, tokenizer, extra=user_rows, row_format=row_format)
     folder = datasets_dir / "sft" / ds.content_hash[:16]
     save_dataset(ds, folder)
     used = sorted(
@@ -220,8 +232,13 @@ def prepare_sft_dataset(
             "train_rows": len(ds.train),
             "eval_rows": len(ds.eval),
             **{f"dropped_{k}": v for k, v in ds.dropped.items()},
+            **{
+                f"rows_{k}": v
+                for k, v in Counter(r.get("kind", "closed_book") for r in ds.train).items()
+            },
         }
     )
+    run.log_dict(ds.train[:5], "sft_examples.json")  # what the model is taught, to read
     run.set_tags(
         {
             "refinery.sft_dataset_hash": ds.content_hash,

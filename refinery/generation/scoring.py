@@ -13,6 +13,20 @@ def messages(instruction: str, response: str | None = None) -> list[dict[str, st
     return msgs
 
 
+def row_prompt(row: dict[str, Any]) -> list[dict[str, str]]:
+    """The messages a training or evaluation row asks with: its ``prompt`` (a system turn and
+    the documents, as ``/rag`` serves them) when it has one, else its bare ``instruction``."""
+    prompt = row.get("prompt")
+    if prompt:
+        return [{"role": str(m["role"]), "content": str(m["content"])} for m in prompt]
+    return messages(row["instruction"])
+
+
+def row_messages(row: dict[str, Any]) -> list[dict[str, str]]:
+    """The row's prompt followed by its reference ``response`` as the assistant's turn."""
+    return [*row_prompt(row), {"role": "assistant", "content": row["response"]}]
+
+
 def tokenize_for_sft(
     rows: list[dict[str, Any]], tokenizer: Any, max_tokens: int
 ) -> list[dict[str, list[int]]]:
@@ -20,11 +34,9 @@ def tokenize_for_sft(
     out = []
     for row in rows:
         prompt = tokenizer.apply_chat_template(
-            messages(row["instruction"]), tokenize=False, add_generation_prompt=True
+            row_prompt(row), tokenize=False, add_generation_prompt=True
         )
-        full = tokenizer.apply_chat_template(
-            messages(row["instruction"], row["response"]), tokenize=False
-        )
+        full = tokenizer.apply_chat_template(row_messages(row), tokenize=False)
         prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
         ids = tokenizer(full, add_special_tokens=False)["input_ids"][:max_tokens]
         n_prompt = min(len(prompt_ids), len(ids))
@@ -39,7 +51,7 @@ def answer_nll(
     import torch
 
     tok = generator.tokenizer
-    examples = tokenize_for_sft(rows, tok, max_tokens=512)
+    examples = tokenize_for_sft(rows, tok, max_tokens=2048)
     total, count = 0.0, 0
     for i in range(0, len(examples), batch_size):
         chunk = examples[i : i + batch_size]
