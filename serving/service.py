@@ -676,8 +676,10 @@ class Refinery:
         images: list[dict[str, Any]] | None = None,
         ctx: bentoml.Context = None,  # type: ignore[assignment]
     ) -> dict[str, Any]:
-        """Answer a question from the corpus: the answer, its sources (document, chunk,
-        score) and a confidence in [0, 1] (see refinery/rag/answer.py for how it is computed).
+        """Answer a question from the corpus: the answer and its ``kind`` (the model's answer;
+        below the confidence threshold a ``quote`` of the retrieved sentence that best
+        supports one, or ``none``: not in the documents; ``refused``: a leak), its sources
+        (document, chunk, score) and a confidence in [0, 1] (refinery/rag/answer.py).
         ``images``: OpenAI-style image_url parts with data: URLs; the text read from them
         joins the question, for retrieval and for the prompt."""
         try:
