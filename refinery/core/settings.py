@@ -369,7 +369,7 @@ class ServingSettings(SettingsGroup):
     rag_min_confidence: float | None = setting(
         "REFINERY_RAG_MIN_CONFIDENCE",
         None,
-        "RAG answers below this confidence say 'I don't know' (unset: the calibrated one).",
+        "RAG answers below this confidence are withheld: a quote from the chunks, or not in the documents (unset: the calibrated one).",
         minimum=0.0,
         maximum=1.0,
     )
