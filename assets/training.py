@@ -2,8 +2,9 @@
 candidate model (MLflow registry, alias "challenger"). Each asset hands the next a small
 frozen dataclass (``training.*Ref``) through the I/O manager."""
 
+from collections import Counter
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import dagster as dg
 from pydantic import Field
@@ -18,7 +19,7 @@ from assets.resources import (
     mlflow_metadata,
 )
 from evaluation.datasets import EvaluationDataError, load_rag_questions
-from refinery.retrieval.search import Filters, Hit, Retriever
+from refinery.retrieval.search import Filters, Hit, RetrievalError, Retriever
 from training import pipeline
 from training.base_model import BaseModelError, BaseModelInfo, resolve_base_model
 from training.lora import Device, LoraTrainingConfig, Optimizer, Quantization, TrainingConfigError
@@ -153,15 +154,27 @@ def _rag_format(
     config: SFTDatasetConfig, postgres: PostgresResource, embedding_model: EmbeddingModelResource
 ) -> RowFormat:
     """Rows -> RAG-format rows over the served index; the evaluation's questions (both
-    splits) are held out of training."""
-    retriever = Retriever(postgres.store(), embedding_model.get())
+    splits) are held out of training. The retriever is opened once there are rows."""
     questions = [r["question"] for r in load_rag_questions()[0]]
     rag = RagSFTConfig(k=config.k, no_answer_fraction=config.no_answer_fraction, seed=config.seed)
 
-    def search(question: str, k: int, filters: Filters | None) -> list[Hit]:
-        return retriever.search(question, k=k, filters=filters)
+    def to_rag(rows: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], Counter[str]]:
+        if not rows:
+            return rows, Counter()
+        try:
+            retriever = Retriever(postgres.store(), embedding_model.get())
+        except RetrievalError as err:
+            raise DatasetError(
+                f"{err}: format rag builds each example from the chunks the retriever returns "
+                "(format closed_book trains on bare questions)"
+            ) from err
 
-    return lambda rows: rag_rows(rows, search, rag, held_out_questions=questions)
+        def search(question: str, k: int, filters: Filters | None) -> list[Hit]:
+            return retriever.search(question, k=k, filters=filters)
+
+        return rag_rows(rows, search, rag, held_out_questions=questions)
+
+    return to_rag
 
 
 class LoraAdapterConfig(dg.Config):

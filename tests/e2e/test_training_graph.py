@@ -187,6 +187,8 @@ BAD_CASES = [
         "neither a local folder",
     ),
     ({"sft_dataset": {"config": {"path": "BAD"}}}, "sft_dataset", "only 0 usable rows"),
+    # Nothing ingested in this home: RAG-format examples need the retriever's chunks.
+    ({"sft_dataset": {"config": {"format": "rag"}}}, "sft_dataset", "run `refinery ingest` first"),
     ({"lora_adapter": {"config": {"r": 0}}}, "lora_adapter", "r must be > 0"),
     (
         {"lora_adapter": {"config": {"target_modules": ["qkv"]}}},
@@ -207,9 +209,11 @@ def test_bad_training_input_fails_the_asset_with_what_to_fix(fresh_home, tmp_pat
     bad_data.write_text('{oops\n{"instruction": "", "response": "x"}\n')
     cases = BAD_CASES if torch.cuda.is_available() else [*BAD_CASES, NEEDS_CUDA]
     for ops, failing_step, message in cases:  # one home: the base model converts once
-        if failing_step == "sft_dataset":
+        if ops == {"sft_dataset": {"config": {"path": "BAD"}}}:
             ops = {"sft_dataset": {"config": {"path": str(bad_data)}}}
-        result = run("train", {**SMALL, **ops})
+        # Bare questions unless the case says otherwise: this home has no chunks to retrieve.
+        closed_book = {"sft_dataset": {"config": {"format": "closed_book"}}}
+        result = run("train", {**SMALL, **closed_book, **ops})
         assert not result.success
         failures = [e for e in result.all_events if e.event_type_value == "STEP_FAILURE"]
         assert [e.step_key for e in failures] == [failing_step]
