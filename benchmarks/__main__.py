@@ -12,6 +12,7 @@ ALL = [
     "hnsw",
     "retrieval",
     "confidence",
+    "answers",
     "training",
     "serving",
     "automation",
