@@ -32,7 +32,7 @@ from typing import Any
 
 import numpy as np
 
-from refinery.rag.confidence import Calibration, ConfidenceModel, says_unknown
+from refinery.rag.confidence import Z_CLIP, Calibration, ConfidenceModel, says_unknown
 from refinery.rag.text import content_words
 
 LOGPROB_FEATURES = ("mean_logprob", "min_logprob")
@@ -79,7 +79,8 @@ def fit_logistic(
     mean = x.mean(axis=0)
     scale = x.std(axis=0)
     scale[scale < 1e-9] = 1.0
-    z = np.hstack([np.ones((len(x), 1)), (x - mean) / scale])  # (n, d+1)
+    standard = np.clip((x - mean) / scale, -Z_CLIP, Z_CLIP)  # as ConfidenceModel.predict
+    z = np.hstack([np.ones((len(x), 1)), standard])  # (n, d+1)
     w = np.zeros(z.shape[1])
     penalty = np.full(z.shape[1], l2)
     penalty[0] = 0.0

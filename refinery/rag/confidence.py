@@ -36,6 +36,10 @@ if TYPE_CHECKING:
 # Beside the guard's sets and weights (data/), staged into the Bento with them.
 CONFIDENCE_FILE = Path(__file__).resolve().parents[2] / "data" / "rag" / "confidence.json"
 
+# A signal counts at most this many of its training standard deviations from its training
+# mean: a value the fit never saw (fact_support 0 where nearly every training answer had 1,
+# so its scale is 0.02) cannot swing the answer to certainty or to nothing.
+Z_CLIP = 3.0
 _NUMBER = re.compile(r"\d+(?:[.,]\d+)*")
 _THOUSANDS = re.compile(r"(?<=\d),(?=\d{3})")
 _TOKEN = re.compile(r"\d+(?:\.\d+)*|[a-z0-9_]+")
@@ -129,7 +133,8 @@ def lexical_confidence(hits: Sequence[Hit], answer: str) -> float:
 # --- the calibrated model -----------------------------------------------------------------------
 @dataclass(frozen=True)
 class ConfidenceModel:
-    """Logistic regression over standardized signals: P(correct) = sigmoid(b + w·(x-m)/s)."""
+    """Logistic regression over standardized signals, each clipped to ``Z_CLIP``:
+    P(correct) = sigmoid(b + w·clip((x-m)/s))."""
 
     features: tuple[str, ...]
     mean: tuple[float, ...]
@@ -140,7 +145,7 @@ class ConfidenceModel:
     def predict(self, values: Mapping[str, float]) -> float:
         z = self.intercept
         for name, m, sd, w in zip(self.features, self.mean, self.scale, self.coef, strict=True):
-            z += w * (float(values[name]) - m) / sd
+            z += w * max(-Z_CLIP, min(Z_CLIP, (float(values[name]) - m) / sd))
         return 1.0 / (1.0 + math.exp(-max(-60.0, min(60.0, z))))
 
     def to_dict(self) -> dict[str, Any]:

@@ -348,8 +348,11 @@ class VectorStore:
 
     def refresh_text_stats(self) -> int:
         """Recount how many chunks hold each lexeme (``schema.lexeme_stats``) in one
-        transaction; returns the number of lexemes."""
+        transaction; returns the number of lexemes. Two ingests that finish together recount
+        one after the other: the table lock (which readers pass) makes the second one's delete
+        see the first one's rows, where otherwise both would insert every lexeme."""
         with self.engine.begin() as conn:
+            conn.execute(sa.text("LOCK TABLE lexeme_stats IN SHARE ROW EXCLUSIVE MODE"))
             conn.execute(sa.delete(schema.lexeme_stats))
             conn.execute(
                 sa.text(

@@ -20,6 +20,7 @@ from evaluation.calibration import (
 from refinery.rag.answer import make_answer
 from refinery.rag.confidence import (
     CONFIDENCE_FILE,
+    Z_CLIP,
     Calibration,
     ConfidenceModel,
     fact_support,
@@ -180,3 +181,13 @@ def test_the_stored_calibration_loads():
 
 def test_no_stored_calibration_means_none(tmp_path):
     assert load_calibration(tmp_path / "none.json") is None
+
+
+def test_a_signal_far_outside_its_training_range_counts_only_z_clip_deviations():
+    # fact_support's training answers nearly all had 1 (scale 0.02): an answer with none of its
+    # facts in the chunks must not swing to certainty on that one signal.
+    model = ConfidenceModel(("fact_support",), (0.99,), (0.02,), (-0.5,), 0.0)
+    bounded = 1 / (1 + math.exp(-0.5 * Z_CLIP))
+    assert model.predict({"fact_support": 0.0}) == pytest.approx(bounded)
+    assert model.predict({"fact_support": -50.0}) == pytest.approx(bounded)
+    assert model.predict({"fact_support": 0.99}) == pytest.approx(0.5)
