@@ -19,7 +19,8 @@ class MergeResult:
     path: str
     max_abs_logit_diff: float
     mean_abs_logit_diff: float
-    tolerance: float
+    tolerance: float  # relative: of the adapter model's largest |logit|
+    max_abs_logit: float
     size_bytes: int
 
 
@@ -37,9 +38,15 @@ def merge_adapter(
     adapter_dir: str,
     out_dir: Path,
     check_rows: list[dict[str, Any]],
-    tolerance: float = 1e-3,
+    tolerance: float = 2e-4,
 ) -> MergeResult:
-    """``merge_and_unload``; fail unless merged logits match the adapter model's within tolerance."""
+    """``merge_and_unload``; fail unless the merged model's logits match the adapter model's:
+    the largest |difference| at most ``tolerance`` times the largest |logit| (at least 1).
+
+    Relative, because float32 rounding grows with the logits: on 8 RAG-format rows (537
+    tokens) a well-merged adapter trained at lr 0.3 differed by 1.6e-3 at most (mean 5e-6)
+    with logits up to 25, where one at lr 5e-4 differed by 2.1e-4 with logits up to 43. A
+    merge that drops or mis-scales the adapter moves logits by the adapter's own effect."""
     import torch
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -55,9 +62,11 @@ def merge_adapter(
         after = merged(**batch).logits[mask]
     diff = (with_adapter - after).abs()
     max_diff, mean_diff = float(diff.max()), float(diff.mean())
-    if not max_diff <= tolerance:
+    largest = float(with_adapter.abs().max())
+    if not max_diff <= tolerance * max(1.0, largest):
         raise MergeCheckError(
-            f"merged logits differ from the adapter model's by {max_diff:.2e} > {tolerance:.0e}"
+            f"merged logits differ from the adapter model's by {max_diff:.2e} > "
+            f"{tolerance:.0e} x {max(1.0, largest):.1f} (the largest |logit|)"
         )
     tmp = out_dir.with_name(out_dir.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -66,4 +75,4 @@ def merge_adapter(
     shutil.rmtree(out_dir, ignore_errors=True)
     tmp.rename(out_dir)
     size = sum(f.stat().st_size for f in out_dir.iterdir() if f.is_file())
-    return MergeResult(str(out_dir), max_diff, mean_diff, tolerance, size)
+    return MergeResult(str(out_dir), max_diff, mean_diff, tolerance, largest, size)

@@ -96,7 +96,8 @@ def merge(
     adapter_hash = sha256_hex((Path(adapter_dir) / "adapter_model.safetensors").read_bytes())
     if stamp.exists() and out.exists():
         data = json.loads(stamp.read_text())
-        if data.get("adapter_hash") == adapter_hash and data["result"]["tolerance"] >= tolerance:
+        same = data.get("adapter_hash") == adapter_hash and "max_abs_logit" in data["result"]
+        if same and data["result"]["tolerance"] >= tolerance:  # (older stamps: absolute)
             return MergeResult(**data["result"]), True
     result = merge_adapter(base_dir, adapter_dir, out, eval_rows, tolerance)
     stamp.write_text(json.dumps({"adapter_hash": adapter_hash, "result": asdict(result)}, indent=2))

@@ -102,7 +102,7 @@ def merged(tiny_base, trained, dataset):
 
 
 def test_merge_matches_the_adapter_model(merged):
-    assert merged.max_abs_logit_diff <= merged.tolerance
+    assert merged.max_abs_logit_diff <= merged.tolerance * max(1.0, merged.max_abs_logit)
     assert (Path(merged.path) / "model.safetensors").exists()
 
 
