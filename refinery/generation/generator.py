@@ -26,6 +26,51 @@ ONNX_FILE = "model.onnx"
 Message = dict[str, str]
 
 
+# --- the loop stop ---------------------------------------------------------------------------
+# Greedy decoding of a small model can fall into repeating a few tokens until the token limit
+# ("... the brood the brood the brood ..."). A run of one cycle of 1-16 tokens repeated so that
+# it spans at least MIN_LOOP_TOKENS tokens and LOOP_REPEATS cycles ends the answer, which keeps
+# the text up to the end of the run's first cycle. `loop_cut` looks at one prefix length at a
+# time, so a backend that hands over several tokens at once (speculative decoding) cuts where
+# one that hands over one token at a time does. Used here after generation and by the serving
+# engine (refinery.generation.engine.base) as tokens come.
+LOOP_REPEATS = 4  # cycles of a run, at least
+MIN_LOOP_TOKENS = 12  # tokens a run spans, at least ("the the the …" needs 12)
+MAX_PERIOD = 16  # the longest cycle looked for
+
+
+def loop_cut(
+    ids: Sequence[int],
+    n: int | None = None,
+    repeats: int = LOOP_REPEATS,
+    min_tokens: int = MIN_LOOP_TOKENS,
+    max_period: int = MAX_PERIOD,
+) -> int | None:
+    """Where to end ``ids[:n]`` (all of it when n is None) if it ends in a loop: just after
+    the first cycle of the periodic run it ends with; None when it does not end in one."""
+    n = len(ids) if n is None else n
+    for period in range(1, max_period + 1):
+        span = max(period * repeats, min_tokens)
+        if span > n:
+            break
+        if all(ids[j] == ids[j - period] for j in range(n - span + period, n)):
+            start = n - span
+            while start > 0 and ids[start - 1] == ids[start - 1 + period]:
+                start -= 1
+            return start + period
+    return None
+
+
+def first_loop_cut(ids: Sequence[int], since: int = 0) -> int | None:
+    """The cut of the first prefix longer than ``since`` that ends in a loop (``loop_cut``):
+    what a decoder that checked after every token would have cut."""
+    for n in range(since + 1, len(ids) + 1):
+        cut = loop_cut(ids, n)
+        if cut is not None:
+            return cut
+    return None
+
+
 @dataclass(frozen=True)
 class Completion:
     text: str
@@ -101,6 +146,9 @@ class _ChatLM:
     ) -> Completion:
         stop_at = next((j for j, t in enumerate(generated) if t in self.eos_ids), None)
         kept = generated if stop_at is None else generated[:stop_at]
+        cut = first_loop_cut(kept)  # the engine's loop stop, applied after the fact
+        if cut is not None:
+            kept, stop_at = kept[:cut], cut
         return Completion(
             text=str(self.tokenizer.decode(kept, skip_special_tokens=True)).strip(),
             prompt_tokens=prompt_tokens,

@@ -219,3 +219,43 @@ def test_generate_answers_many_prompts_through_the_batch():
         "Bees make honey and",
     ]
     assert [o.finish_reason for o in outs] == ["length", "stop", "length"]
+
+
+def test_an_answer_that_loops_ends_after_the_loops_first_cycle():
+    # "Bees make honey and" then " honey and" over and over: cut after the first " honey and".
+    loop = [1, 2, 3, 4] + [3, 4] * 20
+    backend = ScriptedBackend(loop)
+    engine = Engine(backend, WordTokenizer())
+    (done,) = engine.generate(["Tell me"], max_new_tokens=40)
+    assert done.text == "Bees make honey and" and done.finish_reason == "stop"
+    assert done.completion_tokens < 20  # stopped as the loop was seen, not at the limit
+    assert backend.cancelled
+    streamed = collect(engine, SamplingParams(max_tokens=40))
+    assert streamed[-1].whole == "Bees make honey and"  # what a non-streaming caller gets
+    off = collect(engine, SamplingParams(max_tokens=30, stop_loops=False))
+    assert off[-1].finish_reason == "length" and off[-1].completion_tokens == 30
+
+
+def test_the_loop_cut_is_the_same_whether_tokens_come_one_or_many_at_a_time():
+    from refinery.generation.generator import first_loop_cut, loop_cut
+
+    ids = [7, 8, 9] + [1, 2, 3, 4] * 6 + [5, 6]  # the model leaves the loop later
+    one_by_one = next(c for n in range(1, len(ids) + 1) if (c := loop_cut(ids, n)) is not None)
+    assert one_by_one == 7  # after the loop's first cycle
+    assert first_loop_cut(ids) == one_by_one
+    assert first_loop_cut(ids, since=10) == one_by_one  # a burst of tokens after the 10th
+    assert loop_cut(ids) is None  # the whole list does not end in a loop
+    assert first_loop_cut([1, 2, 3, 1, 2, 3, 4, 5, 1, 2, 3, 4]) is None  # repeats, no loop
+    assert first_loop_cut([5] * 11) is None and first_loop_cut([5] * 12) == 1
+
+
+def test_batch_generation_keeps_a_looping_answer_to_its_first_cycle():
+    from refinery.generation.generator import _ChatLM
+
+    lm = object.__new__(_ChatLM)  # the shared completion logic, without a model
+    lm.tokenizer, lm.eos_ids = WordTokenizer(), [0]
+    looped = lm._completion([1, 2, 3, 4] + [3, 4] * 10, 5, 0.1, [-0.5] * 24)
+    assert looped.text == "Bees make honey and" and looped.finish_reason == "stop"
+    assert looped.completion_tokens == 4 and looped.token_logprobs == [-0.5] * 4
+    plain = lm._completion(SCRIPT, 5, 0.1)
+    assert plain.text == "Bees make honey and wax." and plain.completion_tokens == 6

@@ -4,7 +4,7 @@ A *backend* runs the model with continuous batching and deals in token ids only:
 to ``add`` a request (prompt ids, sampling settings) and reports, from its own thread, the new
 ids of each request as they come and when a request ended. ``Engine`` is the same for every
 backend: chat templating, incremental detokenization (whole characters only), stop strings,
-``max_tokens``, cancellation, a bounded queue, per-request results on the caller's event loop,
+the loop stop (``refinery.generation.generator.loop_cut``), ``max_tokens``, cancellation, a bounded queue, per-request results on the caller's event loop,
 and the statistics the service exports.
 """
 
@@ -18,6 +18,8 @@ import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
+
+from refinery.generation.generator import first_loop_cut
 
 Message = dict[str, str]
 
@@ -46,6 +48,7 @@ class SamplingParams:
     seed: int | None = None
     stop: tuple[str, ...] = ()
     speculation: Speculation | None = None  # None: the engine's default
+    stop_loops: bool = True  # end an answer that repeats itself (generator.loop_cut)
 
 
 class EngineBusy(RuntimeError):
@@ -72,6 +75,9 @@ class Delta:
     completion_tokens: int = 0
     error: str | None = None
     compute_s: float = 0.0  # this request's share of the engine's time so far
+    # On the last delta, where the answer is not the pieces joined: a loop stop keeps the text
+    # up to the loop's first cycle, and pieces of the later cycles may have been streamed.
+    whole: str | None = None
 
 
 @dataclass(frozen=True)
@@ -228,7 +234,7 @@ class Engine:
         if last.finish_reason == "error":
             raise RuntimeError(last.error or "generation failed")
         return Completion(
-            "".join(pieces).strip(),
+            ("".join(pieces) if last.whole is None else last.whole).strip(),
             last.prompt_tokens,
             last.completion_tokens,
             last.finish_reason or "stop",
@@ -306,10 +312,12 @@ class Engine:
         now = time.perf_counter()
         req.compute_s += (now - req.last_t) / sharing
         req.last_t = now
+        before = len(req.ids)
         req.ids.extend(i for i in new_ids if i not in self.eos_ids)
         params = req.params
-        text = self._decode(req.ids)
-        end, finish = len(text), None
+        cut = first_loop_cut(req.ids, before) if params.stop_loops else None
+        text = self._decode(req.ids if cut is None else req.ids[:cut])
+        end, finish = len(text), "stop" if cut is not None else None
         if params.stop:
             hits = [i for s in params.stop if (i := text.find(s)) >= 0]
             if hits:
@@ -339,6 +347,8 @@ class Engine:
         if finish is not None:
             req.done = True
             delta.finished, delta.finish_reason, delta.error = True, finish, error
+            if req.sent > end:  # the loop stop cut into text already sent
+                delta.whole = text[:end]
             with self._lock:
                 self._requests.pop(rid, None)
             if not finished:  # we ended it (stop string, max_tokens): the backend may stop too
