@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -44,7 +44,17 @@ BASE_FEATURES = (
     "support",
     "fact_support",
     "says_unknown",
+    "has_evidence",
+    "evidence_agreement",
 )
+# Signals that can only raise the chance an answer is right: the fit keeps their coefficients
+# at or above zero (a negative one is noise of a small tune set, and would have an answer lose
+# confidence for being better supported). says_unknown has no sign: "I don't know" is right
+# when the documents do not answer.
+POSITIVE_FEATURES = frozenset(
+    ("top_cosine", "cosine_margin", "both_lists", "question_coverage", "support",
+     "fact_support", "has_evidence", "evidence_agreement", "mean_logprob", "min_logprob")
+)  # fmt: skip
 _NUMBER = re.compile(r"\d+(?:\.\d+)?")
 _THOUSANDS = re.compile(r"(?<=\d),(?=\d)")
 
@@ -70,8 +80,43 @@ def fit_logistic(
     *,
     l2: float = 1.0,
     iterations: int = 50,
+    positive: Collection[str] = (),
 ) -> ConfidenceModel:
-    """Logistic regression, L2-penalized (not on the intercept), Newton's method."""
+    """Logistic regression, L2-penalized (not on the intercept), Newton's method. A feature
+    in ``positive`` whose coefficient comes out negative is held at zero (the most negative
+    first, then the fit is redone), so the model has the same features either way."""
+    free = list(features)
+    while True:
+        model = _fit_logistic(rows, labels, free, l2=l2, iterations=iterations)
+        wrong = [
+            (w, f)
+            for f, w in zip(model.features, model.coef, strict=True)
+            if f in positive and w < 0
+        ]
+        if not wrong:
+            break
+        free.remove(min(wrong)[1])
+    fitted = dict(
+        zip(model.features, zip(model.mean, model.scale, model.coef, strict=True), strict=True)
+    )
+    held = (0.0, 1.0, 0.0)  # (mean, scale, coefficient) of a feature held at zero
+    return ConfidenceModel(
+        tuple(features),
+        tuple(fitted.get(f, held)[0] for f in features),
+        tuple(fitted.get(f, held)[1] for f in features),
+        tuple(fitted.get(f, held)[2] for f in features),
+        model.intercept,
+    )
+
+
+def _fit_logistic(
+    rows: Sequence[Mapping[str, float]],
+    labels: Sequence[bool],
+    features: Sequence[str],
+    *,
+    l2: float,
+    iterations: int,
+) -> ConfidenceModel:
     if len(rows) != len(labels) or len(rows) < 4:
         raise ValueError(f"need at least 4 labelled rows, got {len(rows)}")
     x = np.array([[float(r[f]) for f in features] for r in rows], dtype=np.float64)  # (n, d)
@@ -212,8 +257,10 @@ def fit_calibration(
     ``threshold_coverage`` (share of answers shown) and ``threshold_reached``."""
     with_lp = None
     if rows and all(all(f in r for f in LOGPROB_FEATURES) for r in rows):
-        with_lp = fit_logistic(rows, labels, BASE_FEATURES + LOGPROB_FEATURES, l2=l2)
-    without = fit_logistic(rows, labels, BASE_FEATURES, l2=l2)
+        with_lp = fit_logistic(
+            rows, labels, BASE_FEATURES + LOGPROB_FEATURES, l2=l2, positive=POSITIVE_FEATURES
+        )
+    without = fit_logistic(rows, labels, BASE_FEATURES, l2=l2, positive=POSITIVE_FEATURES)
     model = with_lp or without
     probs = [model.predict(r) for r in rows]
     choice = threshold_for_precision(probs, labels, 1 - max_wrong)

@@ -85,9 +85,9 @@ def quoted(quote: Quote, hits: Sequence[Hit]) -> str:
     return f'From "{quote.title}" [{number}]: "{quote.text}"'
 
 
-def evidence(question: str, hits: Sequence[Hit]) -> tuple[Kind, Quote | None, str]:
-    """What stands in for a withheld answer: (kind, the quote or None, the text shown)."""
-    quote = best_quote(question, hits)
+def evidence(hits: Sequence[Hit], quote: Quote | None) -> tuple[Kind, Quote | None, str]:
+    """What stands in for a withheld answer, from the passage that best supports an answer
+    (``best_quote``, None where none does): (kind, the quote or None, the text shown)."""
     if quote is None:
         return "none", None, not_in_documents(hits)
     return "quote", quote, quoted(quote, hits)
@@ -188,13 +188,14 @@ def make_answer(
     else the calibration's; see ``refinery.rag.confidence.confidence``) it is withheld and the
     best-supported passage is quoted instead, or "not in the documents" said (``evidence``)."""
     leaked = leak(text, canary)
-    values = signals(question, hits, text, token_logprobs)
+    best = best_quote(question, hits)
+    values = signals(question, hits, text, token_logprobs, quote=best)
     score, limit = confidence(values, hits, text, calibration, min_confidence)
     abstain = score < limit and not leaked
     kind: Kind = "refused" if leaked else "answer"
     quote, shown = None, LEAK_REFUSAL if leaked else text
     if abstain:
-        kind, quote, shown = evidence(question, hits)
+        kind, quote, shown = evidence(hits, best)
     return RagAnswer(
         question=question,
         answer=shown,

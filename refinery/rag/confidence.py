@@ -9,6 +9,9 @@ labelled answers by ``benchmarks/confidence.py``) over signals of the answer (``
 - the answer against its chunks: the share of its content words found there (``support``,
   "groundedness") and of its numbers and names (``fact_support``); whether it says it does
   not know;
+- the answer against the evidence: whether a retrieved sentence supports an answer at all
+  (``has_evidence``, ``refinery.rag.evidence.best_quote``) and the share of the answer's
+  content words that sentence holds (``evidence_agreement``);
 - the model's own token log-probabilities on the answer (mean, minimum), when the generator
   returned them (a second set of coefficients is used when it did not).
 
@@ -26,8 +29,10 @@ import re
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from types import EllipsisType
 from typing import TYPE_CHECKING, Any
 
+from refinery.rag.evidence import Quote, best_quote
 from refinery.rag.text import content_words
 
 if TYPE_CHECKING:
@@ -94,9 +99,13 @@ def signals(
     hits: Sequence[Hit],
     answer: str,
     token_logprobs: Sequence[float] | None = None,
+    quote: Quote | EllipsisType | None = ...,
 ) -> dict[str, float]:
     """The confidence model's inputs (see the module docstring); logprob signals only when
-    ``token_logprobs`` is given."""
+    ``token_logprobs`` is given. ``quote``: the passage that best supports an answer
+    (``refinery.rag.evidence.best_quote``), found here when not given."""
+    if quote is ...:
+        quote = best_quote(question, hits)
     cosines = sorted((h.score for h in hits), reverse=True)
     contexts = [h.text for h in hits]
     q_words = content_words(question)
@@ -111,6 +120,10 @@ def signals(
         "support": support(answer, contexts),
         "fact_support": fact_support(answer, contexts),
         "says_unknown": float(says_unknown(answer)),
+        # Agreement with the evidence: whether some passage supports an answer at all, and
+        # the share of the answer's content words that passage holds.
+        "has_evidence": float(quote is not None),
+        "evidence_agreement": support(answer, [quote.text]) if quote is not None else 0.0,
     }
     if token_logprobs is not None:
         values = list(token_logprobs) or [-10.0]

@@ -10,6 +10,8 @@ import numpy as np
 import pytest
 
 from evaluation.calibration import (
+    BASE_FEATURES,
+    LOGPROB_FEATURES,
     choose_threshold,
     expected_calibration_error,
     fit_calibration,
@@ -110,6 +112,11 @@ def test_signals():
     assert s["top_cosine"] == 0.7 and s["cosine_margin"] == pytest.approx(0.2)
     assert s["both_lists"] == 1.0 and s["fact_support"] == 1.0 and s["says_unknown"] == 0.0
     assert s["mean_logprob"] == pytest.approx(-0.8) and s["min_logprob"] == -2.0
+    assert s["has_evidence"] == 1.0 and s["evidence_agreement"] == 1.0
+    off = signals("When does a queen emerge?", hits, "After the swarm leaves the hive.")
+    assert off["has_evidence"] == 1.0 and off["evidence_agreement"] < 0.5
+    unsupported = signals("How far do drones fly?", hits, "Five miles.")
+    assert unsupported["has_evidence"] == 0.0 and unsupported["evidence_agreement"] == 0.0
     assert "mean_logprob" not in signals("q", hits, "a")
     assert signals("q", [], "I don't know.")["says_unknown"] == 1.0
 
@@ -158,9 +165,8 @@ def test_an_unsure_answer_says_it_does_not_know_with_its_sources():
 
 
 def test_calibration_round_trips_through_json_and_the_stored_one_loads():
-    rows = [{f: float(i % 3 == 0) + 0.1 * i for f in ("top_cosine", "cosine_margin", "both_lists",
-            "question_coverage", "support", "fact_support", "says_unknown", "mean_logprob",
-            "min_logprob")} for i in range(20)]  # fmt: skip
+    rows = [{f: float(i % 3 == 0) + 0.1 * i for f in BASE_FEATURES + LOGPROB_FEATURES}
+            for i in range(20)]  # fmt: skip
     labels = [i % 3 == 0 for i in range(20)]
     cal = fit_calibration(rows, labels)
     again = Calibration.from_dict(json.loads(json.dumps(cal.to_dict())))
@@ -191,3 +197,18 @@ def test_a_signal_far_outside_its_training_range_counts_only_z_clip_deviations()
     assert model.predict({"fact_support": 0.0}) == pytest.approx(bounded)
     assert model.predict({"fact_support": -50.0}) == pytest.approx(bounded)
     assert model.predict({"fact_support": 0.99}) == pytest.approx(0.5)
+
+
+def test_a_signal_that_can_only_help_never_gets_a_negative_weight():
+    # On these rows "support" goes against rightness by chance; held at zero, "logprob" decides.
+    rows = [{"support": s, "logprob": lp} for s, lp in
+            [(0.9, -2.0), (0.8, -1.8), (0.7, -1.5), (0.2, -0.2), (0.3, -0.3), (0.1, -0.1),
+             (0.85, -1.9), (0.25, -0.4)]]  # fmt: skip
+    labels = [False, False, False, True, True, True, False, True]
+    free = fit_logistic(rows, labels, ["support", "logprob"])
+    held = fit_logistic(rows, labels, ["support", "logprob"], positive={"support"})
+    assert free.coef[0] < 0
+    assert held.features == ("support", "logprob") and held.coef[0] == 0.0 and held.coef[1] > 0
+    assert held.predict({"support": 1.0, "logprob": -0.2}) == pytest.approx(
+        held.predict({"support": 0.0, "logprob": -0.2})
+    )

@@ -7,6 +7,7 @@ import pytest
 
 from evaluation.automatic import ExampleResult, _rag_example, aggregate
 from evaluation.calibration import (
+    BASE_FEATURES,
     auroc,
     calibration_metrics,
     choose_threshold,
@@ -48,9 +49,7 @@ def test_threshold_for_precision_and_its_coverage():
 
 
 def test_fit_calibration_records_the_coverage_of_its_threshold():
-    rows = [{f: float(i % 3 == 0) + 0.1 * i for f in ("top_cosine", "cosine_margin",
-            "both_lists", "question_coverage", "support", "fact_support", "says_unknown")}
-            for i in range(20)]  # fmt: skip
+    rows = [{f: float(i % 3 == 0) + 0.1 * i for f in BASE_FEATURES} for i in range(20)]
     labels = [i % 3 == 0 for i in range(20)]
     cal = fit_calibration(rows, labels, max_wrong=0.25, meta={"made_by": "test"})
     # the threshold is stored as chosen: the rows at it are shown, as the coverage counts them
