@@ -81,6 +81,16 @@ def containers(docs: list[dict[str, Any]]) -> list[tuple[str, dict[str, Any]]]:
     ]
 
 
+def config_map(docs: list[dict[str, Any]]) -> dict[str, Any]:
+    """The generated `refinery-config-<hash>` ConfigMap of one render."""
+    (cm,) = [
+        d
+        for d in docs
+        if d["kind"] == "ConfigMap" and d["metadata"]["name"].startswith("refinery-config-")
+    ]
+    return cm
+
+
 # --- building and validating ------------------------------------------------------------------
 SERVICES = {"refinery", "refinery-chat"}  # the entry and the chat model (serving/service.py)
 
@@ -681,7 +691,7 @@ def test_the_hpa_targets_follow_the_plan(rendered):
     from serving.capacity import load_inputs
 
     inputs = load_inputs()
-    config = by_kind(rendered["cpu"], "ConfigMap")["refinery-config"]["data"]
+    config = config_map(rendered["cpu"])["data"]
     for overlay in OVERLAYS:
         hpas = by_kind(rendered[overlay], "HorizontalPodAutoscaler")
         targets = {
@@ -737,3 +747,55 @@ def test_the_drift_result_is_pushed_only_where_a_pushgateway_is_named():
     assert push_drift(False, None) is None  # nothing configured: nothing sent
     with pytest.raises(OSError):  # configured but unreachable: the caller warns
         push_drift(False, "http://127.0.0.1:9")
+
+
+# --- deploying as they read ---------------------------------------------------------------------
+def test_deployments_an_hpa_scales_leave_the_replica_count_to_it(rendered):
+    for name, docs in rendered.items():
+        deployments = by_kind(docs, "Deployment")
+        for hpa in by_kind(docs, "HorizontalPodAutoscaler").values():
+            target = deployments[hpa["spec"]["scaleTargetRef"]["name"]]
+            assert "replicas" not in target["spec"], f"{name}: {target['metadata']['name']}"
+
+
+def test_config_is_generated_so_a_change_rolls_the_pods(rendered, tmp_path):
+    for overlay in ("cpu", "gpu", "cpu+images"):
+        docs = rendered[overlay]
+        name = config_map(docs)["metadata"]["name"]
+        refs = {
+            f["configMapRef"]["name"]
+            for _, c in containers(docs)
+            for f in c.get("envFrom", [])
+            if "configMapRef" in f
+        }
+        assert refs == {name}, overlay  # every reader points at this content's name
+    assert config_map(rendered["gpu"])["data"]["REFINERY_PRICE_PER_HOUR"] == "0.80"
+    assert config_map(rendered["cpu"])["data"]["REFINERY_PRICE_PER_HOUR"] == "0.10"
+    # One setting changed: a new name, so every Deployment's pod template changes and rolls.
+    copy = tmp_path / "k8s"
+    shutil.copytree(K8S, copy)
+    env = copy / "base" / "config.env"
+    env.write_text(env.read_text().replace("REFINERY_GUARD=block", "REFINERY_GUARD=flag"))
+    changed = config_map(kustomize(copy / "overlays" / "cpu"))["metadata"]["name"]
+    assert changed != config_map(rendered["cpu"])["metadata"]["name"]
+
+
+def test_replicas_spread_over_nodes_and_zones(rendered):
+    for name, docs in rendered.items():
+        scaled = {
+            h["spec"]["scaleTargetRef"]["name"]
+            for h in by_kind(docs, "HorizontalPodAutoscaler").values()
+        }
+        for deployment in (d for n, d in by_kind(docs, "Deployment").items() if n in scaled):
+            where = f"{name}: {deployment['metadata']['name']}"
+            labels = deployment["spec"]["template"]["metadata"]["labels"]
+            spread = {
+                c["topologyKey"]: c
+                for c in deployment["spec"]["template"]["spec"].get("topologySpreadConstraints", [])
+            }
+            node = spread["kubernetes.io/hostname"]
+            assert node["whenUnsatisfiable"] == "DoNotSchedule" and node["maxSkew"] == 1, where
+            assert spread["topology.kubernetes.io/zone"]["whenUnsatisfiable"] == "ScheduleAnyway"
+            for c in spread.values():
+                selector = c["labelSelector"]["matchLabels"]
+                assert selector.items() <= labels.items(), where  # counts this Deployment's pods
