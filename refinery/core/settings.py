@@ -36,6 +36,7 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_HOME = REPO_ROOT / ".refinery"
 DEFAULT_CORPUS_DIR = REPO_ROOT / "data" / "corpus"
+LOCAL_MLFLOW_UI = "http://127.0.0.1:5000"  # what `make ui` serves over the local store
 
 # Telemetry that cannot reach the network only slows things down; model hubs are not reachable
 # (models load from pip packages or local folders); per-tensor loading bars drown the logs.
@@ -144,10 +145,12 @@ class Settings(SettingsGroup):
     corpus_dir: Path = setting(
         "REFINERY_CORPUS_DIR", DEFAULT_CORPUS_DIR, "The corpus folder that ingestion reads."
     )
-    mlflow_ui_url: str = setting(
+    mlflow_ui_url_override: str | None = setting(
         "REFINERY_MLFLOW_UI_URL",
-        "http://127.0.0.1:5000",
-        "Base URL of the MLflow UI, for links.",
+        None,
+        "Base URL of the MLflow UI, for links. Unset: the tracking server when "
+        "REFINERY_MLFLOW_TRACKING_URI is an http(s) one (without its credentials), else the "
+        "local UI that `make ui` starts (http://127.0.0.1:5000).",
         parse=_base_url,
     )
     dagster_ui_url: str = setting(
@@ -174,6 +177,16 @@ class Settings(SettingsGroup):
         if self.mlflow_tracking_uri_override:
             return self.mlflow_tracking_uri_override
         return f"sqlite:///{self.mlflow_dir / 'mlflow.db'}"
+
+    @property
+    def mlflow_ui_url(self) -> str:
+        if self.mlflow_ui_url_override:
+            return self.mlflow_ui_url_override
+        server = urlsplit(self.mlflow_tracking_uri_override or "")
+        if server.scheme in ("http", "https") and server.hostname:
+            netloc = server.hostname + (f":{server.port}" if server.port else "")
+            return urlunsplit((server.scheme, netloc, server.path.rstrip("/"), "", ""))
+        return LOCAL_MLFLOW_UI
 
     @property
     def mlflow_is_local(self) -> bool:

@@ -49,6 +49,15 @@ def test_one_variable_each_points_elsewhere(tmp_path):
     assert s.mlflow_ui_url == "http://mlflow.example"
 
 
+def test_links_name_the_mlflow_server_that_is_configured(tmp_path):
+    home = {"REFINERY_HOME": str(tmp_path)}
+    assert Settings.from_env(home).mlflow_ui_url == "http://127.0.0.1:5000"  # what `make ui` serves
+    remote = {**home, "REFINERY_MLFLOW_TRACKING_URI": "https://bob:s3cret@mlflow.corp:8443/ml/"}
+    assert Settings.from_env(remote).mlflow_ui_url == "https://mlflow.corp:8443/ml"  # no password
+    databricks = {**home, "REFINERY_MLFLOW_TRACKING_URI": "databricks"}
+    assert Settings.from_env(databricks).mlflow_ui_url == "http://127.0.0.1:5000"
+
+
 def test_a_bentos_pinned_home_is_a_fallback_not_an_override(tmp_path):
     pinned = {"REFINERY_HOME": str(tmp_path / "pinned")}
     assert Settings.from_env({}, fallback=pinned).home == tmp_path / "pinned"
@@ -68,7 +77,7 @@ def test_every_variable_is_declared_once_and_every_one_used_is_declared():
         for path in (REPO_ROOT / folder).rglob("*.py"):
             used.update(dict.fromkeys(_NAME.findall(path.read_text()), str(path)))
     for path in (REPO_ROOT / "deploy").rglob("*"):
-        if path.is_file() and path.suffix in ("", ".yaml", ".yml", ".json", ".md"):
+        if path.is_file() and path.suffix in ("", ".yaml", ".yml", ".json", ".md", ".env"):
             used.update(dict.fromkeys(_NAME.findall(path.read_text(errors="ignore")), str(path)))
     undeclared = {name: where for name, where in used.items() if name not in declared}
     assert not undeclared, f"used but not declared in refinery/core/settings.py: {undeclared}"
@@ -96,6 +105,11 @@ def test_every_value_the_manifests_set_is_valid():
     for path in sorted((REPO_ROOT / "deploy").rglob("*.y*ml")):
         for doc in yaml.safe_load_all(path.read_text()):
             _deploy_values(doc, found)
+    for path in sorted((REPO_ROOT / "deploy").rglob("*.env")):  # configMapGenerator sources
+        for line in path.read_text().splitlines():
+            if line.strip() and not line.lstrip().startswith("#"):
+                name, _, value = line.partition("=")
+                found.setdefault(name.strip(), set()).add(value.strip())
     assert {"REFINERY_ENGINE", "REFINERY_DEVICE", "REFINERY_RUN_ACCELERATOR"} <= set(found)
     for name, values in found.items():
         for value in values:
