@@ -47,7 +47,8 @@ class HandoffIOManager(dg.ConfigurableIOManager):
         )
         path = folder / f"{context.run_id}.json"
         for target in (path, folder / LATEST):  # written whole, then renamed: never half a file
-            tmp = target.with_suffix(".tmp")
+            # Named by run: two runs handing on one asset at once never share a temporary file.
+            tmp = target.with_name(f"{target.name}.{context.run_id}.tmp")
             tmp.write_text(text)
             os.replace(tmp, target)
         context.add_output_metadata({"handoff": dg.MetadataValue.path(str(path))})
