@@ -4,8 +4,9 @@ A *backend* runs the model with continuous batching and deals in token ids only:
 to ``add`` a request (prompt ids, sampling settings) and reports, from its own thread, the new
 ids of each request as they come and when a request ended. ``Engine`` is the same for every
 backend: chat templating, incremental detokenization (whole characters only), stop strings,
-the loop stop (``refinery.generation.generator.loop_cut``), ``max_tokens``, cancellation, a bounded queue, per-request results on the caller's event loop,
-and the statistics the service exports.
+the loop stop (``refinery.generation.generator.loop_cut``), ``max_tokens``, cancellation, a
+bounded queue, per-request results on the caller's event loop, and the statistics the service
+exports.
 """
 
 from __future__ import annotations
