@@ -84,12 +84,8 @@ class BaseModelInfo:
         return asdict(self)
 
 
-def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(chunk):
-            h.update(block)
-    return h.hexdigest()
+def sha256_file(path: Path) -> str:
+    return _joined_sha256([path])
 
 
 def folder_checksum(folder: Path) -> str:
@@ -245,6 +241,7 @@ def _from_packaged_gguf(model: PackagedModel, models_dir: Path) -> BaseModelInfo
 
 
 def _joined_sha256(parts: list[Path], chunk: int = 1 << 20) -> str:
+    """sha256 of the files' bytes one after the other (of one file: its own)."""
     h = hashlib.sha256()
     for part in parts:
         with open(part, "rb") as fh:
