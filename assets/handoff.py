@@ -1,5 +1,10 @@
 """The I/O manager that carries assets' values (small frozen dataclasses) from one asset to the
-next, as JSON files under ``<home>/handoffs/<asset>/<run id>.json`` (nothing is pickled).
+next, through Postgres (table ``handoffs``, one row per asset and run; nothing is pickled), so a
+run on any machine reads what a run on another wrote.
+
+A value's local paths to models and datasets (the fields marked ``ARTIFACT``) do not travel as
+paths: they are published to MLflow by content hash and fetched, checked, into this home's cache
+by the run that reads them (``refinery.core.artifacts``).
 
 Which stored value a downstream asset reads, and the log line and input metadata say which:
 1. the value its upstream wrote in the same run, when the upstream ran in it;
@@ -10,25 +15,63 @@ Which stored value a downstream asset reads, and the log line and input metadata
 from __future__ import annotations
 
 import dataclasses
-import json
-import os
 from pathlib import Path
 from typing import Any
 
 import dagster as dg
+import sqlalchemy as sa
+from pydantic import PrivateAttr
 
 from assets.resources import HomeResource, home_of
+from refinery.core import schema
+from refinery.core.artifacts import (
+    ArtifactError,
+    ArtifactStore,
+    Published,
+    artifact_paths,
+    with_paths,
+)
 from refinery.core.records import RecordError, from_record, to_record
+from refinery.core.stores import check_stores, make_engine, prepare_mlflow
 
 PIN_TAG = "refinery/pin/"
-LATEST = "latest.json"
 
 
 class HandoffIOManager(dg.ConfigurableIOManager):
-    home: HomeResource | None = None
+    """``database_url`` / ``tracking_uri`` empty: the home's (REFINERY_DATABASE_URL, else the
+    embedded Postgres; REFINERY_MLFLOW_TRACKING_URI, else the local store)."""
 
-    def _folder(self, key: dg.AssetKey) -> Path:
-        return home_of(self.home).settings.home / "handoffs" / "__".join(key.path)
+    home: HomeResource | None = None
+    database_url: str = ""
+    tracking_uri: str = ""
+
+    _engine: sa.Engine | None = PrivateAttr(default=None)
+    _artifacts: ArtifactStore | None = PrivateAttr(default=None)
+
+    def setup_for_execution(self, context: dg.InitResourceContext) -> None:
+        settings = home_of(self.home).settings
+        check_stores(settings)  # a configured store that is down fails the run here, by name
+        self._engine = make_engine(self.database_url or None, settings=settings, create_schema=True)
+        uri = self.tracking_uri or prepare_mlflow(settings)
+        self._artifacts = ArtifactStore(
+            self._engine,
+            uri,
+            settings.home / "cache" / "artifacts",
+            # A tracking server keeps artifacts in its own store; a local one, under the home.
+            artifact_root=None
+            if uri.startswith(("http://", "https://"))
+            else settings.mlflow_artifacts_dir,
+        )
+
+    def teardown_after_execution(self, context: dg.InitResourceContext) -> None:
+        if self._engine is not None:
+            self._engine.dispose()
+
+    @property
+    def _store(self) -> tuple[sa.Engine, ArtifactStore]:
+        if self._engine is None or self._artifacts is None:
+            raise RuntimeError("HandoffIOManager used outside of a Dagster execution")
+        return self._engine, self._artifacts
 
     def handle_output(self, context: dg.OutputContext, obj: Any) -> None:
         if obj is None and not _optional(context.dagster_type.typing_type):
@@ -38,46 +81,64 @@ class HandoffIOManager(dg.ConfigurableIOManager):
                 f"{context.asset_key.to_user_string()} must return a dataclass instance to hand "
                 f"on, got {type(obj).__name__}"
             )
-        folder = self._folder(context.asset_key)
-        folder.mkdir(parents=True, exist_ok=True)
-        text = json.dumps(
-            {"run_id": context.run_id, "type": type(obj).__qualname__, "value": to_record(obj)},
-            indent=2,
-            sort_keys=True,
+        engine, store = self._store
+        name = context.asset_key.to_user_string()
+        published = {}
+        for key, path in artifact_paths(obj).items():
+            try:
+                published[key] = store.publish(Path(path)).to_dict()
+            except ArtifactError as err:
+                raise dg.Failure(description=f"{name}.{key}: {err}") from err
+        if published:
+            context.log.info(f"{name}: published {', '.join(sorted(published))} to MLflow")
+        table = schema.handoffs
+        row = {
+            "asset": name,
+            "run_id": context.run_id,
+            "type": type(obj).__qualname__,
+            "value": to_record(obj),
+            "artifacts": published,
+        }
+        # One transaction per row, keyed by asset and run: two runs writing one asset at once
+        # each write their own row; a retried step replaces its own (and becomes the latest).
+        with engine.begin() as conn:
+            conn.execute(
+                table.delete().where(table.c.asset == name, table.c.run_id == context.run_id)
+            )
+            conn.execute(table.insert().values(**row))
+        context.add_output_metadata(
+            {"handoff": f"handoffs: {name} / {context.run_id}", "artifacts": len(published)}
         )
-        path = folder / f"{context.run_id}.json"
-        for target in (path, folder / LATEST):  # written whole, then renamed: never half a file
-            # Named by run: two runs handing on one asset at once never share a temporary file.
-            tmp = target.with_name(f"{target.name}.{context.run_id}.tmp")
-            tmp.write_text(text)
-            os.replace(tmp, target)
-        context.add_output_metadata({"handoff": dg.MetadataValue.path(str(path))})
 
     def load_input(self, context: dg.InputContext) -> Any:
-        key = context.asset_key
-        name = key.to_user_string()
-        folder = self._folder(key)
+        engine, store = self._store
+        name = context.asset_key.to_user_string()
         step = context.step_context
         pinned = step.run_tags.get(PIN_TAG + name)
-        own = folder / f"{step.run_id}.json"
-        if own.exists():
-            path, how = own, "this run"
-        elif pinned:
-            path, how = folder / f"{pinned}.json", f"pinned by tag {PIN_TAG}{name}"
-            if not path.exists():
-                raise dg.Failure(
-                    description=f"{name} has no stored output of run {pinned} (pinned by the "
-                    f"run tag {PIN_TAG}{name})",
-                    allow_retries=False,
-                )
-        elif (folder / LATEST).exists():
-            path, how = folder / LATEST, "its latest materialization"
-        else:
+        table = schema.handoffs
+        query = table.select().where(table.c.asset == name)
+        with engine.connect() as conn:
+            stored = conn.execute(query.where(table.c.run_id == step.run_id)).mappings().first()
+            how = "this run"
+            if stored is None and pinned:
+                how = f"pinned by tag {PIN_TAG}{name}"
+                stored = conn.execute(query.where(table.c.run_id == pinned)).mappings().first()
+                if stored is None:
+                    raise dg.Failure(
+                        description=f"{name} has no stored output of run {pinned} (pinned by "
+                        f"the run tag {PIN_TAG}{name})",
+                        allow_retries=False,
+                    )
+            elif stored is None:
+                how = "its latest materialization"
+                stored = conn.execute(
+                    query.order_by(table.c.seq.desc()).limit(1)
+                ).mappings().first()  # fmt: skip
+        if stored is None:
             raise dg.Failure(
                 description=f"{name} has never been materialized: materialize it first",
                 allow_retries=False,
             )
-        stored = json.loads(path.read_text())
         cls = context.dagster_type.typing_type
         try:
             value = from_record(cls, stored["value"])  # type: ignore[arg-type]
@@ -87,6 +148,13 @@ class HandoffIOManager(dg.ConfigurableIOManager):
                 f"({err}): materialize {name} again",
                 allow_retries=False,
             ) from err
+        local = {}
+        for key, entry in (stored["artifacts"] or {}).items():
+            try:
+                local[key] = str(store.fetch(Published(**entry)))
+            except ArtifactError as err:
+                raise dg.Failure(description=f"{name}.{key}: {err}") from err
+        value = with_paths(value, local)
         context.log.debug(f"{name}: the output of run {stored['run_id']} ({how})")
         context.add_input_metadata({"from_run": stored["run_id"], "chosen_by": how})
         return value

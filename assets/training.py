@@ -271,10 +271,13 @@ def merged_model(
     sft_dataset: SFTDatasetRef,
     lora_adapter: AdapterRef,
     mlflow: MLflowResource,
+    home: HomeResource,
 ) -> dg.MaterializeResult[MergedModelRef]:
     run = mlflow.existing_run(lora_adapter.mlflow_run_id)
     with fails_on(MergeCheckError):
-        ref = pipeline.merge_model(base_model, sft_dataset, lora_adapter, config.tolerance, run)
+        ref = pipeline.merge_model(
+            base_model, sft_dataset, lora_adapter, config.tolerance, run, home.models_dir
+        )
     return dg.MaterializeResult(
         value=ref,
         metadata={
@@ -306,12 +309,13 @@ def quantized_models(
     lora_adapter: AdapterRef,
     merged_model: MergedModelRef,
     mlflow: MLflowResource,
+    home: HomeResource,
 ) -> dg.MaterializeResult[QuantizedModels]:
     qconfig = QuantizeConfig(tuple(config.variants), config.eval_rows, gen_tokens=config.gen_tokens)
     run = mlflow.existing_run(lora_adapter.mlflow_run_id)
     with fails_on(QuantizationConfigError):
         ref = pipeline.quantize_models(
-            merged_model, sft_dataset, lora_adapter, qconfig, run, context.log.info
+            merged_model, sft_dataset, lora_adapter, qconfig, run, home.models_dir, context.log.info
         )
     return dg.MaterializeResult(
         value=ref,
@@ -359,7 +363,8 @@ def openvino_model(
     run = mlflow.existing_run(lora_adapter.mlflow_run_id)
     with fails_on(ExportError):
         ref = pipeline.export_for_serving(
-            merged_model, lora_adapter, config.weight_format.value, run, context.log.info,
+            merged_model, lora_adapter, config.weight_format.value, run, home.models_dir,
+            context.log.info,
             draft_layers=config.draft_layers, python=home.runs.openvino_python,
         )  # fmt: skip
     return dg.MaterializeResult(

@@ -63,11 +63,16 @@ def wait_for(
 
 
 def refinery(
-    *args: str, home: Path | None = None, check: bool = True, timeout: float = 300
+    *args: str,
+    home: Path | None = None,
+    check: bool = True,
+    timeout: float = 300,
+    env: dict[str, str] | None = None,
 ) -> subprocess.CompletedProcess[str]:
-    """`refinery ARGS` as a user runs it (optionally with its own REFINERY_HOME); with ``check``,
-    a non-zero exit fails the test and shows the end of its output."""
-    env = dict(os.environ)
+    """`refinery ARGS` as a user runs it (optionally with its own REFINERY_HOME, and ``env``
+    over this process's environment); with ``check``, a non-zero exit fails the test and shows
+    the end of its output."""
+    env = {**os.environ, **(env or {})}
     if home is not None:
         env["REFINERY_HOME"] = str(home)
     proc = subprocess.run(
@@ -123,3 +128,35 @@ def metric_values(url: str, name: str, **labels: str) -> list[float]:
         for s in family.samples
         if s.name == name and labels.items() <= s.labels.items()
     ]
+
+
+@contextlib.contextmanager
+def mlflow_server(folder: Path) -> Iterator[str]:
+    """A real MLflow tracking server on loopback (its own SQLite store, artifacts proxied to
+    ``folder/artifacts``): the URL; stopped afterwards."""
+    port = free_port()
+    folder.mkdir(parents=True, exist_ok=True)
+    log = (folder / "server.log").open("w")
+    proc = subprocess.Popen(
+        [
+            venv_bin("mlflow"), "server", "--host", "127.0.0.1", "--port", str(port),
+            "--backend-store-uri", f"sqlite:///{folder / 'mlflow.db'}",
+            "--artifacts-destination", str(folder / "artifacts"), "--workers", "1",
+        ],
+        stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+    )  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_for(
+            lambda: httpx.get(f"{url}/health", timeout=2).status_code == 200, 120, "mlflow server"
+        )
+        yield url
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        log.close()

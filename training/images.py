@@ -13,10 +13,11 @@ import hashlib
 import json
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from refinery.core.artifacts import ARTIFACT
 from refinery.vision.diffusion import MODEL_CARD, ImageModelError, ModelCard, is_image_model
 
 DATASET_FILE = "images.safetensors"
@@ -31,7 +32,7 @@ class ImageDatasetRef:
     """The hand-off of ``image_dataset``: a safetensors file of train/test images in [-1, 1]
     (N, C, H, W) and integer labels, with the class names."""
 
-    path: str
+    path: str = field(metadata=ARTIFACT)
     source: str
     classes: tuple[str, ...]
     n_train: int
@@ -59,7 +60,7 @@ class ImageTrainingConfig:
 class ImageModelRef:
     """The hand-off of ``image_model``: the model folder and the registered version."""
 
-    path: str
+    path: str = field(metadata=ARTIFACT)
     kind: str  # class-conditioned | pipeline
     training_key: str
     steps: int

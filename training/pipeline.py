@@ -11,10 +11,11 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from refinery.core.artifacts import ARTIFACT
 from refinery.core.lineage import sha256_hex
 from refinery.core.tracking import RunOpener, TrackedRun
 from training.base_model import BaseModelInfo
@@ -144,8 +145,8 @@ class AdapterRef:
     """The hand-off of ``lora_adapter``: the trained adapter, its work folder (named by the
     training key) and the MLflow run that the later steps add to."""
 
-    adapter_dir: str
-    work_dir: str
+    adapter_dir: str = field(metadata=ARTIFACT)
+    work_dir: str  # where it was trained; later steps work in their own home's folder
     training_key: str
     lora_config: dict[str, Any]
     reused: bool
@@ -276,7 +277,7 @@ def _log_training_run(
 class MergedModelRef:
     """The hand-off of ``merged_model``: the merged safetensors folder and its merge check."""
 
-    path: str
+    path: str = field(metadata=ARTIFACT)
     training_key: str
     reused: bool
     max_abs_logit_diff: float
@@ -285,13 +286,18 @@ class MergedModelRef:
 
 
 def merge_model(
-    base: BaseModelInfo, sft: SFTDatasetRef, adapter: AdapterRef, tolerance: float, run: TrackedRun
+    base: BaseModelInfo,
+    sft: SFTDatasetRef,
+    adapter: AdapterRef,
+    tolerance: float,
+    run: TrackedRun,
+    models_dir: Path,
 ) -> MergedModelRef:
-    """Merge the adapter into the base (reused when made from this very adapter) and record
-    the merge check in the training run."""
-    result, reused = merge(
-        base.path, adapter.adapter_dir, Path(adapter.work_dir), sft.split("eval"), tolerance
-    )
+    """Merge the adapter into the base (reused when made from this very adapter) in this
+    home's work folder of the adapter's training key, and record the merge check in the
+    training run."""
+    folder = work_dir(models_dir, adapter.training_key)
+    result, reused = merge(base.path, adapter.adapter_dir, folder, sft.split("eval"), tolerance)
     if not reused:
         run.log_metrics(
             {
@@ -309,7 +315,7 @@ def merge_model(
 class QuantizedModels:
     """The hand-off of ``quantized_models``: each variant's folder and the comparison."""
 
-    variants: dict[str, str]  # variant -> folder
+    variants: dict[str, str] = field(metadata=ARTIFACT)  # variant -> folder
     quantize_config: dict[str, Any]
     comparison: str  # Markdown table against the merged model
     reused: bool
@@ -321,12 +327,17 @@ def quantize_models(
     adapter: AdapterRef,
     config: QuantizeConfig,
     run: TrackedRun,
+    models_dir: Path,
     progress: Progress | None = None,
 ) -> QuantizedModels:
     """Build and measure the variants (reused when made from this merged model with this
     config); metrics and the comparison table go to the training run."""
     reference, reports, reused = quantize(
-        Path(merged.path), Path(adapter.work_dir), sft.split("eval"), config, progress
+        Path(merged.path),
+        work_dir(models_dir, adapter.training_key),
+        sft.split("eval"),
+        config,
+        progress,
     )
     table = markdown_table(reference, reports)
     if not reused:
@@ -376,11 +387,11 @@ class OpenVINOModelRef:
     """The hand-off of ``openvino_model``: the merged model exported for the CPU engine, and
     optionally a layer-truncated draft of it for speculative decoding."""
 
-    path: str
+    path: str = field(metadata=ARTIFACT)
     weight_format: str
     reused: bool
     size_mb: float
-    draft_path: str = ""
+    draft_path: str = field(default="", metadata=ARTIFACT)
     draft_layers: int = 0
 
 
@@ -389,6 +400,7 @@ def export_for_serving(
     adapter: AdapterRef,
     weight_format: str,
     run: TrackedRun,
+    models_dir: Path,
     progress: Progress | None = None,
     draft_layers: int = 0,
     python: Path | None = None,
@@ -400,7 +412,7 @@ def export_for_serving(
     from training.openvino_export import export_openvino, truncated_copy
     from training.quantize import folder_mb
 
-    work = Path(adapter.work_dir)
+    work = work_dir(models_dir, adapter.training_key)
     folder, reused = export_openvino(
         Path(merged.path), work / f"openvino-{weight_format}", weight_format, progress, python
     )

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from refinery.core.artifacts import ARTIFACT
 from refinery.core.jsonl import json_objects
 from refinery.core.lineage import sha256_hex
 from refinery.core.settings import REPO_ROOT
@@ -194,7 +195,7 @@ def load_split(folder: Path, split: str) -> list[dict[str, Any]]:
 class SFTDatasetRef:
     """The hand-off of the ``sft_dataset`` step: where the splits are and what they hold."""
 
-    path: str  # folder with train.jsonl and eval.jsonl
+    path: str = field(metadata=ARTIFACT)  # folder with train.jsonl and eval.jsonl
     source: str  # the JSONL file it was built from
     content_hash: str
     rows_read: int

@@ -7,6 +7,7 @@ rejected_files                       (the ledger of corpus files that could not 
 reviewers, review_items, ratings     (human evaluation)
 traffic_log                          (what the service saw; monitoring reads it)
 training_examples                    (user data awaiting approval before it may train a model)
+handoffs, shared_artifacts           (what assets hand each other, and the artifacts in it)
 """
 
 from __future__ import annotations
@@ -247,6 +248,36 @@ training_examples = sa.Table(
     ),
     sa.CheckConstraint(
         "status IN ('pending', 'approved', 'rejected')", name="training_examples_status"
+    ),
+)
+
+# What assets hand each other (assets/handoff.py): one row per asset and Dagster run, read by
+# any run on any machine. ``artifacts``: the value's local-path fields, published to MLflow
+# (field -> sha256, uri, name; refinery/core/artifacts.py). ``seq`` orders "latest".
+handoffs = sa.Table(
+    "handoffs",
+    metadata,
+    sa.Column("asset", sa.Text, primary_key=True),
+    sa.Column("run_id", sa.Text, primary_key=True),
+    sa.Column("seq", sa.BigInteger, sa.Identity(), nullable=False, unique=True),
+    sa.Column("type", sa.Text, nullable=False),
+    sa.Column("value", JSONB, nullable=False),
+    sa.Column("artifacts", JSONB, nullable=False, server_default=sa.text("'{}'::jsonb")),
+    sa.Column(
+        "created_at", sa.DateTime(timezone=True), nullable=False, server_default=sa.func.now()
+    ),
+)
+
+# Artifacts published for other runs, by content: each is uploaded to MLflow once.
+shared_artifacts = sa.Table(
+    "shared_artifacts",
+    metadata,
+    sa.Column("sha256", sa.String(64), primary_key=True),
+    sa.Column("uri", sa.Text, nullable=False),
+    sa.Column("name", sa.Text, nullable=False),
+    sa.Column("size_bytes", sa.BigInteger, nullable=False),
+    sa.Column(
+        "created_at", sa.DateTime(timezone=True), nullable=False, server_default=sa.func.now()
     ),
 )
 

@@ -117,6 +117,17 @@ def _base_url(raw: str) -> str:
     return raw.rstrip("/")
 
 
+def _postgres_url(raw: str) -> str:
+    """A Postgres URL (postgresql://, postgres:// or postgresql+<driver>://)."""
+    scheme = urlsplit(raw).scheme
+    if scheme.split("+")[0] not in ("postgresql", "postgres"):
+        raise ValueError(
+            "expected a postgresql://user:password@host:port/database URL, got scheme "
+            f"{scheme or '(none)'!r}"
+        )
+    return raw
+
+
 @dataclass(frozen=True)
 class Settings(SettingsGroup):
     """Where Refinery keeps its state: one home directory for every embedded store, one
@@ -135,6 +146,14 @@ class Settings(SettingsGroup):
         None,
         "An external Postgres (pgvector >= 0.7) instead of the embedded one.",
         secret="url",
+    )
+    dagster_database_url: str | None = setting(
+        "REFINERY_DAGSTER_DATABASE_URL",
+        None,
+        "A Postgres database for Dagster's runs, event logs, schedules and run queue, as the "
+        "Helm chart keeps them; unset: SQLite under the home.",
+        secret="url",
+        parse=_postgres_url,
     )
     mlflow_tracking_uri_override: str | None = setting(
         "REFINERY_MLFLOW_TRACKING_URI",
@@ -485,7 +504,12 @@ def _type(cls: type, f: dataclasses.Field[Any]) -> Any:
 def _parse(cls: type, f: dataclasses.Field[Any], raw: str) -> Any:
     name = f.metadata["env"]
     if f.metadata["parse"] is not None:
-        return f.metadata["parse"](raw)
+        try:
+            return f.metadata["parse"](raw)
+        except SettingError:
+            raise
+        except ValueError as err:  # a parser's message says what is wrong, not the value
+            raise SettingError(f"{name}: {err}") from None
     hint = _type(cls, f)
     if typing.get_origin(hint) is Literal:
         return raw  # checked against the choices by _check

@@ -219,17 +219,47 @@ def prepare_mlflow(settings: Settings) -> str:
     return settings.mlflow_tracking_uri
 
 
+# With REFINERY_DAGSTER_DATABASE_URL: runs, event logs, schedules and the run queue in that
+# Postgres database (dagster-postgres), as Dagster's Helm chart keeps them. Every Dagster process
+# (webserver, daemon, run workers) reads the URL from DAGSTER_STORAGE_ENV, which Refinery's
+# commands set from that variable (`refinery env` prints it); it is never written to disk.
+DAGSTER_STORAGE_ENV = "DAGSTER_STORAGE_POSTGRES_URL"
+DAGSTER_POSTGRES_STORAGE = f"""\
+storage:
+  postgres:
+    postgres_url:
+      env: {DAGSTER_STORAGE_ENV}
+"""
+
+
+def dagster_storage_url(url: str) -> str:
+    """The URL with the psycopg2 driver that dagster-postgres needs: under SQLAlchemy 2.1 a
+    bare postgresql:// means psycopg 3, where its parameterized NOTIFY is a syntax error."""
+    rest = url.split("://", 1)[1]
+    return f"postgresql+psycopg2://{rest}"
+
+
+def dagster_yaml(settings: Settings) -> str:
+    """The dagster.yaml Refinery writes for these settings."""
+    if settings.dagster_database_url:
+        return DAGSTER_YAML + DAGSTER_POSTGRES_STORAGE
+    return DAGSTER_YAML
+
+
 def prepare_dagster_home(settings: Settings) -> Path:
-    """Create DAGSTER_HOME with a dagster.yaml (telemetry off) if it has none."""
+    """Create DAGSTER_HOME with Refinery's dagster.yaml (telemetry off, the run queue, the
+    storage the settings ask for) if it has none."""
     home = settings.dagster_home
     home.mkdir(parents=True, exist_ok=True)
     config = home / "dagster.yaml"
+    wanted = dagster_yaml(settings)
     # Ours (first line) and out of date: rewrite it; a dagster.yaml someone wrote is left alone.
     if not config.exists() or (
-        config.read_text().startswith(DAGSTER_YAML.splitlines()[0])
-        and config.read_text() != DAGSTER_YAML
+        config.read_text().startswith(DAGSTER_YAML.splitlines()[0]) and config.read_text() != wanted
     ):
-        config.write_text(DAGSTER_YAML)
+        tmp = config.with_name(f"dagster.yaml.{os.getpid()}.tmp")
+        tmp.write_text(wanted)
+        os.replace(tmp, config)
     return home
 
 
@@ -247,6 +277,9 @@ def environment(settings: Settings, db_url: str | None) -> dict[str, str]:
         env["DATABASE_URL"] = db_url.replace("postgresql+psycopg://", "postgresql://", 1)
     if settings.mlflow_tracking_uri_override:
         env["REFINERY_MLFLOW_TRACKING_URI"] = settings.mlflow_tracking_uri_override
+    if settings.dagster_database_url:
+        env["REFINERY_DAGSTER_DATABASE_URL"] = settings.dagster_database_url
+        env[DAGSTER_STORAGE_ENV] = dagster_storage_url(settings.dagster_database_url)
     return env
 
 
@@ -256,4 +289,65 @@ def apply_process_environment(settings: Settings) -> None:
 
     set_process_environment(OFFLINE_ENV, keep_existing=True)
     set_process_environment({"DAGSTER_HOME": str(prepare_dagster_home(settings))})
+    if settings.dagster_database_url:
+        set_process_environment(
+            {DAGSTER_STORAGE_ENV: dagster_storage_url(settings.dagster_database_url)}
+        )
     set_process_environment({"MLFLOW_TRACKING_URI": prepare_mlflow(settings)}, keep_existing=True)
+
+
+class StoreUnreachable(RuntimeError):
+    """A configured store cannot be reached; the message names the variable and the address."""
+
+
+def _reach_postgres(variable: str, url: str) -> str | None:
+    import sqlalchemy as sa
+
+    from refinery.core.settings import mask_url
+
+    if "+" not in url.split("://", 1)[0]:  # a libpq URL: SQLAlchemy's psycopg driver reads it
+        url = "postgresql+psycopg://" + url.split("://", 1)[1]
+    engine = sa.create_engine(url, connect_args={"connect_timeout": CONNECT_TIMEOUT_S})
+    try:
+        with engine.connect() as conn:
+            conn.execute(sa.text("SELECT 1"))
+    except sa.exc.SQLAlchemyError as err:
+        reason = str(getattr(err, "orig", err)).strip().splitlines()[0][:200]
+        return f"{variable}: cannot reach Postgres at {mask_url(url)} ({reason})"
+    finally:
+        engine.dispose()
+    return None
+
+
+def _reach_mlflow(variable: str, uri: str) -> str | None:
+    import httpx
+
+    from refinery.core.settings import mask_url
+
+    try:
+        status = httpx.get(f"{uri.rstrip('/')}/health", timeout=CONNECT_TIMEOUT_S).status_code
+    except httpx.HTTPError as err:
+        return f"{variable}: cannot reach the MLflow server at {mask_url(uri)} ({err})"
+    if status >= 400:
+        return f"{variable}: the MLflow server at {mask_url(uri)} answered /health with {status}"
+    return None
+
+
+def check_stores(settings: Settings) -> None:
+    """Raise ``StoreUnreachable`` (naming each variable and address) unless every configured
+    external store answers: the Postgres of REFINERY_DATABASE_URL and of
+    REFINERY_DAGSTER_DATABASE_URL, the MLflow server of REFINERY_MLFLOW_TRACKING_URI. The
+    embedded stores are started on demand and not checked here."""
+    problems = []
+    if settings.database_url:
+        problems.append(_reach_postgres("REFINERY_DATABASE_URL", settings.database_url))
+    if settings.dagster_database_url:
+        problems.append(
+            _reach_postgres("REFINERY_DAGSTER_DATABASE_URL", settings.dagster_database_url)
+        )
+    uri = settings.mlflow_tracking_uri_override or ""
+    if uri.startswith(("http://", "https://")):
+        problems.append(_reach_mlflow("REFINERY_MLFLOW_TRACKING_URI", uri))
+    found = [p for p in problems if p]
+    if found:
+        raise StoreUnreachable("; ".join(found))

@@ -532,6 +532,8 @@ def test_dagster_values_use_the_k8s_launcher_external_postgres_and_our_image():
     values = yaml.safe_load((DEPLOY / "dagster" / "values.yaml").read_text())
     assert values["runLauncher"]["type"] == "K8sRunLauncher"
     assert values["postgresql"]["enabled"] is False
+    # The driver dagster-postgres works with under SQLAlchemy 2.1, as Refinery's own dagster.yaml.
+    assert values["postgresql"]["postgresqlScheme"] == "postgresql+psycopg2"
     (deployment,) = values["dagster-user-deployments"]["deployments"]
     assert deployment["dagsterApiGrpcArgs"] == ["--module-name", "orchestration.definitions"]
     assert deployment["image"]["tag"] != "latest"
