@@ -15,6 +15,7 @@ Which stored value a downstream asset reads, and the log line and input metadata
 from __future__ import annotations
 
 import dataclasses
+import json
 from pathlib import Path
 from typing import Any
 
@@ -90,13 +91,13 @@ class HandoffIOManager(dg.ConfigurableIOManager):
             except ArtifactError as err:
                 raise dg.Failure(description=f"{name}.{key}: {err}") from err
         if published:
-            context.log.info(f"{name}: published {', '.join(sorted(published))} to MLflow")
+            context.log.info(f"published {', '.join(sorted(published))} to MLflow")
         table = schema.handoffs
         row = {
             "asset": name,
             "run_id": context.run_id,
             "type": type(obj).__qualname__,
-            "value": to_record(obj),
+            "value": json.dumps(to_record(obj), sort_keys=True),
             "artifacts": published,
         }
         # One transaction per row, keyed by asset and run: two runs writing one asset at once
@@ -141,7 +142,7 @@ class HandoffIOManager(dg.ConfigurableIOManager):
             )
         cls = context.dagster_type.typing_type
         try:
-            value = from_record(cls, stored["value"])  # type: ignore[arg-type]
+            value = from_record(cls, json.loads(stored["value"]))  # type: ignore[arg-type]
         except RecordError as err:
             raise dg.Failure(
                 description=f"the stored output of {name} does not fit {cls.__name__} "

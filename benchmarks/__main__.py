@@ -22,6 +22,7 @@ ALL = [
     "images",
     "image_vectors",
     "image_generation",
+    "make_run",
 ]
 
 

@@ -25,7 +25,9 @@ from refinery.core.settings import (
     describe,
 )
 from refinery.core.stores import (
+    StoreUnreachable,
     apply_process_environment,
+    check_stores,
     database_url,
     embedded_postgres_running,
     environment,
@@ -134,37 +136,46 @@ def db_status() -> None:
 
 
 def _execute(job_name: str, run_config: dict[str, Any]) -> bool:
-    from dagster import DagsterInstance
+    """Submit the job to the instance's run queue and follow it to its end (see
+    ``orchestration.submit``); True when it succeeded."""
+    from orchestration.submit import SubmitError, submit_and_follow
 
-    from orchestration.definitions import defs
-
-    job = defs.resolve_job_def(job_name)
-    instance = DagsterInstance.get()
-    # A line per step on the terminal; every event in <home>/logs/<run id>.log and the UI.
-    run_config = _merge({"loggers": {"console": {"config": {"log_level": "INFO"}}}}, run_config)
-    result = job.execute_in_process(run_config=run_config, instance=instance, raise_on_error=False)
+    try:  # a store that is configured but down: say which, before any step starts
+        check_stores(_read(Settings))
+    except StoreUnreachable as err:
+        raise click.ClickException(str(err)) from err
+    # A line per step on the terminal (printed here from the run's event log, wherever the run
+    # executes); every event in <home>/logs/<run id>.log and the UI.
+    run_config = _merge(
+        {"loggers": {"console": {"config": {"log_level": "INFO", "terminal": False}}}}, run_config
+    )
+    try:
+        outcome = submit_and_follow(job_name, run_config, click.echo)
+    except SubmitError as err:
+        raise click.ClickException(str(err)) from err
     settings = _read(Settings)
+    status = {"SUCCESS": "succeeded", "CANCELED": "CANCELED"}.get(outcome.status.value, "FAILED")
     click.echo("")
-    click.echo(f"Dagster run {result.run_id}: {'succeeded' if result.success else 'FAILED'}")
-    click.echo(f"  {settings.dagster_ui_url}/runs/{result.run_id}  (after `make ui`)")
-    click.echo(f"  full log: {settings.home / 'logs' / (result.run_id + '.log')}")
-    for event in result.get_asset_check_evaluations():
-        status = "passed" if event.passed else f"FAILED ({event.severity.value})"
-        click.echo(f"  check {event.asset_key.to_user_string()}:{event.check_name} {status}")
-    for step, error in _step_failures(result):
+    click.echo(f"Dagster run {outcome.run_id}: {status}")
+    click.echo(f"  {settings.dagster_ui_url}/runs/{outcome.run_id}  (after `make ui`)")
+    click.echo(f"  full log: {settings.home / 'logs' / (outcome.run_id + '.log')}")
+    for check in outcome.check_evaluations():
+        state = "passed" if check.passed else f"FAILED ({check.severity.value})"
+        click.echo(f"  check {check.asset_key.to_user_string()}:{check.check_name} {state}")
+    for step, error in _step_failures(outcome.events):
         click.echo(f"  step {step} failed: {error}", err=True)
-    return bool(result.success)
+    return outcome.success
 
 
 # What a lost database connection looks like once Dagster has serialized the error.
 _STORE_LOST = ("OperationalError", "InterfaceError", "AdminShutdown", "ConnectionFailure")
 
 
-def _step_failures(result: Any) -> list[tuple[str, str]]:
+def _step_failures(events: list[Any]) -> list[tuple[str, str]]:
     """(step, one-line reason) for each failed step; a database that went away mid-run is
     named as such, with what to do: committed work is kept and a rerun carries on from it."""
     out = []
-    for event in result.all_events:
+    for event in events:
         if event.event_type_value != "STEP_FAILURE":
             continue
         error = event.event_specific_data.error

@@ -4,7 +4,7 @@ Every run is its own pod (deploy/dagster/values.yaml sets the launcher and the d
 size for all runs). The jobs that train or evaluate models (train, evaluate, retrain) carry
 the ``dagster-k8s/config`` tag built here: bigger CPU pods by default, or a pod on a GPU node
 with ``REFINERY_RUN_GPUS`` (default 1) ``nvidia.com/gpu`` when the code location runs with
-``REFINERY_RUN_ACCELERATOR=gpu`` (deploy/dagster/values-gpu.yaml sets both). Locally the tag is inert: runs execute in process.
+``REFINERY_RUN_ACCELERATOR=gpu`` (deploy/dagster/values-gpu.yaml sets both). Locally the tag is inert: the default run launcher starts each run as a local process.
 
 Job tags are fixed when a job is defined, so the accelerator is read once, when the
 definitions load (``RunSettings``, passed to :func:`model_job_tags`); both functions are pure.

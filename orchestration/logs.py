@@ -25,25 +25,54 @@ def _meta(record: logging.LogRecord) -> dict[str, Any]:
     return getattr(record, "dagster_meta", None) or {}
 
 
-class StepLines(logging.Filter):
-    """Keeps what a person follows: step boundaries (Dagster logs them at DEBUG), check
-    results, failures, and the assets' own messages at ``level`` and above; drops the engine's
+def shown(level: int, event: Any, threshold: int) -> bool:
+    """What a person follows: step boundaries (Dagster logs them at DEBUG), check results,
+    failures, and the assets' own messages at ``threshold`` and above; not the engine's
     bookkeeping events."""
+    if event is None:
+        return level >= threshold
+    kind = event.event_type_value
+    return (
+        kind in _STEP_EVENTS
+        or kind in ("ASSET_CHECK_EVALUATION", "RUN_FAILURE")
+        or level >= logging.ERROR
+    )
+
+
+def step_line(
+    created: float, step: str, message: str, event: Any, started: dict[str, float]
+) -> str:
+    """One terminal line; ``started`` (step -> start time) gives a finished step its time."""
+    stamp = time.strftime("%H:%M:%S", time.localtime(created))
+    if event is None:
+        return f"{stamp}   {step}: {message}"
+    kind = event.event_type_value
+    if kind == "STEP_START":
+        started[step] = created
+        return f"{stamp} ▶ {step}"
+    if kind == "STEP_SUCCESS":
+        took = created - started.get(step, created)
+        return f"{stamp} ✓ {step} ({took:.1f} s)"
+    if kind == "STEP_SKIPPED":
+        return (
+            f"{stamp} - {step} skipped (an upstream step failed or a blocking check did not pass)"
+        )
+    if kind == "ASSET_CHECK_EVALUATION":
+        data = event.event_specific_data
+        verdict = "passed" if getattr(data, "passed", False) else "FAILED"
+        return f"{stamp}   check {getattr(data, 'check_name', '?')} {verdict}"
+    return f"{stamp} ✗ {step}: {message}"
+
+
+class StepLines(logging.Filter):
+    """Keeps the records ``shown`` keeps."""
 
     def __init__(self, level: int) -> None:
         super().__init__()
         self.level = level
 
     def filter(self, record: logging.LogRecord) -> bool:
-        event = _meta(record).get("dagster_event")
-        if event is None:
-            return record.levelno >= self.level
-        kind = event.event_type_value
-        return (
-            kind in _STEP_EVENTS
-            or kind in ("ASSET_CHECK_EVALUATION", "RUN_FAILURE")
-            or record.levelno >= logging.ERROR
-        )
+        return shown(record.levelno, _meta(record).get("dagster_event"), self.level)
 
 
 class StepFormatter(logging.Formatter):
@@ -55,24 +84,7 @@ class StepFormatter(logging.Formatter):
         meta = _meta(record)
         step = meta.get("step_key") or meta.get("job_name") or "run"
         message = meta.get("orig_message") or record.getMessage()
-        event = meta.get("dagster_event")
-        stamp = time.strftime("%H:%M:%S", time.localtime(record.created))
-        if event is None:
-            return f"{stamp}   {step}: {message}"
-        kind = event.event_type_value
-        if kind == "STEP_START":
-            self.started[step] = record.created
-            return f"{stamp} ▶ {step}"
-        if kind == "STEP_SUCCESS":
-            took = record.created - self.started.get(step, record.created)
-            return f"{stamp} ✓ {step} ({took:.1f} s)"
-        if kind == "STEP_SKIPPED":
-            return f"{stamp} - {step} skipped (an upstream step failed or a blocking check did not pass)"
-        if kind == "ASSET_CHECK_EVALUATION":
-            data = event.event_specific_data
-            verdict = "passed" if getattr(data, "passed", False) else "FAILED"
-            return f"{stamp}   check {getattr(data, 'check_name', '?')} {verdict}"
-        return f"{stamp} ✗ {step}: {message}"
+        return step_line(record.created, step, message, meta.get("dagster_event"), self.started)
 
 
 class AppendToFile(logging.Handler):
@@ -97,6 +109,12 @@ class AppendToFile(logging.Handler):
         "log_dir": dg.Field(
             str, default_value="", description="Folder of the full logs; empty: <home>/logs."
         ),
+        "terminal": dg.Field(
+            bool,
+            default_value=True,
+            description="Write the lines to the run process's stderr (off for `refinery …` "
+            "commands, which print them from the run's event log wherever the run executes).",
+        ),
     },
     description="A line per step and the assets' messages on the terminal; every event at "
     "DEBUG in <home>/logs/<run id>.log.",
@@ -104,10 +122,11 @@ class AppendToFile(logging.Handler):
 def console(init_context: dg.InitLoggerContext) -> logging.Logger:
     config = init_context.logger_config
     log = logging.Logger(f"refinery.run.{init_context.run_id or 'run'}", level=logging.DEBUG)
-    terminal = logging.StreamHandler(sys.stderr)
-    terminal.addFilter(StepLines(logging.getLevelName(config["log_level"].upper())))
-    terminal.setFormatter(StepFormatter())
-    log.addHandler(terminal)
+    if config["terminal"]:
+        terminal = logging.StreamHandler(sys.stderr)
+        terminal.addFilter(StepLines(logging.getLevelName(config["log_level"].upper())))
+        terminal.setFormatter(StepFormatter())
+        log.addHandler(terminal)
     folder = Path(config["log_dir"]) if config["log_dir"] else Settings.from_env().home / "logs"
     folder.mkdir(parents=True, exist_ok=True)
     full = AppendToFile(folder / f"{init_context.run_id or 'run'}.log")

@@ -261,7 +261,8 @@ handoffs = sa.Table(
     sa.Column("run_id", sa.Text, primary_key=True),
     sa.Column("seq", sa.BigInteger, sa.Identity(), nullable=False, unique=True),
     sa.Column("type", sa.Text, nullable=False),
-    sa.Column("value", JSONB, nullable=False),
+    # JSON text, not JSONB: a value may hold NaN (a mean of no ratings), which JSONB refuses.
+    sa.Column("value", sa.Text, nullable=False),
     sa.Column("artifacts", JSONB, nullable=False, server_default=sa.text("'{}'::jsonb")),
     sa.Column(
         "created_at", sa.DateTime(timezone=True), nullable=False, server_default=sa.func.now()

@@ -47,18 +47,21 @@ def with_steps(n: int) -> dict:
     }
 
 
-def kill_postgres_when_step_starts(run_id: str, step: str, stop: threading.Event) -> Future[bool]:
-    """In the background: SIGKILL the embedded Postgres as soon as ``step`` of the run starts.
-    The future says whether it did (False: ``stop`` was set first); an error in the watcher
-    is raised by its ``result()``, not lost with its thread."""
+def kill_postgres_when_inputs_loaded(
+    run_id: str, step: str, inputs: int, stop: threading.Event
+) -> Future[bool]:
+    """In the background: SIGKILL the embedded Postgres as soon as ``step`` of the run has
+    loaded its ``inputs`` hand-offs (from Postgres), while it works. The future says whether it
+    did (False: ``stop`` was set first); an error in the watcher is raised by its
+    ``result()``, not lost with its thread."""
 
     def watch() -> bool:
         instance = dg.DagsterInstance.get()
         while not stop.is_set():
             records = instance.get_records_for_run(
-                run_id, of_type=dg.DagsterEventType.STEP_START
+                run_id, of_type=dg.DagsterEventType.LOADED_INPUT
             ).records
-            if any(r.event_log_entry.step_key == step for r in records):
+            if sum(r.event_log_entry.step_key == step for r in records) >= inputs:
                 kill_embedded_postgres(Settings.from_env())
                 return True
             stop.wait(0.2)  # polling the run's event log
@@ -155,23 +158,24 @@ def test_train_job_registers_a_challenger_with_its_lineage(fresh_home, tmp_path)
     )
     assert any(r.data.metrics.get("documents") == 35 for r in ingest_runs)
 
-    # Postgres crashes while a training run is under way: the first step that needs it after
-    # the crash fails saying so, nothing is half-registered, and the rerun (which starts
-    # Postgres again) completes without training anything twice.
+    # Postgres crashes while a training run is under way: the step that needs it after the
+    # crash (lora_adapter, handing its adapter on through Postgres) fails saying so, nothing is
+    # half-registered, and the rerun (which starts Postgres again) completes without training
+    # anything twice.
     from orchestration.cli import _step_failures
 
     run_id = str(uuid.uuid4())
     stop = threading.Event()
-    watcher = kill_postgres_when_step_starts(run_id, "lora_adapter", stop)
+    watcher = kill_postgres_when_inputs_loaded(run_id, "lora_adapter", 2, stop)
     try:
         crashed = run("train", with_steps(5), run_id=run_id)
     finally:
         stop.set()
     assert watcher.result(timeout=60), "Postgres was not killed while lora_adapter ran"
     assert not crashed.success
-    failures = dict(_step_failures(crashed))
-    assert list(failures) == ["candidate_model"], failures
-    assert "the database connection was lost" in failures["candidate_model"]
+    failures = dict(_step_failures(crashed.all_events))
+    assert list(failures) == ["lora_adapter"], failures
+    assert "the database connection was lost" in failures["lora_adapter"]
     assert len(client.search_model_versions("name = 'refinery-chat'")) == 2
     rerun = run("train", with_steps(5))
     assert rerun.success

@@ -48,6 +48,30 @@ def test_bad_arguments_are_refused_clearly(tmp_path):
     assert proc.returncode == 2 and "0 is not in the range 1<=x<=100" in proc.stderr
 
 
+def test_a_store_that_cannot_be_reached_fails_the_run_at_start_by_name(tmp_path):
+    from tests.support import free_port
+
+    pg, ml = free_port(), free_port()  # nothing listens there
+    proc = refinery(
+        "ingest", home=tmp_path / "home", check=False, timeout=120,
+        env={
+            "REFINERY_DATABASE_URL": f"postgresql+psycopg://refinery:s3cret@127.0.0.1:{pg}/rag",
+            "REFINERY_MLFLOW_TRACKING_URI": f"http://127.0.0.1:{ml}",
+        },
+    )  # fmt: skip
+    assert proc.returncode == 1, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert (
+        f"REFINERY_DATABASE_URL: cannot reach Postgres at postgresql+psycopg://refinery:****@127.0.0.1:{pg}/rag"
+        in proc.stderr
+    )
+    assert (
+        f"REFINERY_MLFLOW_TRACKING_URI: cannot reach the MLflow server at http://127.0.0.1:{ml}"
+        in proc.stderr
+    )
+    assert "s3cret" not in proc.stdout + proc.stderr
+    assert "STEP_START" not in proc.stdout + proc.stderr  # refused before any step
+
+
 def test_ingest_then_query_json(tmp_path, small_corpus):
     home = tmp_path / "home"
     proc = refinery("ingest", "--corpus", str(small_corpus), home=home)

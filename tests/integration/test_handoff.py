@@ -2,6 +2,7 @@
 run or the latest; artifacts (local folders in a value) published to a real MLflow tracking
 server and fetched, checked by hash, into another home's cache; two runs at once."""
 
+import json
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -95,7 +96,8 @@ def test_downstream_reads_same_run_then_pinned_then_latest(
     with engine.connect() as conn:
         rows = conn.execute(sa.select(schema.handoffs.c.run_id, schema.handoffs.c.value)).all()
     engine.dispose()
-    assert {r.run_id: r.value["value"] for r in rows} == {first.run_id: 1, second.run_id: 2}
+    values = {r.run_id: json.loads(r.value)["value"] for r in rows}
+    assert values == {first.run_id: 1, second.run_id: 2}
 
 
 def test_missing_or_mismatched_handoffs_fail_with_what_to_do(
@@ -111,7 +113,8 @@ def test_missing_or_mismatched_handoffs_fail_with_what_to_do(
     _run(assets, io, ["upstream"], value=5)
     engine = sa.create_engine(db_url)
     with engine.begin() as conn:  # e.g. written by an older version of the code
-        conn.execute(sa.update(schema.handoffs).values(value={"value": "five", "by_run": "r"}))
+        wrong = json.dumps({"value": "five", "by_run": "r"})
+        conn.execute(sa.update(schema.handoffs).values(value=wrong))
     engine.dispose()
     with pytest.raises(dg.Failure, match="does not fit Made"):
         _run(assets, io, ["downstream"])
@@ -283,3 +286,28 @@ def test_an_interrupted_download_leaves_nothing_that_is_used(
     fetched = ArtifactStore(engine, mlflow_uri, cache).fetch(published)
     assert tree_sha256(fetched) == published.sha256
     engine.dispose()
+
+
+def test_values_that_json_cannot_spell_strictly_come_back(
+    tmp_path: Path, db_url: str, mlflow_uri: str
+):
+    """A mean of no ratings is NaN: stored and read back as such (JSONB would refuse it)."""
+    seen: list[float] = []
+
+    @dataclass(frozen=True)
+    class Mean:
+        value: float
+
+    @dg.asset
+    def mean() -> dg.MaterializeResult[Mean]:
+        return dg.MaterializeResult(value=Mean(float("nan")))
+
+    @dg.asset
+    def reader(mean: Mean) -> None:
+        seen.append(mean.value)
+
+    io = _io(tmp_path, db_url, mlflow_uri)
+    dg.materialize(
+        [mean, reader], resources={"io_manager": io}, instance=dg.DagsterInstance.ephemeral()
+    )
+    assert len(seen) == 1 and seen[0] != seen[0]  # NaN

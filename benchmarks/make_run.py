@@ -1,0 +1,80 @@
+"""`make run` on the embedded default, this checkout against a baseline commit, in one session:
+each from a fresh clone and an empty home, one after the other on the same machine, with the
+same virtualenv. The baseline is REFINERY_BENCH_BASE (default: the last commit before runs
+became share-nothing, when hand-offs were files and `refinery run` executed in process).
+
+What the newer one adds per run: hashing and publishing each model folder to MLflow (once per
+content), the code server and run process that submitting through the run queue starts.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import time
+
+from benchmarks.common import WORK, write_table
+from refinery.core.settings import OFFLINE_ENV, REPO_ROOT
+
+BASE = os.environ.get("REFINERY_BENCH_BASE", "fb3c9fb")
+
+
+def _clone(ref: str, folder: str) -> tuple[str, str]:
+    target = WORK / "make-run" / folder
+    shutil.rmtree(target, ignore_errors=True)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    subprocess.run(["git", "clone", "-q", str(REPO_ROOT), str(target)], check=True)
+    subprocess.run(["git", "-C", str(target), "checkout", "-q", ref], check=True)
+    sha = subprocess.run(
+        ["git", "-C", str(target), "rev-parse", "--short", "HEAD"],
+        check=True, capture_output=True, text=True,
+    ).stdout.strip()  # fmt: skip
+    return str(target), sha
+
+
+def _run(checkout: str) -> tuple[float, int]:
+    home = os.path.join(checkout, ".refinery")
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("REFINERY_", "DAGSTER_", "MLFLOW_", "BENTOML_"))
+    }
+    env.update(OFFLINE_ENV)
+    env.update(
+        REFINERY_HOME=home,
+        PYTHONPATH=checkout,  # this checkout's code, not the virtualenv's editable install
+        REFINERY_OPENVINO_PYTHON=str(REPO_ROOT / ".venv-openvino" / "bin" / "python"),
+    )
+    log = open(os.path.join(checkout, "make-run.log"), "w")  # noqa: SIM115
+    t0 = time.perf_counter()
+    proc = subprocess.run(
+        [sys.executable, "-m", "orchestration.cli", "run"], cwd=checkout, env=env,
+        stdout=log, stderr=subprocess.STDOUT,
+    )  # fmt: skip
+    took = time.perf_counter() - t0
+    log.close()
+    subprocess.run(
+        [sys.executable, "-m", "orchestration.cli", "db", "stop"], cwd=checkout, env=env,
+        capture_output=True,
+    )  # fmt: skip
+    return took, proc.returncode
+
+
+def main() -> None:
+    rows = []
+    for label, ref in (("baseline", BASE), ("this checkout", "HEAD")):
+        checkout, sha = _clone(ref, label.replace(" ", "-"))
+        print(f"{label} ({sha}): refinery run …", flush=True)
+        took, code = _run(checkout)
+        rows.append([label, sha, f"{took:.0f}", "ok" if code == 0 else f"exit {code}"])
+    base, head = float(rows[0][2]), float(rows[1][2])
+    write_table(
+        "make_run",
+        "`make run` on the embedded default: before and after share-nothing runs",
+        __doc__ or "",
+        ["checkout", "commit", "wall seconds", "result"],
+        rows,
+        notes=f"This checkout / baseline: {head / base:.2f}x the wall time.",
+    )
