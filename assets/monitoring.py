@@ -48,7 +48,13 @@ class DriftReportConfig(dg.Config):
     )
     min_rows: int = Field(default=20, ge=5, description="Fewest requests a window may hold.")
     max_drifted_share: float = Field(default=0.5, ge=0, le=1)
-    max_embedding_auc: float = Field(default=0.75, ge=0.5, le=1)
+    max_embedding_auc: float | None = Field(
+        default=None,
+        ge=0.5,
+        le=1,
+        description="Fail when the prompt-embedding classifier's ROC AUC is above this; empty: "
+        "the method's own decision (a bootstrap test below 1,000 reference rows, AUC > 0.55).",
+    )
 
     def window_end(self) -> datetime:
         return datetime.fromisoformat(self.end) if self.end else datetime.now(UTC)
@@ -114,7 +120,7 @@ def _drift_materialization(outcome: DriftOutcome, run: TrackedRun) -> dg.Materia
             "failed_because": dg.MetadataValue.md(
                 "\n".join(f"- {r}" for r in result.failed_because) or "nothing drifted"
             ),
-            "p_values": dg.MetadataValue.json(result.column_pvalues),
+            "drift_scores": dg.MetadataValue.json(result.scores()),
         },
     )  # fmt: skip
     metadata = {

@@ -4,10 +4,16 @@ Drift compares a current window of logged requests with a reference: an earlier 
 log, or the evaluation question set (then only the prompt columns can be compared: the set has
 no answers, latencies or costs). Compared: text descriptors of prompts and answers (Evidently's
 ``TextLength``, ``WordCount``, ``NonLetterCharacterPercentage``), the retrieval score of the best
-source, latency and cost (per-column tests, Evidently's defaults), and the prompts' embeddings
-(Evidently's ``EmbeddingsDrift``, a classifier told to separate the two windows: ROC AUC 0.5 means
-"indistinguishable"). Rows logged with hashed prompts have no text: they count for the numeric
-columns only.
+source, latency and cost, and the prompts' embeddings (Evidently's ``EmbeddingsDrift``, a
+classifier told to separate the two windows: ROC AUC 0.5 means "indistinguishable"). Rows logged
+with hashed prompts have no text: they count for the numeric columns only.
+
+Whether a column drifted is Evidently's own decision, with the method it picks for the window's
+size and that method's threshold: up to 1,000 reference rows a numeric column gets the K-S test
+(drifted when p < 0.05), above that the normed Wasserstein distance (drifted when >= 0.1). A
+score is never read without its method, since the two point in opposite directions. The
+embeddings likewise: a bootstrap test of the classifier's AUC below 1,000 reference rows,
+AUC > 0.55 above.
 """
 
 from __future__ import annotations
@@ -67,10 +73,21 @@ def reference_from_questions(questions: list[str]) -> pd.DataFrame:
 class DriftThresholds:
     # Share of compared columns whose own test says "drifted" above which the check fails.
     max_drifted_share: float = 0.5
-    # EmbeddingsDrift's ROC AUC above which prompts count as having moved.
-    max_embedding_auc: float = 0.75
+    # EmbeddingsDrift's ROC AUC above which prompts count as having moved; None: the method's
+    # own decision (a bootstrap test below 1,000 reference rows, AUC > 0.55 above).
+    max_embedding_auc: float | None = None
     # The retrieval-score column drifting fails the check on its own: answers lose grounding.
     fail_on_retrieval_drift: bool = True
+
+
+@dataclass(frozen=True)
+class ColumnDrift:
+    """One column's drift as Evidently decided it: its score, the method and its threshold."""
+
+    score: float
+    method: str
+    threshold: float
+    drifted: bool
 
 
 @dataclass
@@ -79,10 +96,11 @@ class DriftResult:
     reference_rows: int
     current_rows: int
     columns: list[str]
-    column_pvalues: dict[str, float]
+    column_drift: dict[str, ColumnDrift]
     drifted_columns: list[str]
     drifted_share: float
     embedding_auc: float | None
+    embedding_drifted: bool = False
     failed_because: list[str] = field(default_factory=list)
 
     @property
@@ -92,7 +110,7 @@ class DriftResult:
     def summary(self) -> str:
         judged = "within thresholds" if self.passed else "; ".join(self.failed_because)
         return (
-            f"drift: {len(self.drifted_columns)}/{len(self.column_pvalues)} columns drifted, "
+            f"drift: {len(self.drifted_columns)}/{len(self.column_drift)} columns drifted, "
             f"embedding AUC {self.embedding_auc}; {judged}"
         )
 
@@ -114,9 +132,13 @@ class DriftResult:
         }
         if self.embedding_auc is not None:
             out["prompt_embedding_auc"] = self.embedding_auc
-        for col, p in self.column_pvalues.items():
-            out[f"p_value.{col}"] = p
+        for col, d in self.column_drift.items():
+            out[f"drift_score.{col}"] = d.score
         return out
+
+    def scores(self) -> dict[str, dict[str, Any]]:
+        """Each column's score, method, threshold and verdict (for metadata and reports)."""
+        return {c: vars(d) for c, d in self.column_drift.items()}
 
 
 def _prepare(frame: pd.DataFrame, embed: EmbedFn | None) -> tuple[pd.DataFrame, list[str]]:
@@ -129,7 +151,9 @@ def _prepare(frame: pd.DataFrame, embed: EmbedFn | None) -> tuple[pd.DataFrame, 
     df["answer"] = df["answer"].fillna("").astype(str)
     emb_cols: list[str] = []
     if embed is not None and len(df) and (df["prompt"] != "").all():
-        vectors = np.asarray(embed(df["prompt"].tolist()), dtype=np.float32)
+        # Each distinct prompt embedded once: busy days repeat their questions.
+        unique, inverse = np.unique(df["prompt"].to_numpy(dtype=str), return_inverse=True)
+        vectors = np.asarray(embed(unique.tolist()), dtype=np.float32)[inverse]
         emb_cols = [f"e{j}" for j in range(vectors.shape[1])]
         df = pd.concat([df, pd.DataFrame(vectors, columns=emb_cols, index=df.index)], axis=1)
     return df, emb_cols
@@ -158,23 +182,42 @@ def drift_report(
     numeric = [c for c in NUMERIC if c in reference and c in current]
     numeric = [c for c in numeric if ref[c].notna().any() and cur[c].notna().any()]
     emb_cols = cur_emb if with_embeddings else []
-    snapshot, compared = _run_evidently(ref, cur, numeric, emb_cols, has_answers)
+    method = _embedding_method(len(ref)) if emb_cols else None
+    snapshot, compared = _run_evidently(ref, cur, numeric, emb_cols, has_answers, method)
     html_path.parent.mkdir(parents=True, exist_ok=True)
     snapshot.save_html(str(html_path))
-    pvalues, embedding_auc = _drift_scores(snapshot)
-    drifted = sorted(c for c, p in pvalues.items() if not math.isnan(p) and p < 0.05)
-    share = len(drifted) / max(1, len(pvalues))
+    columns, embedding_auc = _drift_scores(snapshot)
+    embedding_drifted = False
+    if emb_cols and method is not None:
+        # The method's own verdict (Evidently's value carries the AUC only): the same
+        # classifier, seeded, on the same two windows.
+        embedding_auc, embedding_drifted, _ = method(cur[emb_cols].copy(), ref[emb_cols].copy())
+        embedding_auc = float(embedding_auc)
+        if th.max_embedding_auc is not None:
+            embedding_drifted = embedding_auc > th.max_embedding_auc
+    drifted = sorted(c for c, d in columns.items() if d.drifted)
+    share = len(drifted) / max(1, len(columns))
     return DriftResult(
         html=html_path,
         reference_rows=len(ref),
         current_rows=len(cur),
         columns=compared,
-        column_pvalues=pvalues,
+        column_drift=columns,
         drifted_columns=drifted,
         drifted_share=share,
         embedding_auc=embedding_auc,
-        failed_because=_drift_failures(th, drifted, len(pvalues), embedding_auc),
+        embedding_drifted=bool(embedding_drifted),
+        failed_because=_drift_failures(
+            th, drifted, len(columns), embedding_auc if embedding_drifted else None
+        ),
     )
+
+
+def _embedding_method(reference_rows: int) -> Any:
+    """Evidently's default embedding drift method for a reference of this size."""
+    from evidently.legacy.metrics.data_drift.embedding_drift_methods import model
+
+    return model(bootstrap=reference_rows < 1000)
 
 
 def _run_evidently(
@@ -183,6 +226,7 @@ def _run_evidently(
     numeric: list[str],
     emb_cols: list[str],
     has_answers: bool,
+    embedding_method: Any = None,
 ) -> tuple[Any, list[str]]:
     """Evidently's snapshot of the drift from ``ref`` to ``cur``, and the columns it compared:
     the prompt descriptors, the answer descriptors when both windows have answers, and
@@ -219,26 +263,40 @@ def _run_evidently(
 
     metrics: list[Any] = [DataDriftPreset(columns=compared)]
     if emb_cols:
-        metrics.append(EmbeddingsDrift(embeddings_name=EMBEDDING))
+        metrics.append(EmbeddingsDrift(embeddings_name=EMBEDDING, drift_method=embedding_method))
     metrics.append(DataSummaryPreset(columns=compared))
     with warnings.catch_warnings():  # constant columns make numpy warn inside Evidently
         warnings.simplefilter("ignore")
-        snapshot = Report(metrics).run(dataset(cur), dataset(ref))
+        snapshot = Report(metrics, include_tests=True).run(dataset(cur), dataset(ref))
     return snapshot, compared
 
 
-def _drift_scores(snapshot: Any) -> tuple[dict[str, float], float | None]:
-    """(p-value of each column's drift test, the embeddings' ROC AUC if measured)."""
-    pvalues: dict[str, float] = {}
+def _drift_scores(snapshot: Any) -> tuple[dict[str, ColumnDrift], float | None]:
+    """Each column's drift as Evidently decided it (its test's status, with the method and
+    threshold it resolved for the window's size), and the embeddings' ROC AUC if measured."""
+    data = snapshot.dict()
+    verdicts: dict[str, bool] = {}
+    for t in data.get("tests", []):
+        params = (t.get("metric_config") or {}).get("params", {})
+        if str(params.get("type", "")).endswith("ValueDrift"):
+            verdicts[str(params.get("column"))] = str(t.get("status")).endswith("FAIL")
+    columns: dict[str, ColumnDrift] = {}
     embedding_auc: float | None = None
-    for m in snapshot.dict()["metrics"]:
+    for m in data["metrics"]:
         cfg, value = m.get("config", {}), m.get("value")
         kind = str(cfg.get("type", ""))
         if kind.endswith("ValueDrift") and isinstance(value, int | float):
-            pvalues[str(cfg.get("column"))] = float(value)
+            column = str(cfg.get("column"))
+            score = float(value)
+            columns[column] = ColumnDrift(
+                score=score,
+                method=str(cfg.get("method")),
+                threshold=float(cfg.get("threshold") or 0.0),
+                drifted=verdicts.get(column, False) and not math.isnan(score),
+            )
         elif kind.endswith("EmbeddingsDrift") and isinstance(value, int | float):
             embedding_auc = float(value)
-    return pvalues, embedding_auc
+    return columns, embedding_auc
 
 
 def _drift_failures(
@@ -249,7 +307,7 @@ def _drift_failures(
     share = len(drifted) / max(1, tested)
     if share > th.max_drifted_share:
         failed.append(f"{len(drifted)}/{tested} columns drifted (> {th.max_drifted_share:.0%})")
-    if embedding_auc is not None and embedding_auc > th.max_embedding_auc:
+    if embedding_auc is not None:  # given only when the embeddings drifted
         failed.append(f"prompt embeddings drifted (ROC AUC {embedding_auc:.2f})")
     if th.fail_on_retrieval_drift and "top_score" in drifted:
         failed.append("retrieval scores drifted")

@@ -35,7 +35,7 @@ from refinery.core.schema import create_schema
 from refinery.core.schema import traffic_log as traffic_table
 from refinery.ingestion.sync import corpus_changes, sync_documents
 from serving.traffic import TrafficLog, TrafficSettings
-from tests.integration.test_drift import SHIFTED, TOPICS, traffic
+from tests.integration.test_drift import SHIFTED, TOPICS, busy, traffic
 from tests.support import free_port, wait_for
 from training.user_data import (
     Proposal,
@@ -193,13 +193,15 @@ def test_corpus_sensor_requests_one_run_for_what_changed(
 # --- drift report through Dagster, and the retraining sensor ----------------------------------
 
 
-def _insert(engine: sa.Engine, frame, start: datetime) -> None:
+def _insert(
+    engine: sa.Engine, frame, start: datetime, every: timedelta = timedelta(minutes=10)
+) -> None:
     rows = []
     for i, r in enumerate(frame.to_dict("records")):
         rows.append(
             {
                 "request_id": uuid.uuid4().hex,
-                "ts": start + timedelta(minutes=10 * i),
+                "ts": start + every * i,
                 "endpoint": "rag",
                 "model": "svc/1",
                 "status": int(r["status"]),
@@ -288,6 +290,47 @@ def test_unshifted_traffic_passes_and_does_not_retrain(db_url: str, tmp_path: Pa
     )
     assert [c.passed for c in result.get_asset_check_evaluations()] == [True]
     assert not evaluate(retraining_sensor, instance, db_url).run_requests
+    engine.dispose()
+
+
+def test_at_real_volume_stable_days_never_retrain_and_a_shift_retrains_once(
+    db_url: str, tmp_path: Path
+):
+    """1,500 requests a day (Evidently judges by distances at this size): a stable day passes
+    and starts nothing; the next day's shift fails the check and starts one retraining."""
+    engine = sa.create_engine(db_url)
+    create_schema(engine)
+    end = datetime(2026, 11, 20, tzinfo=UTC)
+    day, every = timedelta(hours=24), timedelta(hours=24) / 1500
+    _insert(engine, busy(1500, 1), end - 2 * day, every)
+    _insert(engine, busy(1500, 2), end - day, every)
+    _insert(engine, busy(1500, 3, shifted=True), end, every)
+    instance = dg.DagsterInstance.ephemeral()
+    resources = {
+        "postgres": _postgres(db_url),
+        "mlflow": MLflowResource(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}"),
+        "embedding_model": EmbeddingModelResource(),
+        "home": HomeResource(path=str(tmp_path / "home")),
+    }
+
+    def check_on(day_end: datetime) -> bool:
+        config = {"end": day_end.isoformat(), "window_hours": 24}
+        result = dg.materialize(
+            [traffic_log, drift_report], selection=["drift_report"], instance=instance,
+            resources=resources, run_config={"ops": {"drift_report": {"config": config}}},
+            raise_on_error=False,
+        )  # fmt: skip
+        meta = result.asset_materializations_for_node("drift_report")[0].metadata
+        assert meta["current_rows"].value == 1500
+        (check,) = result.get_asset_check_evaluations()
+        return check.passed
+
+    assert check_on(end)  # the stable day
+    assert not evaluate(retraining_sensor, instance, db_url).run_requests
+    assert not check_on(end + day)  # the shifted day
+    fired = evaluate(retraining_sensor, instance, db_url)
+    assert len(fired.run_requests) == 1
+    assert not evaluate(retraining_sensor, instance, db_url, fired.cursor).run_requests
     engine.dispose()
 
 
