@@ -1,7 +1,7 @@
 """Monitoring: what the service logged, as a drift report and a cost report (MLflow + Dagster)."""
 
 import base64
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 from typing import Literal
 
 import dagster as dg
@@ -26,6 +26,10 @@ from refinery.core.tracking import TrackedRun
 GROUP = "monitoring"
 EXPERIMENT = "refinery-monitoring"
 DRIFT_CHECK = "drift_within_thresholds"
+# One partition per UTC day; only complete days (end_offset 0): a day is judged once it is over.
+# Backfills reach back to the start date; days before the service logged anything report "no
+# traffic" (drift: a WARN check; cost: zero requests).
+DAILY = dg.DailyPartitionsDefinition(start_date="2026-01-01", timezone="UTC")
 
 # Written by the running service (serving/traffic.py), not by Dagster: an external asset, so
 # that the lineage graph shows where the reports' data come from.
@@ -39,12 +43,10 @@ traffic_log = dg.AssetSpec(
 
 
 class DriftReportConfig(dg.Config):
-    window_hours: float = Field(default=24.0, gt=0, description="Current window: the last N hours.")
-    end: str = Field(default="", description="End of the current window (ISO 8601); empty: now.")
     reference: Literal["previous_window", "evaluation_set"] = Field(
         default="previous_window",
-        description="Compare with the window before the current one, or with the evaluation "
-        "question set (prompts only). An earlier window too small falls back to the question set.",
+        description="Compare the partition's day with the day before it, or with the evaluation "
+        "question set (prompts only). An earlier day too small falls back to the question set.",
     )
     min_rows: int = Field(default=20, ge=5, description="Fewest requests a window may hold.")
     max_drifted_share: float = Field(default=0.5, ge=0, le=1)
@@ -56,14 +58,15 @@ class DriftReportConfig(dg.Config):
         "the method's own decision (a bootstrap test below 1,000 reference rows, AUC > 0.55).",
     )
 
-    def window_end(self) -> datetime:
-        return datetime.fromisoformat(self.end) if self.end else datetime.now(UTC)
-
 
 @dg.asset(
     group_name=GROUP,
     deps=[traffic_log],
     kinds={"evidently", "mlflow"},
+    partitions_def=DAILY,
+    # The schedule judges each day at 06:00 UTC the next morning: no report for 30 hours means
+    # the schedule (or the daemon) stopped, and Dagster shows the asset as not fresh.
+    freshness_policy=dg.FreshnessPolicy.time_window(fail_window=timedelta(hours=30)),
     check_specs=[
         dg.AssetCheckSpec(
             DRIFT_CHECK,
@@ -73,7 +76,8 @@ class DriftReportConfig(dg.Config):
             "configured thresholds; the retraining sensor watches it. WARN: too little traffic.",
         )
     ],
-    description="Evidently report of the recent traffic window against a reference: text "
+    description="Evidently report of one day of traffic (a daily partition) against the day "
+    "before it (or the evaluation question set): text "
     "descriptors of prompts and answers, prompt-embedding drift, retrieval-score drift, latency "
     "and cost. The HTML is an MLflow artifact, linked here.",
 )
@@ -85,9 +89,10 @@ def drift_report(
     embedding_model: EmbeddingModelResource,
     home: HomeResource,
 ) -> dg.MaterializeResult:
+    day = context.partition_time_window
     with mlflow.asset_run(context, EXPERIMENT) as run:
         outcome = drift_over_window(
-            postgres.engine, config.window_end(), timedelta(hours=config.window_hours),
+            postgres.engine, day.end, day.end - day.start,
             home.folder("reports"), run, reference=config.reference, min_rows=config.min_rows,
             thresholds=DriftThresholds(config.max_drifted_share, config.max_embedding_auc),
             # Loaded only when both windows hold enough traffic to compare.
@@ -134,7 +139,6 @@ def _drift_materialization(outcome: DriftOutcome, run: TrackedRun) -> dg.Materia
 
 
 class CostReportConfig(dg.Config):
-    window_days: float = Field(default=7.0, gt=0, description="Report over the last N days.")
     bucket: str = Field(
         default="1h", description="Plot resolution (a pandas offset: 15min, 1h, 1D)."
     )
@@ -144,12 +148,18 @@ class CostReportConfig(dg.Config):
     group_name=GROUP,
     deps=[traffic_log],
     kinds={"matplotlib", "mlflow"},
-    # Refreshed every hour while automation is on. (Not `on_cron`: that also waits for the
-    # inputs to update, and the traffic log is written by the service, not materialized.)
-    automation_condition=dg.AutomationCondition.cron_tick_passed("0 * * * *")
-    & ~dg.AutomationCondition.in_progress(),
-    description="Cost per request and per day, p50/p99 latency, cache hit rate and guard blocks "
-    "over time: a PNG in MLflow and here, the figures as metadata.",
+    partitions_def=DAILY,
+    # The day just ended, reported shortly after midnight UTC while automation is on (not
+    # `on_cron`: that also waits for the inputs to update, and the traffic log is written by the
+    # service, not materialized); older days by backfill.
+    automation_condition=(
+        dg.AutomationCondition.cron_tick_passed("10 0 * * *", cron_timezone="UTC")
+        & dg.AutomationCondition.in_latest_time_window()
+        & ~dg.AutomationCondition.in_progress()
+    ).with_label("the day just ended, at 00:10 UTC"),
+    freshness_policy=dg.FreshnessPolicy.time_window(fail_window=timedelta(hours=30)),
+    description="One day's cost per request, p50/p99 latency, cache hit rate and guard blocks "
+    "(a daily partition): a PNG in MLflow and here, the figures as metadata.",
 )
 def cost_report(
     context: dg.AssetExecutionContext,
@@ -158,8 +168,9 @@ def cost_report(
     mlflow: MLflowResource,
     home: HomeResource,
 ) -> dg.MaterializeResult:
+    day = context.partition_time_window
     outcome = cost_over_window(
-        postgres.engine, datetime.now(UTC), timedelta(days=config.window_days), config.bucket,
+        postgres.engine, day.end, day.end - day.start, config.bucket,
         home.folder("reports"), mlflow.run_opener(context, EXPERIMENT),
     )  # fmt: skip
     if outcome is None:

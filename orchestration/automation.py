@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import dagster as dg
 
+from assets.monitoring import DAILY
 from assets.resources import HomeResource, PostgresResource
 from evaluation.review import count_ratings
 from orchestration.cluster import model_job_tags
@@ -137,10 +139,18 @@ def corpus_sensor(
     default_status=dg.DefaultScheduleStatus.RUNNING,
 )
 def daily_drift_schedule(context: dg.ScheduleEvaluationContext) -> dg.RunRequest | dg.SkipReason:
-    """Every morning: drift over the last 24 hours (and the cost report)."""
+    """Every morning: the drift and cost reports of the day that just ended (the newest
+    complete partition)."""
     if job_busy(context.instance, "monitor"):
         return dg.SkipReason("a monitor run is still in progress")
-    return dg.RunRequest(tags={"refinery/trigger": "daily_drift_schedule"})
+    now = context.scheduled_execution_time or datetime.now(UTC)
+    day = (now.astimezone(UTC).date() - timedelta(days=1)).isoformat()
+    if not DAILY.has_partition_key(day):
+        return dg.SkipReason(f"{day} is not a daily partition (they start {DAILY.start:%Y-%m-%d})")
+    return dg.RunRequest(
+        run_key=f"monitor-{day}", partition_key=day,
+        tags={"refinery/trigger": "daily_drift_schedule"},
+    )  # fmt: skip
 
 
 @dg.schedule(
@@ -156,6 +166,22 @@ def weekly_retraining_schedule(
     if job_busy(context.instance, "retrain"):
         return dg.SkipReason("a retraining run is still in progress")
     return dg.RunRequest(tags={"refinery/trigger": "weekly_retraining_schedule"})
+
+
+def newest_day() -> str | None:
+    """The newest complete daily partition (yesterday, UTC)."""
+    return DAILY.get_last_partition_key()
+
+
+def _evaluated_day(instance: dg.DagsterInstance, record: Any) -> str | None:
+    """The daily partition a drift check evaluation judged."""
+    event = record.event.dagster_event if record.event else None
+    evaluation = event.event_specific_data if event else None
+    day = getattr(evaluation, "partition", None)
+    if day is None:
+        run = instance.get_run_by_id(record.run_id)
+        day = run.tags.get("dagster/partition") if run else None
+    return day
 
 
 def _drift_failed(record: Any) -> bool:
@@ -177,16 +203,27 @@ def _drift_failed(record: Any) -> bool:
 def retraining_sensor(
     context: dg.SensorEvaluationContext, postgres: PostgresResource
 ) -> dg.SensorResult:
-    """Starts `retrain` when the drift check failed since the last look, or when at least
-    MIN_NEW_APPROVED user examples were approved since the last retraining it started."""
+    """Starts `retrain` when the drift check of the newest complete day failed (once per day:
+    a backfill of older days, or judging the same day again, starts nothing), or when at
+    least MIN_NEW_APPROVED user examples were approved since the last retraining it started."""
     cursor = json.loads(context.cursor) if context.cursor else {}
     seen_check = int(cursor.get("drift_record", 0))
+    acted_day = str(cursor.get("drift_day", ""))
     used_approved = int(cursor.get("approved", 0))
     record = context.instance.get_latest_asset_check_evaluation_record(DRIFT_CHECK_KEY)
     approved = count_approved(postgres.engine)
     reasons = []
-    if record is not None and record.id > seen_check and _drift_failed(record):
-        reasons.append(f"drift check failed (run {record.run_id[:8]})")
+    day = _evaluated_day(context.instance, record) if record is not None else None
+    if (
+        record is not None
+        and record.id > seen_check
+        and _drift_failed(record)
+        and day is not None
+        and day == newest_day()
+        and day != acted_day
+    ):
+        reasons.append(f"drift check of {day} failed (run {record.run_id[:8]})")
+        acted_day = day
     if approved - used_approved >= MIN_NEW_APPROVED:
         reasons.append(f"{approved - used_approved} newly approved user examples")
     if not reasons:
@@ -195,7 +232,9 @@ def retraining_sensor(
         return dg.SensorResult(
             skip_reason=f"no drift failure; {approved - used_approved} new approved examples "
             f"(waiting for {MIN_NEW_APPROVED})",
-            cursor=json.dumps({"drift_record": latest, "approved": used_approved}),
+            cursor=json.dumps(
+                {"drift_record": latest, "drift_day": acted_day, "approved": used_approved}
+            ),
         )
     if job_busy(context.instance, "retrain"):
         # Keep the cursor: the reason is still there when the running retraining ends.
@@ -211,5 +250,5 @@ def retraining_sensor(
                 },
             )
         ],
-        cursor=json.dumps({"drift_record": latest, "approved": approved}),
+        cursor=json.dumps({"drift_record": latest, "drift_day": acted_day, "approved": approved}),
     )

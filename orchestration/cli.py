@@ -135,7 +135,7 @@ def db_status() -> None:
         click.echo("running" if embedded_postgres_running(settings) else "stopped")
 
 
-def _execute(job_name: str, run_config: dict[str, Any]) -> bool:
+def _execute(job_name: str, run_config: dict[str, Any], tags: dict[str, str] | None = None) -> bool:
     """Submit the job to the instance's run queue and follow it to its end (see
     ``orchestration.submit``); True when it succeeded."""
     from orchestration.submit import SubmitError, submit_and_follow
@@ -150,7 +150,7 @@ def _execute(job_name: str, run_config: dict[str, Any]) -> bool:
         {"loggers": {"console": {"config": {"log_level": "INFO", "terminal": False}}}}, run_config
     )
     try:
-        outcome = submit_and_follow(job_name, run_config, click.echo)
+        outcome = submit_and_follow(job_name, run_config, click.echo, tags=tags)
     except SubmitError as err:
         raise click.ClickException(str(err)) from err
     settings = _read(Settings)
@@ -338,11 +338,24 @@ def review_serve(host: str, port: int) -> None:
 
 
 @main.command()
-@config_option(note="e.g. ops.drift_report.config.window_hours.")
-def monitor(config_file: Path | None) -> None:
-    """Drift and cost reports over the traffic log (what the daily schedule runs)."""
+@click.option(
+    "--day", default=None, help="The UTC day (YYYY-MM-DD) to report on; default: yesterday."
+)
+@config_option(note="e.g. ops.drift_report.config.reference.")
+def monitor(day: str | None, config_file: Path | None) -> None:
+    """Drift and cost reports of one day of the traffic log (a daily partition; what the daily
+    schedule runs for the day that just ended). Older days: a backfill in the Dagster UI."""
+    from assets.monitoring import DAILY
+
     _settings()
-    if not _execute("monitor", _load_config(config_file)):
+    day = day or DAILY.get_last_partition_key()
+    if day is None or not DAILY.has_partition_key(day):
+        first = DAILY.get_first_partition_key()
+        raise click.BadParameter(
+            f"{day!r} is not a complete UTC day from {first} to yesterday (YYYY-MM-DD)",
+            param_hint="--day",
+        )
+    if not _execute("monitor", _load_config(config_file), tags={"dagster/partition": day}):
         sys.exit(1)
 
 

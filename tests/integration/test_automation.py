@@ -28,6 +28,7 @@ from orchestration.automation import (
     MIN_NEW_APPROVED,
     corpus_sensor,
     daily_drift_schedule,
+    newest_day,
     retraining_sensor,
     weekly_retraining_schedule,
 )
@@ -225,28 +226,37 @@ def _insert(
         conn.execute(sa.insert(traffic_table), rows)
 
 
+def _day_start(day: str) -> datetime:
+    return datetime.fromisoformat(day).replace(tzinfo=UTC)
+
+
+def _judge(instance, db_url: str, tmp_path: Path, day: str, assets=None):
+    """Materialize the drift report (and what else is asked) for one daily partition."""
+    return dg.materialize(
+        assets or [traffic_log, drift_report],
+        selection=["drift_report", "cost_report"] if assets else ["drift_report"],
+        instance=instance,
+        partition_key=day,
+        resources={
+            "postgres": _postgres(db_url),
+            "mlflow": MLflowResource(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}"),
+            "embedding_model": EmbeddingModelResource(),
+            "home": HomeResource(path=str(tmp_path / "home")),
+        },
+        raise_on_error=False,
+    )
+
+
 def test_drift_check_failure_starts_one_retraining(db_url: str, tmp_path: Path):
     engine = sa.create_engine(db_url)
     create_schema(engine)
-    end = datetime(2026, 11, 20, 12, tzinfo=UTC)
-    _insert(engine, traffic(60, TOPICS, 0.62, seed=1), end - timedelta(hours=20))  # reference
-    _insert(engine, traffic(60, SHIFTED, 0.35, seed=3), end - timedelta(hours=10))  # current
+    day = newest_day()
+    assert day is not None
+    start = _day_start(day)
+    _insert(engine, traffic(60, TOPICS, 0.62, seed=1), start - timedelta(days=1))  # reference
+    _insert(engine, traffic(60, SHIFTED, 0.35, seed=3), start)  # the day judged
     instance = dg.DagsterInstance.ephemeral()
-    resources = {
-        "postgres": _postgres(db_url),
-        "mlflow": MLflowResource(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}"),
-        "embedding_model": EmbeddingModelResource(),
-        "home": HomeResource(path=str(tmp_path / "home")),
-    }
-    run_config = {"ops": {"drift_report": {"config": {"end": end.isoformat(), "window_hours": 10}}}}
-    result = dg.materialize(
-        [traffic_log, drift_report, cost_report],
-        selection=["drift_report", "cost_report"],
-        instance=instance,
-        resources=resources,
-        run_config=run_config,
-        raise_on_error=False,
-    )
+    result = _judge(instance, db_url, tmp_path, day, [traffic_log, drift_report, cost_report])
     checks = result.get_asset_check_evaluations()
     assert [(c.check_name, c.passed) for c in checks] == [(DRIFT_CHECK, False)]
     meta = result.asset_materializations_for_node("drift_report")[0].metadata
@@ -257,10 +267,12 @@ def test_drift_check_failure_starts_one_retraining(db_url: str, tmp_path: Path):
     )
     assert meta["evidently_report"].value.endswith(".html")
     assert Path(meta["report_path"].value).stat().st_size > 10_000
+    cost = result.asset_materializations_for_node("cost_report")[0]
+    assert cost.partition == day and cost.metadata["requests"].value == 60  # that day only
 
     fired = evaluate(retraining_sensor, instance, db_url)
     assert len(fired.run_requests) == 1
-    assert "drift check failed" in fired.run_requests[0].tags["refinery/reason"]
+    assert f"drift check of {day} failed" in fired.run_requests[0].tags["refinery/reason"]
     # The same failure is not acted on twice (this is what makes a pause safe).
     again = evaluate(retraining_sensor, instance, db_url, fired.cursor)
     assert not again.run_requests
@@ -270,24 +282,13 @@ def test_drift_check_failure_starts_one_retraining(db_url: str, tmp_path: Path):
 def test_unshifted_traffic_passes_and_does_not_retrain(db_url: str, tmp_path: Path):
     engine = sa.create_engine(db_url)
     create_schema(engine)
-    end = datetime(2026, 11, 20, 12, tzinfo=UTC)
-    _insert(engine, traffic(60, TOPICS, 0.62, seed=1), end - timedelta(hours=20))
-    _insert(engine, traffic(60, TOPICS, 0.62, seed=2), end - timedelta(hours=10))
+    day = newest_day()
+    assert day is not None
+    start = _day_start(day)
+    _insert(engine, traffic(60, TOPICS, 0.62, seed=1), start - timedelta(days=1))
+    _insert(engine, traffic(60, TOPICS, 0.62, seed=2), start)
     instance = dg.DagsterInstance.ephemeral()
-    result = dg.materialize(
-        [traffic_log, drift_report],
-        selection=["drift_report"],
-        instance=instance,
-        resources={
-            "postgres": _postgres(db_url),
-            "mlflow": MLflowResource(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}"),
-            "embedding_model": EmbeddingModelResource(),
-            "home": HomeResource(path=str(tmp_path / "home")),
-        },
-        run_config={
-            "ops": {"drift_report": {"config": {"end": end.isoformat(), "window_hours": 10}}}
-        },
-    )
+    result = _judge(instance, db_url, tmp_path, day)
     assert [c.passed for c in result.get_asset_check_evaluations()] == [True]
     assert not evaluate(retraining_sensor, instance, db_url).run_requests
     engine.dispose()
@@ -296,40 +297,36 @@ def test_unshifted_traffic_passes_and_does_not_retrain(db_url: str, tmp_path: Pa
 def test_at_real_volume_stable_days_never_retrain_and_a_shift_retrains_once(
     db_url: str, tmp_path: Path
 ):
-    """1,500 requests a day (Evidently judges by distances at this size): a stable day passes
-    and starts nothing; the next day's shift fails the check and starts one retraining."""
+    """1,500 requests a day (Evidently judges by distances at this size), one daily partition
+    each: a stable day passes and starts nothing; the newest day's shift fails its check and
+    starts one retraining; judging an older day again (a backfill) or the same day again
+    starts nothing more."""
     engine = sa.create_engine(db_url)
     create_schema(engine)
-    end = datetime(2026, 11, 20, tzinfo=UTC)
-    day, every = timedelta(hours=24), timedelta(hours=24) / 1500
-    _insert(engine, busy(1500, 1), end - 2 * day, every)
-    _insert(engine, busy(1500, 2), end - day, every)
-    _insert(engine, busy(1500, 3, shifted=True), end, every)
+    newest = newest_day()
+    assert newest is not None
+    d = _day_start(newest)
+    every = timedelta(hours=24) / 1500
+    _insert(engine, busy(1500, 1), d - timedelta(days=2), every)
+    _insert(engine, busy(1500, 2), d - timedelta(days=1), every)
+    _insert(engine, busy(1500, 3, shifted=True), d, every)
     instance = dg.DagsterInstance.ephemeral()
-    resources = {
-        "postgres": _postgres(db_url),
-        "mlflow": MLflowResource(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}"),
-        "embedding_model": EmbeddingModelResource(),
-        "home": HomeResource(path=str(tmp_path / "home")),
-    }
 
-    def check_on(day_end: datetime) -> bool:
-        config = {"end": day_end.isoformat(), "window_hours": 24}
-        result = dg.materialize(
-            [traffic_log, drift_report], selection=["drift_report"], instance=instance,
-            resources=resources, run_config={"ops": {"drift_report": {"config": config}}},
-            raise_on_error=False,
-        )  # fmt: skip
+    def judged(day: datetime) -> bool:
+        result = _judge(instance, db_url, tmp_path, day.strftime("%Y-%m-%d"))
         meta = result.asset_materializations_for_node("drift_report")[0].metadata
         assert meta["current_rows"].value == 1500
         (check,) = result.get_asset_check_evaluations()
         return check.passed
 
-    assert check_on(end)  # the stable day
+    assert judged(d - timedelta(days=1))  # the stable day
     assert not evaluate(retraining_sensor, instance, db_url).run_requests
-    assert not check_on(end + day)  # the shifted day
+    assert not judged(d)  # the shifted day, the newest
     fired = evaluate(retraining_sensor, instance, db_url)
     assert len(fired.run_requests) == 1
+    assert judged(d - timedelta(days=1))  # a backfill of an older day
+    assert not evaluate(retraining_sensor, instance, db_url, fired.cursor).run_requests
+    assert not judged(d)  # the shifted day judged again
     assert not evaluate(retraining_sensor, instance, db_url, fired.cursor).run_requests
     engine.dispose()
 
@@ -340,8 +337,12 @@ def test_schedules_skip_while_their_job_runs():
 
 
 def _schedules_skip(instance: dg.DagsterInstance) -> None:
-    ctx = dg.build_schedule_context(instance=instance)
-    assert isinstance(daily_drift_schedule(ctx), dg.RunRequest)
+    ctx = dg.build_schedule_context(
+        instance=instance, scheduled_execution_time=datetime(2026, 11, 21, 6, tzinfo=UTC)
+    )
+    monitor = daily_drift_schedule(ctx)
+    assert isinstance(monitor, dg.RunRequest)
+    assert monitor.partition_key == "2026-11-20"  # the day that just ended
     assert isinstance(weekly_retraining_schedule(ctx), dg.RunRequest)
     instance.add_run(
         dg.DagsterRun(

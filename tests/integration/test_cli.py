@@ -125,3 +125,16 @@ def test_examples_propose_review_approve(tmp_path):
     missing = refinery("examples", "propose", "--by", "alice", home=home, check=False)
     assert missing.returncode == 2 and "--file or at least one --request-id" in missing.stderr
     refinery("db", "stop", home=home)
+
+
+def test_monitor_reports_one_day_and_refuses_a_day_that_is_not_one(tmp_path):
+    from orchestration.automation import newest_day
+
+    home = tmp_path / "home"
+    bad = refinery("monitor", "--day", "2025-13-01", home=home, check=False)
+    assert bad.returncode == 2 and "is not a complete UTC day from 2026-01-01" in bad.stderr
+    # No traffic that day: the drift check warns (it cannot judge), the run still succeeds.
+    ran = refinery("monitor", home=home, timeout=300)
+    assert "(monitor) submitted" in ran.stdout and "succeeded" in ran.stdout, ran.stdout[-2000:]
+    assert "drift_report:drift_within_thresholds FAILED (WARN)" in ran.stdout
+    assert newest_day() is not None
