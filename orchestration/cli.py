@@ -135,6 +135,10 @@ def db_status() -> None:
         click.echo("running" if embedded_postgres_running(settings) else "stopped")
 
 
+def _progress(line: str) -> None:
+    click.echo(line, err=True)
+
+
 def _execute(job_name: str, run_config: dict[str, Any], tags: dict[str, str] | None = None) -> bool:
     """Submit the job to the instance's run queue and follow it to its end (see
     ``orchestration.submit``); True when it succeeded."""
@@ -150,7 +154,8 @@ def _execute(job_name: str, run_config: dict[str, Any], tags: dict[str, str] | N
         {"loggers": {"console": {"config": {"log_level": "INFO", "terminal": False}}}}, run_config
     )
     try:
-        outcome = submit_and_follow(job_name, run_config, click.echo, tags=tags)
+        # Progress on stderr (as the console logger wrote it), the outcome on stdout.
+        outcome = submit_and_follow(job_name, run_config, _progress, tags=tags)
     except SubmitError as err:
         raise click.ClickException(str(err)) from err
     settings = _read(Settings)

@@ -17,7 +17,9 @@ from __future__ import annotations
 import logging
 import os
 import re
+import signal
 import socket
+import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -203,6 +205,32 @@ def submit_and_follow(
         return _follow(instance, context, run.run_id, echo)
 
 
+class _Interrupts:
+    """SIGINT and SIGTERM as a count the follow loop reads, rather than a KeyboardInterrupt
+    raised wherever the main thread happens to be (library code may swallow it). A second
+    signal stops waiting (KeyboardInterrupt). Only the main thread may install handlers; other
+    threads follow without them."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self._previous: dict[int, Any] = {}
+
+    def _handle(self, signum: int, _frame: Any) -> None:
+        self.count += 1
+        if self.count > 1:
+            raise KeyboardInterrupt
+
+    def __enter__(self) -> _Interrupts:
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
 def _follow(
     instance: dg.DagsterInstance, context: Any, run_id: str, echo: Callable[[str], None]
 ) -> RunOutcome:
@@ -210,9 +238,11 @@ def _follow(
     started: dict[str, float] = {}
     waiting_said = False
     canceled_at: float | None = None
-    with _OneRunDequeuer(run_id) as dequeuer:
+    with _OneRunDequeuer(run_id) as dequeuer, _Interrupts() as interrupts:
         while True:
             try:
+                if interrupts.count and canceled_at is None:
+                    raise KeyboardInterrupt  # Ctrl-C (or SIGTERM) arrived: cancel, once
                 for page in _events(instance, run_id, cursor):
                     cursor = page.cursor
                     for record in page.records:
@@ -237,7 +267,7 @@ def _follow(
                 time.sleep(POLL_S)
             except KeyboardInterrupt:
                 if canceled_at is not None:
-                    raise
+                    raise  # the second one: stop waiting
                 echo(f"Ctrl-C: canceling run {run_id} (Ctrl-C again to stop waiting)")
                 instance.run_coordinator.cancel_run(run_id)
                 canceled_at = time.monotonic()

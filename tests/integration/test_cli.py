@@ -135,6 +135,6 @@ def test_monitor_reports_one_day_and_refuses_a_day_that_is_not_one(tmp_path):
     assert bad.returncode == 2 and "is not a complete UTC day from 2026-01-01" in bad.stderr
     # No traffic that day: the drift check warns (it cannot judge), the run still succeeds.
     ran = refinery("monitor", home=home, timeout=300)
-    assert "(monitor) submitted" in ran.stdout and "succeeded" in ran.stdout, ran.stdout[-2000:]
+    assert "(monitor) submitted" in ran.stderr and "succeeded" in ran.stdout, ran.stderr[-2000:]
     assert "drift_report:drift_within_thresholds FAILED (WARN)" in ran.stdout
     assert newest_day() is not None

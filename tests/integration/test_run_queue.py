@@ -48,6 +48,24 @@ def _start(home: Path, *args: str) -> tuple[subprocess.Popen, Path]:
     return proc, out
 
 
+def _wait(proc: subprocess.Popen, out: Path, timeout: float) -> int:
+    """The command's exit status; its output in the failure when it does not end in time."""
+    try:
+        return proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"`refinery {proc.args[1]}` still running after {timeout:.0f} s:\n"
+                    + out.read_text()[-3000:])  # fmt: skip
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    """The command and what it started (its own session: the code server, a run process)."""
+    import os
+
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
 def _queued(instance: dg.DagsterInstance, job: str) -> list:
     return [
         r
@@ -70,10 +88,9 @@ def test_a_model_run_waits_for_the_pool_then_runs(home):
         assert waiting.tags["refinery/pool"] == "models"
         assert proc.poll() is None
         instance.report_run_canceled(blocker)  # the other run ends: this one goes on
-        code = proc.wait(timeout=300)
+        code = _wait(proc, out, 300)
     finally:
-        if proc.poll() is None:
-            proc.kill()
+        _stop(proc)
     text = out.read_text()
     # It ran (and failed as a fresh home's evaluate does: there is no candidate yet).
     assert code == 1, text[-3000:]
@@ -92,10 +109,9 @@ def test_ctrl_c_cancels_a_waiting_run(home):
         wait_for(lambda: "queued: waiting" in out.read_text(), 120, "train to wait")
         (waiting,) = _queued(instance, "train")
         proc.send_signal(signal.SIGINT)
-        code = proc.wait(timeout=120)
+        code = _wait(proc, out, 120)
     finally:
-        if proc.poll() is None:
-            proc.kill()
+        _stop(proc)
     text = out.read_text()
     assert code != 0 and "canceling run" in text, text[-3000:]
     run = instance.get_run_by_id(waiting.run_id)
@@ -119,7 +135,10 @@ def test_a_run_left_by_a_killed_command_does_not_hold_the_queue(home):
         tags={"refinery/pool": "models", CLI_TAG: f"{socket.gethostname()}:{dead.pid}"},
     )  # fmt: skip
     proc, out = _start(home, "evaluate")
-    code = proc.wait(timeout=300)
+    try:
+        code = _wait(proc, out, 300)
+    finally:
+        _stop(proc)
     text = out.read_text()
     assert "left in progress by a killed command" in text, text[-3000:]
     assert code == 1 and "candidate_model has never been materialized" in text, text[-3000:]
