@@ -162,6 +162,10 @@ class ArtifactStore:
             os.rename(partial, entry)
         except OSError:
             shutil.rmtree(partial, ignore_errors=True)
+            return
+        # Hashed just now: a fetch in this process need not hash the same bytes again.
+        linked = entry / path.name
+        self._checked[linked] = _signature(linked)
 
     # -- fetch -----------------------------------------------------------------------------
     def fetch(self, published: Published) -> Path:
