@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import time
@@ -62,19 +63,45 @@ def _run(checkout: str) -> tuple[float, int]:
     return took, proc.returncode
 
 
+REPEATS = int(os.environ.get("REFINERY_BENCH_REPEATS", "2"))
+
+
 def main() -> None:
-    rows = []
-    for label, ref in (("baseline", BASE), ("this checkout", "HEAD")):
-        checkout, sha = _clone(ref, label.replace(" ", "-"))
-        print(f"{label} ({sha}): refinery run …", flush=True)
+    """Runs alternate baseline, this checkout, this checkout, baseline (ABBA, REPEATS pairs) so
+    that a machine getting slower or faster during the session weighs on both alike."""
+    checkouts = {
+        label: _clone(ref, label.replace(" ", "-"))
+        for label, ref in (("baseline", BASE), ("this checkout", "HEAD"))
+    }
+    order = []
+    for i in range(REPEATS):
+        pair = ["baseline", "this checkout"]
+        order += pair if i % 2 == 0 else pair[::-1]
+    rows, times = [], {"baseline": [], "this checkout": []}
+    for n, label in enumerate(order, 1):
+        checkout, sha = checkouts[label]
+        shutil.rmtree(os.path.join(checkout, ".refinery"), ignore_errors=True)
+        print(f"[{n}/{len(order)}] {label} ({sha}): refinery run …", flush=True)
         took, code = _run(checkout)
-        rows.append([label, sha, f"{took:.0f}", "ok" if code == 0 else f"exit {code}"])
-    base, head = float(rows[0][2]), float(rows[1][2])
+        print(f"[{n}/{len(order)}] {label}: {took:.0f} s, exit {code}", flush=True)
+        rows.append([str(n), label, sha, f"{took:.0f}", "ok" if code == 0 else f"exit {code}"])
+        if code == 0:
+            times[label].append(took)
+    summary = []
+    for label, values in times.items():
+        if values:
+            summary.append(
+                f"{label}: median {statistics.median(values):.0f} s, "
+                f"range {min(values):.0f}-{max(values):.0f} s over {len(values)} runs"
+            )
+    if times["baseline"] and times["this checkout"]:
+        ratio = statistics.median(times["this checkout"]) / statistics.median(times["baseline"])
+        summary.append(f"This checkout / baseline (medians): {ratio:.2f}x the wall time.")
     write_table(
         "make_run",
         "`make run` on the embedded default: before and after share-nothing runs",
         __doc__ or "",
-        ["checkout", "commit", "wall seconds", "result"],
+        ["run", "checkout", "commit", "wall seconds", "result"],
         rows,
-        notes=f"This checkout / baseline: {head / base:.2f}x the wall time.",
+        notes="\n".join(f"- {line}" for line in summary),
     )
