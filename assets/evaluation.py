@@ -141,7 +141,8 @@ def human_evaluation(
     additional_ins={"automatic_evaluation": dg.AssetIn("automatic_evaluation")},
     blocking=True,
     description="The promotion gate: the challenger is promoted only if no automatic metric is worse than "
-    "the champion's beyond its tolerance and the human ratings clear the bar (or the human gate is "
+    "the champion's beyond its tolerance (a paired bootstrap bound over the examples both answered, at "
+    "the policy's confidence), every absolute floor holds, and the human ratings clear the bar (or the human gate is "
     "explicitly waived, with a reason). The decision is recorded on the model version.",
 )
 def promotion_gate(

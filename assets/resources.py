@@ -204,7 +204,9 @@ class PromotionPolicy(dg.ConfigurableResource):
     the champion to those metrics. ``floors`` moves the bound of an absolute floor that every
     model must meet, the first one included (``evaluation.gate.DEFAULT_FLOORS``: metric ->
     minimum, or maximum for ``rag_wrong_shown``); ``rules`` does not turn floors off. Waiving
-    the human gate needs a reason, and is recorded with every decision."""
+    the human gate needs a reason, and is recorded with every decision. ``confidence``: how sure
+    the paired bootstrap must be that a challenger is not worse than the champion beyond a
+    rule's tolerance (one-sided; ``evaluation.gate``)."""
 
     human_gate: HumanGate = HumanGate.required
     waiver_reason: str = ""
@@ -214,6 +216,7 @@ class PromotionPolicy(dg.ConfigurableResource):
     rules: list[str] = Field(default_factory=list)
     tolerances: dict[str, float] = Field(default_factory=dict)
     floors: dict[str, float] = Field(default_factory=dict)
+    confidence: float = 0.95
 
     def policy(self) -> GatePolicy:
         """The policy as the gate takes it; ValueError names an unknown metric."""
@@ -226,6 +229,7 @@ class PromotionPolicy(dg.ConfigurableResource):
             rules=self.rules,
             tolerances=self.tolerances,
             floors=self.floors,
+            confidence=self.confidence,
         )
 
 

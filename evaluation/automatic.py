@@ -28,7 +28,7 @@ from typing import Any
 
 from evaluation.calibration import calibration_metrics, is_correct, reliability_diagram
 from evaluation.metrics import exact_match, hit_at_k, reciprocal_rank, rouge_l, token_f1
-from refinery.generation.scoring import answer_nll, row_prompt
+from refinery.generation.scoring import answer_nll_rows, row_prompt
 from refinery.rag.answer import answer_batch
 from refinery.rag.confidence import Calibration
 
@@ -96,11 +96,17 @@ def evaluate_model(
     tokens += rag_tokens
     seconds += rag_seconds
     say(f"{label}: {len(rag_rows)} RAG answers")
+    if heldout_rows:  # each held-out example's reference NLL, for paired comparisons
+        per_row = answer_nll_rows(generator, heldout_rows)
+        heldout = [e for e in examples if e.kind == "heldout"]
+        for example, (nll, n) in zip(heldout, per_row, strict=True):
+            example.scores.update(nll=nll, answer_tokens=float(n))
     metrics = aggregate(examples)
     metrics.update(calibration_metrics(examples, "test"))
     if heldout_rows:
-        nll, n = answer_nll(generator, heldout_rows)
-        metrics["heldout_perplexity"] = math.exp(nll / max(1, n))
+        nll_sum = sum(e.scores["nll"] for e in examples if e.kind == "heldout")
+        tokens_sum = sum(e.scores["answer_tokens"] for e in examples if e.kind == "heldout")
+        metrics["heldout_perplexity"] = math.exp(nll_sum / max(1.0, tokens_sum))
     metrics["tokens_per_second"] = tokens / seconds if seconds else 0.0
     return ModelEvaluation(label, metrics, examples)
 
@@ -211,11 +217,10 @@ def aggregate(examples: Sequence[ExampleResult]) -> dict[str, float]:
         if not mine:
             continue
         for key in mine[0].scores:
-            value = statistics.fmean(e.scores[key] for e in mine)
-            name = f"retrieval_{key}" if key in ("hit_at_k",) else f"{kind}_{key}"
-            out[name] = value
+            if key in _SUMMED:
+                continue  # part of heldout_perplexity, computed from the sums
+            out[metric_name(kind, key)] = statistics.fmean(e.scores[key] for e in mine)
         if kind == "rag":
-            out["retrieval_mrr"] = out.pop("rag_reciprocal_rank")
             out.update(_per_split(mine))
     latencies = sorted(e.latency_s for e in examples)
     if latencies:
@@ -225,6 +230,54 @@ def aggregate(examples: Sequence[ExampleResult]) -> dict[str, float]:
 
 
 SPLIT_SCORES = ("answered_right", "wrong_shown")
+# Per-example parts of a metric that is a ratio of sums, not a mean of examples.
+_SUMMED = ("nll", "answer_tokens")
+
+
+def metric_name(kind: str, key: str) -> str:
+    """The aggregate metric of a per-example score: ``rag_token_f1``, ``retrieval_hit_at_k``."""
+    if key == "hit_at_k":
+        return "retrieval_hit_at_k"
+    if key == "reciprocal_rank":
+        return "retrieval_mrr"
+    return f"{kind}_{key}"
+
+
+def paired_scores(
+    challenger: ModelEvaluation, champion: ModelEvaluation
+) -> dict[str, dict[str, Any]]:
+    """Per aggregate metric, both models' per-example scores over the examples they share
+    (matched by kind and id, in order): ``{"rows": [[challenger, champion], ...]}``, and for
+    ``heldout_perplexity`` ``{"rows": [[nll, tokens, nll, tokens], ...], "exp": True}``. The
+    gate resamples these in pairs (``evaluation.gate.MetricRule.paired``)."""
+    out: dict[str, dict[str, Any]] = {}
+    for kind in ("heldout", "rag"):
+        ours = [e for e in challenger.examples if e.kind == kind]
+        theirs = [e for e in champion.examples if e.kind == kind]
+        if not ours or [e.example_id for e in ours] != [e.example_id for e in theirs]:
+            continue  # not the same examples: no pairs (the gate compares the means)
+        keys = [k for k in ours[0].scores if k not in _SUMMED]
+        for key in keys:
+            if all(key in e.scores for e in ours + theirs):
+                out[metric_name(kind, key)] = {
+                    "rows": [
+                        [a.scores[key], b.scores[key]] for a, b in zip(ours, theirs, strict=True)
+                    ]
+                }
+        if kind == "heldout" and all("nll" in e.scores for e in ours + theirs):
+            out["heldout_perplexity"] = {
+                "rows": [
+                    [
+                        a.scores["nll"],
+                        a.scores["answer_tokens"],
+                        b.scores["nll"],
+                        b.scores["answer_tokens"],
+                    ]
+                    for a, b in zip(ours, theirs, strict=True)
+                ],
+                "exp": True,
+            }
+    return out
 
 
 def _per_split(rag: Sequence[ExampleResult]) -> dict[str, float]:

@@ -14,7 +14,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from evaluation.automatic import EvaluationError, ModelEvaluation, evaluate_model, reliability_png
+from evaluation.automatic import (
+    EvaluationError,
+    ModelEvaluation,
+    evaluate_model,
+    paired_scores,
+    reliability_png,
+)
 from evaluation.datasets import DEFAULT_RAG_QUESTIONS, load_rag_questions
 from evaluation.gate import GateDecision, GatePolicy, compare_to_champion
 from evaluation.promotion import current_champion, record_decision
@@ -139,6 +145,9 @@ class EvaluationOutcome:
     rag_rows_dropped: dict[str, int]
     mlflow_run_id: str
     mlflow_run_url: str
+    # Per metric, both models' per-example scores on the same examples, for the gate's paired
+    # bootstrap (``evaluation.automatic.paired_scores``); empty without a separate champion.
+    paired: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     @property
     def challenger_ref(self) -> tuple[str, str]:
@@ -196,6 +205,11 @@ def run_evaluation(
         rag_rows_dropped=plan.rag_dropped,
         mlflow_run_id=run.run_id,
         mlflow_run_url=run.url,
+        paired=(
+            {}
+            if plan.challenger_is_champion or "champion" not in results
+            else paired_scores(results["challenger"], results["champion"])
+        ),
     )
 
 
@@ -288,7 +302,11 @@ def decide_promotion(
         return GateDecision(True, ["the challenger is already the champion"], [], False)
     h = human.challenger
     decision = compare_to_champion(
-        outcome.challenger_metrics, outcome.champion_metrics or None, h.human(), policy
+        outcome.challenger_metrics,
+        outcome.champion_metrics or None,
+        h.human(),
+        policy,
+        paired=outcome.paired,
     )
     inputs = {
         "challenger": outcome.challenger,

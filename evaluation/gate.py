@@ -2,7 +2,12 @@
 with reasons. Dagster wraps it in a blocking asset check; nothing here has side effects.
 
 Two kinds of automatic rule: ``MetricRule`` compares the challenger with the champion (a first
-model passes them on its own), ``FloorRule`` is an absolute bound that every model must meet,
+model passes them on its own), by a paired bootstrap interval over the examples both models
+answered: the challenger passes a rule when, at the policy's confidence, it is not worse than
+the champion by more than the tolerance (a non-inferiority test: the one-sided bound of the
+difference must stay within the tolerance, so a small evaluation set gives a wide interval and
+needs a clear margin). Without per-example scores (an older hand-off) a rule compares the two
+means and says so. ``FloorRule`` is an absolute bound that every model must meet,
 the first one included, so a model that withholds every answer cannot become champion because
 there was nothing to compare it with."""
 
@@ -13,6 +18,8 @@ import math
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Literal
+
+from evaluation.metrics import paired_bootstrap
 
 
 class HumanGate(enum.StrEnum):
@@ -39,6 +46,31 @@ class MetricRule:
     def ok(self, challenger: float, champion: float) -> bool:
         limit = self.limit(champion)
         return challenger >= limit if self.higher_is_better else challenger <= limit
+
+    def paired(
+        self, paired: Mapping[str, Any], confidence: float, resamples: int
+    ) -> dict[str, Any]:
+        """The paired bootstrap check over ``paired`` (``{"rows": [...], "exp": bool}``, see
+        ``evaluation.metrics.paired_bootstrap``): the difference challenger − champion (a
+        fraction of the champion's value when ``relative``), its interval, and ``ok``: the
+        bound on the worse side is within the tolerance."""
+        diff, low, high = paired_bootstrap(
+            paired["rows"], relative=self.relative, exp=bool(paired.get("exp")),
+            confidence=confidence, resamples=resamples,
+        )  # fmt: skip
+        bound = low if self.higher_is_better else high
+        ok = bound >= -self.tolerance if self.higher_is_better else bound <= self.tolerance
+        return {
+            "method": "paired bootstrap",
+            "difference": diff,
+            "interval": [low, high],
+            "bound": bound,
+            "confidence": confidence,
+            "examples": len(paired["rows"]),
+            "tolerance": self.tolerance,
+            "relative": self.relative,
+            "ok": ok,
+        }
 
 
 DEFAULT_RULES: tuple[MetricRule, ...] = (
@@ -101,6 +133,9 @@ class GatePolicy:
     human: HumanRule = field(default_factory=HumanRule)
     human_gate: Literal["required", "waived"] = "required"
     waiver_reason: str = ""
+    # One-sided confidence of the paired bootstrap bound, and the number of resamples.
+    confidence: float = 0.95
+    resamples: int = 2000
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -116,12 +151,13 @@ def policy_from(
     rules: Sequence[str] = (),
     tolerances: Mapping[str, float] | None = None,
     floors: Mapping[str, float] | None = None,
+    confidence: float = 0.95,
 ) -> GatePolicy:
     """A policy from plain settings: ``rules`` restricts the comparison with the champion to
     those metrics, ``tolerances`` overrides a rule's default tolerance, ``floors`` moves the
     bound of a floor (``DEFAULT_FLOORS``; its minimum, or its maximum for a ceiling such as
     ``rag_wrong_shown``). Floors always apply, whatever ``rules`` says. ValueError names
-    unknown metrics and non-finite bounds."""
+    unknown metrics, non-finite bounds and a confidence outside [0.5, 1)."""
     gate = HumanGate(human_gate)  # ValueError for anything but required / waived
     tolerances = dict(tolerances or {})
     floors = dict(floors or {})
@@ -136,6 +172,8 @@ def policy_from(
     bad = sorted(m for m, v in floors.items() if not math.isfinite(v))
     if bad:
         raise ValueError(f"floor bounds must be finite numbers: {bad}")
+    if not 0.5 <= confidence < 1:
+        raise ValueError(f"confidence must be at least 0.5 and below 1, got {confidence}")
     return GatePolicy(
         rules=tuple(
             replace(r, tolerance=tolerances.get(r.metric, r.tolerance))
@@ -148,6 +186,7 @@ def policy_from(
         human=HumanRule(min_ratings, min_mean, min_ci_low),
         human_gate=gate.value,
         waiver_reason=waiver_reason,
+        confidence=confidence,
     )
 
 
@@ -175,9 +214,12 @@ def compare_to_champion(
     champion: dict[str, float] | None,
     human: HumanSummary | None,
     policy: GatePolicy,
+    paired: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> GateDecision:
     """Pass only if every floor, every rule and the human gate pass; every failure names its
-    reason. Floors hold for a first model too (no champion to compare with)."""
+    reason. Floors hold for a first model too (no champion to compare with). ``paired``:
+    per metric, both models' per-example scores over the same examples (``rows``, ``exp``; see
+    ``MetricRule.paired``); a rule without them compares the means."""
     reasons: list[str] = []
     checks: list[dict[str, Any]] = []
     if not challenger or not challenger.get("examples"):
@@ -189,30 +231,9 @@ def compare_to_champion(
     for floor in policy.floors:
         _floor_check(floor, challenger.get(floor.metric), checks, reasons)
     for rule in policy.rules:
-        value = challenger.get(rule.metric)
-        if value is None or not math.isfinite(value):
-            checks.append({"metric": rule.metric, "challenger": value, "ok": False})
-            reasons.append(f"{rule.metric}: missing from the challenger's evaluation")
-            continue
-        if champion is None or champion.get(rule.metric) is None:
-            checks.append({"metric": rule.metric, "challenger": value, "ok": True})
-            continue
-        base = champion[rule.metric]
-        ok = rule.ok(value, base)
-        checks.append(
-            {
-                "metric": rule.metric,
-                "challenger": value,
-                "champion": base,
-                "limit": rule.limit(base),
-                "ok": ok,
-            }
+        _rule_check(
+            rule, challenger, champion, (paired or {}).get(rule.metric), policy, checks, reasons
         )
-        if not ok:
-            worse = "lower" if rule.higher_is_better else "higher"
-            reasons.append(
-                f"{rule.metric}: {value:.4g} is {worse} than the champion's {base:.4g} beyond the tolerance (limit {rule.limit(base):.4g})"
-            )
     human_ok, human_waived = _human_gate(human, policy, reasons)
     checks.append(
         {
@@ -226,6 +247,54 @@ def compare_to_champion(
     if passed:
         reasons.append("all rules passed")
     return GateDecision(passed, reasons, checks, human_waived)
+
+
+def _rule_check(
+    rule: MetricRule,
+    challenger: Mapping[str, float],
+    champion: Mapping[str, float] | None,
+    paired: Mapping[str, Any] | None,
+    policy: GatePolicy,
+    checks: list[dict[str, Any]],
+    reasons: list[str],
+) -> None:
+    value = challenger.get(rule.metric)
+    if value is None or not math.isfinite(value):
+        checks.append({"metric": rule.metric, "challenger": value, "ok": False})
+        reasons.append(f"{rule.metric}: missing from the challenger's evaluation")
+        return
+    if champion is None or champion.get(rule.metric) is None:
+        checks.append({"metric": rule.metric, "challenger": value, "ok": True})
+        return
+    base = champion[rule.metric]
+    check: dict[str, Any] = {"metric": rule.metric, "challenger": value, "champion": base}
+    worse = "lower" if rule.higher_is_better else "higher"
+    if paired and paired.get("rows"):
+        check.update(rule.paired(paired, policy.confidence, policy.resamples))
+        unit = " of the champion's" if rule.relative else ""
+        low, high = check["interval"]
+        figures = (
+            f"difference {check['difference']:+.4g}{unit}, {policy.confidence:.0%} bound "
+            f"{check['bound']:+.4g} (interval {low:+.4g} to {high:+.4g}) over "
+            f"{check['examples']} paired examples, tolerance {rule.tolerance:.4g}"
+        )
+        checks.append(check)
+        if check["ok"]:
+            reasons.append(f"{rule.metric}: not worse beyond the tolerance ({figures})")
+        else:
+            reasons.append(
+                f"{rule.metric}: {value:.4g} against the champion's {base:.4g}; "
+                f"{worse} than the champion's beyond the tolerance at {policy.confidence:.0%} "
+                f"confidence ({figures})"
+            )
+        return
+    ok = rule.ok(value, base)
+    checks.append({**check, "method": "point estimate", "limit": rule.limit(base), "ok": ok})
+    if not ok:
+        reasons.append(
+            f"{rule.metric}: {value:.4g} is {worse} than the champion's {base:.4g} beyond the "
+            f"tolerance (limit {rule.limit(base):.4g}; means compared: no per-example scores)"
+        )
 
 
 def _floor_check(

@@ -81,3 +81,43 @@ def bootstrap_ci(
     alpha = (1 - confidence) / 2
     low, high = np.quantile(means, [alpha, 1 - alpha])
     return float(data.mean()), float(low), float(high)
+
+
+def paired_bootstrap(
+    rows: Sequence[Sequence[float]],
+    *,
+    relative: bool = False,
+    exp: bool = False,
+    confidence: float = 0.95,
+    resamples: int = 2000,
+    seed: int = 0,
+) -> tuple[float, float, float]:
+    """(difference, low, high) of challenger − champion over the same examples, resampled in
+    pairs: ``low`` and ``high`` are the (1 − confidence) and confidence quantiles of the
+    resampled differences, so each end is a one-sided bound at ``confidence``.
+
+    Each row is one example: ``(challenger, champion)`` for a metric that is a mean, or
+    ``(challenger_sum, challenger_count, champion_sum, champion_count)`` for a ratio of sums
+    (perplexity: summed NLL over answer tokens, with ``exp``). ``relative``: the difference is
+    challenger / champion − 1."""
+    data = np.asarray(rows, dtype=float)  # (examples, 2 or 4)
+    if data.ndim != 2 or data.shape[0] == 0 or data.shape[1] not in (2, 4):
+        raise ValueError("paired_bootstrap needs rows of 2 or 4 numbers, at least one row")
+    if data.shape[1] == 2:
+        data = np.stack([data[:, 0], np.ones(len(data)), data[:, 1], np.ones(len(data))], axis=1)
+    rng = np.random.default_rng(seed)
+    picks = rng.integers(0, len(data), size=(resamples, len(data)))  # (resamples, examples)
+
+    def statistic(sample: np.ndarray) -> np.ndarray:  # (..., examples, 4) -> (...,)
+        sums = sample.sum(axis=-2)  # (..., 4)
+        ours, theirs = sums[..., 0] / sums[..., 1], sums[..., 2] / sums[..., 3]
+        if exp:
+            ours, theirs = np.exp(ours), np.exp(theirs)
+        if relative:
+            return np.asarray(ours / theirs - 1.0)
+        return np.asarray(ours - theirs)
+
+    observed = float(statistic(data))
+    spread = statistic(data[picks])  # (resamples,)
+    low, high = np.quantile(spread, [1 - confidence, confidence])
+    return observed, float(low), float(high)

@@ -54,6 +54,10 @@ def record_decision(
         "refinery.promotion.policy": json.dumps(policy, sort_keys=True, default=str)[:5000],
         "refinery.promotion.inputs": json.dumps(inputs, sort_keys=True, default=str)[:5000],
         "refinery.promotion.decided_at": _now(),
+        # each rule's figures: the paired difference, its interval and bound, or the means
+        "refinery.promotion.checks": json.dumps(decision.checks, sort_keys=True, default=str)[
+            :5000
+        ],
     }
     for key, value in tags.items():
         client.set_model_version_tag(name, version, key, value)

@@ -48,11 +48,20 @@ def answer_nll(
     generator: Any, rows: list[dict[str, Any]], batch_size: int = 8
 ) -> tuple[float, int]:
     """Summed negative log-likelihood of the reference answers' tokens, and their count."""
+    per_row = answer_nll_rows(generator, rows, batch_size)
+    return sum(n for n, _ in per_row), sum(c for _, c in per_row)
+
+
+def answer_nll_rows(
+    generator: Any, rows: list[dict[str, Any]], batch_size: int = 8
+) -> list[tuple[float, int]]:
+    """Per row, in order: the summed negative log-likelihood of its reference answer's tokens
+    and their count (a paired comparison of two models resamples these)."""
     import torch
 
     tok = generator.tokenizer
     examples = tokenize_for_sft(rows, tok, max_tokens=2048)
-    total, count = 0.0, 0
+    out: list[tuple[float, int]] = []
     for i in range(0, len(examples), batch_size):
         chunk = examples[i : i + batch_size]
         width = max(len(e["input_ids"]) for e in chunk)
@@ -64,15 +73,16 @@ def answer_nll(
             >= torch.tensor([width - len(e["input_ids"]) for e in chunk])[:, None]
         ).long()
         logits = generator.logits(ids, mask)  # (batch, width, vocab)
+        targets = labels[:, 1:]  # (batch, width - 1)
         loss = torch.nn.functional.cross_entropy(
             logits[:, :-1].reshape(-1, logits.shape[-1]),
-            labels[:, 1:].reshape(-1),
+            targets.reshape(-1),
             ignore_index=-100,
-            reduction="sum",
-        )
-        total += float(loss)
-        count += int((labels[:, 1:] != -100).sum())
-    return total, count
+            reduction="none",
+        ).reshape(targets.shape)  # (batch, width - 1); 0 where ignored
+        counts = (targets != -100).sum(dim=1)  # (batch,)
+        out += [(float(n), int(c)) for n, c in zip(loss.sum(dim=1), counts, strict=True)]
+    return out
 
 
 class QueryLikelihoodReranker:

@@ -137,6 +137,14 @@ def test_refuse_worse_promote_better_after_human_review_and_roll_back(fresh_home
     tags = client.get_model_version("refinery-chat", v2).tags
     assert tags["refinery.promotion.passed"] == "false"
     assert json.loads(tags["refinery.promotion.inputs"])["champion"] == f"refinery-chat/{v1}"
+    # The rule compared the two models example by example; the interval is on the version.
+    (ppl,) = [
+        c
+        for c in json.loads(tags["refinery.promotion.checks"])
+        if c["metric"] == "heldout_perplexity"
+    ]
+    assert ppl["method"] == "paired bootstrap" and ppl["examples"] == 8 and not ppl["ok"]
+    assert ppl["bound"] == ppl["interval"][1] > 0.02  # higher perplexity is worse: the upper end
 
     # 3. A better model waits for people: no ratings, no promotion ...
     v3 = train(lr=5e-4, steps=8)
