@@ -10,11 +10,13 @@ content), the code server and run process that submitting through the run queue 
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import statistics
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 from benchmarks.common import WORK, write_table
 from refinery.core.settings import OFFLINE_ENV, REPO_ROOT
@@ -35,7 +37,7 @@ def _clone(ref: str, folder: str) -> tuple[str, str]:
     return str(target), sha
 
 
-def _run(checkout: str) -> tuple[float, int]:
+def _run(checkout: str, n: int = 1) -> tuple[float, int]:
     home = os.path.join(checkout, ".refinery")
     env = {
         k: v
@@ -48,7 +50,8 @@ def _run(checkout: str) -> tuple[float, int]:
         PYTHONPATH=checkout,  # this checkout's code, not the virtualenv's editable install
         REFINERY_OPENVINO_PYTHON=str(REPO_ROOT / ".venv-openvino" / "bin" / "python"),
     )
-    log = open(os.path.join(checkout, "make-run.log"), "w")  # noqa: SIM115
+    # One log per run: the steps' times are read from it.
+    log = open(os.path.join(checkout, f"make-run-{n}.log"), "w")  # noqa: SIM115
     t0 = time.perf_counter()
     proc = subprocess.run(
         [sys.executable, "-m", "orchestration.cli", "run"], cwd=checkout, env=env,
@@ -64,6 +67,22 @@ def _run(checkout: str) -> tuple[float, int]:
 
 
 REPEATS = int(os.environ.get("REFINERY_BENCH_REPEATS", "2"))
+_STEP = re.compile(r"^\d\d:\d\d:\d\d ✓ (\S+) \(([\d.]+) s\)$", re.M)
+
+
+def step_seconds(log: str) -> dict[str, float]:
+    """Seconds of each finished step, from the command's progress lines ("✓ step (12.3 s)")."""
+    return {name: float(s) for name, s in _STEP.findall(log)}
+
+
+def split_seconds(wall: float, log: str) -> tuple[float, float, float]:
+    """(LoRA training, the other steps, outside any step) of one run: training dominates the
+    wall time and moves most with load on the machine, the rest is what a change of
+    orchestration adds or saves."""
+    steps = step_seconds(log)
+    lora = steps.get("lora_adapter", 0.0)
+    others = sum(steps.values()) - lora
+    return lora, others, wall - lora - others
 
 
 def main() -> None:
@@ -82,9 +101,12 @@ def main() -> None:
         checkout, sha = checkouts[label]
         shutil.rmtree(os.path.join(checkout, ".refinery"), ignore_errors=True)
         print(f"[{n}/{len(order)}] {label} ({sha}): refinery run …", flush=True)
-        took, code = _run(checkout)
+        took, code = _run(checkout, n)
         print(f"[{n}/{len(order)}] {label}: {took:.0f} s, exit {code}", flush=True)
-        rows.append([str(n), label, sha, f"{took:.0f}", "ok" if code == 0 else f"exit {code}"])
+        log = Path(checkout, f"make-run-{n}.log").read_text(errors="replace")
+        lora, others, outside = split_seconds(took, log)
+        rows.append([str(n), label, sha, f"{took:.0f}", f"{lora:.0f}", f"{others:.0f}",
+                     f"{outside:.0f}", "ok" if code == 0 else f"exit {code}"])  # fmt: skip
         if code == 0:
             times[label].append(took)
     summary = []
@@ -101,7 +123,16 @@ def main() -> None:
         "make_run",
         "`make run` on the embedded default: before and after share-nothing runs",
         __doc__ or "",
-        ["run", "checkout", "commit", "wall seconds", "result"],
+        [
+            "run",
+            "checkout",
+            "commit",
+            "wall s",
+            "lora_adapter s",
+            "other steps s",
+            "outside steps s",
+            "result",
+        ],
         rows,
         notes="\n".join(f"- {line}" for line in summary),
     )
