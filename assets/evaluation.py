@@ -80,6 +80,7 @@ def automatic_evaluation(
                 uri, plan, Retriever(postgres.store(), embedding_model.get()), run,
                 home.folder("reports"), k=config.k, batch_size=config.batch_size,
                 max_new_tokens=config.max_new_tokens, progress=context.log.info,
+                trace_salt=mlflow.trace_salt,
             )  # fmt: skip
     return dg.MaterializeResult(
         value=outcome,

@@ -144,6 +144,13 @@ class MLflowResource(dg.ConfigurableResource):
     def ui_base(self) -> str:
         return self._resolved()[1]
 
+    @property
+    def trace_salt(self) -> str:
+        """The key of the blind model tag on traces people rate (REFINERY_TRAFFIC_SALT)."""
+        from refinery.core.settings import TrafficSettings
+
+        return TrafficSettings.from_env().salt
+
     def model_version_url(self, name: str, version: str) -> str:
         return f"{self.ui_base}/#/models/{name}/versions/{version}"
 

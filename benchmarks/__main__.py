@@ -17,6 +17,7 @@ ALL = [
     "serving",
     "automation",
     "traffic",
+    "traces",
     "guard",
     "soak",
     "images",

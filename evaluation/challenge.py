@@ -166,7 +166,10 @@ def run_evaluation(
     batch_size: int = 8,
     max_new_tokens: int = 48,
     progress: Progress | None = None,
+    trace_salt: str = "",
 ) -> EvaluationOutcome:
+    """Both contenders answered and scored on the same questions, logged to ``run`` (traces
+    name the model by a hash keyed with ``trace_salt``), compared in a report."""
     results: dict[str, ModelEvaluation] = {}
     calibration = load_calibration()  # the RAG confidence model the service runs, read once
     contenders = [("challenger", plan.challenger)]
@@ -179,7 +182,7 @@ def run_evaluation(
             tracking_uri, ref, plan, retriever, k=k, batch_size=batch_size,
             max_new_tokens=max_new_tokens, calibration=calibration, progress=progress,
         )  # fmt: skip
-        _log_contender(tracking_uri, run, role, ref.label, result)
+        _log_contender(tracking_uri, run, role, ref.label, result, trace_salt)
         results[role] = result
     report = write_report(
         results["challenger"],
@@ -254,10 +257,15 @@ def _evaluate_version(
 
 
 def _log_contender(
-    tracking_uri: str, run: TrackedRun, role: str, label: str, result: ModelEvaluation
+    tracking_uri: str,
+    run: TrackedRun,
+    role: str,
+    label: str,
+    result: ModelEvaluation,
+    trace_salt: str = "",
 ) -> None:
     """One model's traces, metrics (prefixed by its role), examples and reliability diagram."""
-    log_traces(tracking_uri, run.experiment_id, run.run_id, label, result.examples)
+    log_traces(tracking_uri, run.experiment_id, run.run_id, label, result.examples, trace_salt)
     run.log_metrics({f"{role}.{m}": v for m, v in result.metrics.items()})
     run.client.log_table(run.run_id, examples_frame(result), f"examples_{role}.json")
     with tempfile.TemporaryDirectory(prefix="refinery-eval-") as tmp:

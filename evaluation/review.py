@@ -27,6 +27,7 @@ from evaluation.automatic import ExampleResult
 from evaluation.gate import HumanSummary
 from evaluation.metrics import bootstrap_ci
 from refinery.core import schema
+from refinery.core.lineage import TAG_MODEL_KEY, TAG_MODEL_VERSION
 
 FEEDBACK_NAME = "rating"
 
@@ -114,6 +115,53 @@ def enqueue(
     with engine.begin() as conn:
         stmt = insert(t).values(rows).on_conflict_do_nothing(index_elements=[t.c.trace_id])
         return len(conn.execute(stmt.returning(t.c.item_id)).all())
+
+
+def served_examples(
+    tracking_uri: str, experiment: str, model_label: str, key: str, limit: int = 500
+) -> list[ExampleResult]:
+    """The served answers of ``model_label`` traced in ``experiment``: traces tagged with its
+    blind ``key`` (``refinery.core.lineage.model_key``) or, when the service was not blind,
+    its version. As examples to queue: question, answer and sources from the root span."""
+    from refinery.core.tracking import client_for
+
+    client = client_for(tracking_uri)
+    exp = client.get_experiment_by_name(experiment)
+    if exp is None:
+        return []
+    found: dict[str, Any] = {}
+    # The values are ours (hex digits, or a "name/version" label from the registry); quotes in a
+    # label are refused rather than escaped.
+    if "'" in model_label:
+        raise ReviewError(400, f"model label {model_label!r} has a quote in it")
+    for tag, value in ((TAG_MODEL_KEY, key), (TAG_MODEL_VERSION, model_label)):
+        for trace in client.search_traces(
+            [exp.experiment_id], filter_string=f"tags.`{tag}` = '{value}'", max_results=limit
+        ):
+            found[trace.info.trace_id] = trace
+    examples = []
+    for trace_id, trace in sorted(found.items()):
+        root = next((s for s in trace.data.spans if s.parent_id is None), None)
+        if root is None:
+            continue
+        inputs, outputs = root.inputs or {}, root.outputs or {}
+        question = inputs.get("question") or next(
+            (m.get("content", "") for m in reversed(inputs.get("messages", []))
+             if m.get("role") == "user"), "",
+        )  # fmt: skip
+        answer = outputs.get("answer", "")
+        if not question or not answer:
+            continue
+        examples.append(
+            ExampleResult(
+                f"served_{trace.info.tags.get('refinery.endpoint', 'chat')}", trace_id, question,
+                "", answer, {}, 0.0, 0,
+                sources=[{"source": s.get("source"), "title": s.get("title")}
+                         for s in outputs.get("sources", [])],
+                trace_id=trace_id,
+            )
+        )  # fmt: skip
+    return examples
 
 
 def next_item(engine: sa.Engine, reviewer_id: str) -> dict[str, Any] | None:

@@ -1,5 +1,7 @@
 """Every evaluated example becomes an MLflow trace (question in, answer and sources out, scores
 as attributes), attached to the evaluation run, so people can read and rate it in the MLflow UI.
+The trace names its model only by a keyed hash (``refinery.model_key``, as served traces do), so
+a rating given on it in the MLflow UI is blind; the review queue in Postgres knows the version.
 
 MLflow exports traces through its process-wide tracking URI, so ``log_traces`` points it at
 the store for the duration of the call and flushes before returning.
@@ -13,9 +15,9 @@ from collections.abc import Iterator, Sequence
 from typing import Any
 
 from evaluation.automatic import ExampleResult
+from refinery.core.lineage import TAG_MODEL_KEY, model_key
 from refinery.core.tracking import client_for
 
-TAG_MODEL = "refinery.model"
 TAG_EXAMPLE = "refinery.example_id"
 
 
@@ -45,7 +47,10 @@ def log_traces(
     run_id: str,
     model_label: str,
     examples: Sequence[ExampleResult],
+    salt: str = "",
 ) -> list[str]:
+    """One trace per example, attached to the run; ``salt`` keys the model's blind name
+    (REFINERY_TRAFFIC_SALT)."""
     client = client_for(tracking_uri)
     ids: list[str] = []
     with exporting_to(tracking_uri):
@@ -54,7 +59,11 @@ def log_traces(
                 f"{ex.kind}-evaluation",
                 span_type="CHAIN",
                 inputs={"question": ex.question},
-                tags={TAG_MODEL: model_label, TAG_EXAMPLE: ex.example_id, "refinery.kind": ex.kind},
+                tags={
+                    TAG_MODEL_KEY: model_key(model_label, salt),
+                    TAG_EXAMPLE: ex.example_id,
+                    "refinery.kind": ex.kind,
+                },
                 experiment_id=experiment_id,
                 run_id=run_id,
             )

@@ -325,6 +325,38 @@ def review_add(reviewer_id: str, rotate: bool) -> None:
     click.echo(token)
 
 
+@review.command("queue-served")
+@click.option("--model", "model_label", required=True, help="The version, e.g. refinery-chat/3.")
+@click.option("--sample", default=20, show_default=True, help="Answers to queue at most.")
+@click.option("--seed", default=0, show_default=True, help="Which answers are picked.")
+def review_queue_served(model_label: str, sample: int, seed: int) -> None:
+    """Queue a sample of a version's served answers (MLflow traces of the service) for blind
+    rating, beside its evaluation examples; their ratings count for that version."""
+    from evaluation.review import ReviewError, enqueue, served_examples
+    from refinery.core.lineage import model_key
+    from refinery.core.settings import TraceSettings, TrafficSettings
+
+    settings = _settings()
+    salt, experiment = _read(TrafficSettings).salt, _read(TraceSettings).experiment
+    try:
+        examples = served_examples(
+            settings.mlflow_tracking_uri, experiment, model_label, model_key(model_label, salt)
+        )
+    except ReviewError as err:
+        raise click.ClickException(str(err)) from err
+    if not examples:
+        raise click.ClickException(
+            f"no served traces of {model_label} in the MLflow experiment {experiment!r} "
+            "(REFINERY_TRACE_SAMPLE sets the share of answers the service traces)"
+        )
+    engine = _engine(settings)
+    try:
+        queued = enqueue(engine, model_label, examples, sample=sample, seed=seed)
+    finally:
+        engine.dispose()
+    click.echo(f"{model_label}: {len(examples)} served traces, {queued} newly queued for review")
+
+
 @review.command("serve")
 @click.option("--host", default="127.0.0.1", show_default=True)
 @click.option("--port", default=8300, show_default=True, envvar="REVIEW_PORT")
@@ -362,6 +394,27 @@ def monitor(day: str | None, config_file: Path | None) -> None:
         )
     if not _execute("monitor", _load_config(config_file), tags={"dagster/partition": day}):
         sys.exit(1)
+
+
+@main.command()
+@click.argument("answer_id")
+@click.option("--json", "as_json", is_flag=True, help="Print the chain as JSON.")
+def explain(answer_id: str, as_json: bool) -> None:
+    """Walk a served answer back to its data: model version (and adapter), training run, SFT
+    dataset and approved user examples, corpus, and the chunks it was given, with MLflow and
+    Dagster links. ANSWER_ID: the x-refinery-answer-id header, or a chat completion's id."""
+    from evaluation.provenance import ProvenanceError, render
+    from evaluation.provenance import explain as trace_back
+
+    settings = _settings()
+    engine = _engine(settings)
+    try:
+        prov = trace_back(engine, settings.mlflow_tracking_uri, settings.mlflow_ui_url, answer_id)
+    except ProvenanceError as err:
+        raise click.ClickException(str(err)) from err
+    finally:
+        engine.dispose()
+    click.echo(json.dumps(prov.to_dict(), indent=2) if as_json else render(prov))
 
 
 @main.command()

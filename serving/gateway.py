@@ -43,7 +43,8 @@ from serving.metrics import (
     TOKENS,
 )
 from serving.openai_schema import ApiError, Limits, chat_chunk, chat_response
-from serving.traffic import TrafficLog
+from serving.traces import ServedAnswer, ServedTraces
+from serving.traffic import TrafficLog, new_answer_id
 
 RETRY_AFTER_S = "1"
 RAG_DEFAULT_TOKENS = 96  # (capped at the service's max_tokens)
@@ -54,6 +55,10 @@ RAG_MODEL = "refinery-rag"
 # The shape of a cached /rag answer: bumped when its fields change, so that a cache filled by
 # an older service (Redis outlives a deployment) never answers with the old shape.
 RAG_ANSWER_SHAPE = 2
+
+
+# The id of a served answer: its traffic-log request_id, what `refinery explain` takes.
+ANSWER_ID_HEADER = "x-refinery-answer-id"
 
 
 def timed_out(what: str, seconds: float) -> ApiError:
@@ -145,6 +150,12 @@ class GatewayContext:
     model: ModelIdentity
     screen_fn: Callable[[list[str]], list[dict[str, Any]]] | None = None
     timeout_s: float = 120.0
+    traces: ServedTraces | None = None  # served answers as MLflow traces (None: off)
+
+    def trace(self, answer: ServedAnswer) -> None:
+        """Queue a generated answer for MLflow (sampled; written by a background thread)."""
+        if self.traces is not None:
+            self.traces.record(answer)
 
     def account(self, endpoint: str, prompt: int, completion: int, compute_s: float) -> float:
         cost = request_cost(compute_s, self.hourly_price)
@@ -198,12 +209,17 @@ class GatewayContext:
                 )
                 raise ApiError(400, message, code="prompt_injection")
 
-    def headers(self, cache: str, cost: float, label: str | None = None) -> dict[str, str]:
-        return {
+    def headers(
+        self, cache: str, cost: float, label: str | None = None, answer_id: str | None = None
+    ) -> dict[str, str]:
+        out = {
             "x-refinery-model-version": label or self.model.label,
             "x-refinery-cache": cache,
             "x-refinery-cost-usd": f"{cost:.8f}",
         }
+        if answer_id:
+            out[ANSWER_ID_HEADER] = answer_id
+        return out
 
     async def generate(self, item: dict[str, Any]) -> dict[str, Any]:
         """The whole answer of one generation request (events of the chat service folded)."""
@@ -240,15 +256,20 @@ class ChatHandler:
         self, item: dict[str, Any], t0: float
     ) -> tuple[dict[str, Any], dict[str, str]]:
         """Non-streamed chat: the cache, then one shared generation per identical request."""
-        ctx = self.ctx
+        ctx, answer_id = self.ctx, new_answer_id()
         user_turns = [m["content"] for m in item["messages"] if m["role"] == "user"]
         prompt = user_turns[-1] if user_turns else ""
         greedy = item["temperature"] == 0 and item.get("seed") is None
         key = cache_key("chat", ctx.model.label, item) if greedy else None
         hit = await ctx.cached("chat", key)
         if hit is not None:  # cached answers passed the guard when they were made
-            ctx.log("chat", prompt, t0, answer=hit["text"], cache_hit=True, guard="cached")
-            return chat_response(ctx.model.model_id, **hit), ctx.headers("hit", 0.0)
+            ctx.log(
+                "chat", prompt, t0, answer=hit["text"], cache_hit=True, guard="cached",
+                answer_id=answer_id,
+            )  # fmt: skip
+            return chat_response(ctx.model.model_id, **hit, answer_id=answer_id), ctx.headers(
+                "hit", 0.0, answer_id=answer_id
+            )
         await ctx.screen("chat", user_turns, t0)
         done, shared = await self.flight.run(key, lambda: self._make(item, key))
         result, label = done["result"], done["model"]
@@ -260,16 +281,28 @@ class ChatHandler:
             cost = ctx.account(
                 "chat", result["prompt_tokens"], result["completion_tokens"], done["compute_s"]
             )
+            ctx.trace(
+                ServedAnswer(
+                    "chat", answer_id, label, prompt, item["messages"], result["text"],
+                    done["started_ns"], done["generate_ns"], time.time_ns(),
+                    result["prompt_tokens"], result["completion_tokens"],
+                )
+            )  # fmt: skip
         ctx.log(
             "chat", prompt, t0, answer=result["text"], prompt_tokens=result["prompt_tokens"],
             completion_tokens=result["completion_tokens"], cost_usd=cost, model=label,
+            answer_id=answer_id,
         )  # fmt: skip
         state = "shared" if shared else "miss"
-        return chat_response(ctx.model.model_id, **result), ctx.headers(state, cost, label)
+        return chat_response(ctx.model.model_id, **result, answer_id=answer_id), ctx.headers(
+            state, cost, label, answer_id
+        )
 
     async def _make(self, item: dict[str, Any], key: str | None) -> dict[str, Any]:
         """One generation, cached under ``key``; what every caller sharing it receives."""
+        started = time.time_ns()
         out = await self.ctx.generate(item)
+        generated = (started, time.time_ns())
         result = {
             "text": out["text"],
             "finish": out["finish_reason"],
@@ -278,7 +311,8 @@ class ChatHandler:
         }
         await self.ctx.remember(key, result)
         return {"result": result, "model": out.get("model", self.ctx.model.label),
-                "compute_s": out.get("compute_s", 0.0)}  # fmt: skip
+                "compute_s": out.get("compute_s", 0.0), "started_ns": started,
+                "generate_ns": generated}  # fmt: skip
 
     async def open_stream(self, item: dict[str, Any]) -> AsyncGenerator[dict[str, Any], None]:
         """The events of one generation, its first one already there: a request the engine
@@ -307,10 +341,11 @@ class ChatHandler:
         item: dict[str, Any],
         options: dict[str, Any],
         t_start: float,
+        answer_id: str,
     ) -> AsyncIterator[str]:
         """Server-sent events in OpenAI's chunk format, straight from the engine's batches; a
         client that goes away closes this generator, which cancels its engine request."""
-        chunk_id, model_id = f"chatcmpl-{uuid.uuid4().hex}", self.ctx.model.model_id
+        chunk_id, model_id = f"chatcmpl-{answer_id}", self.ctx.model.model_id
         yield _sse(chat_chunk(chunk_id, model_id, {"role": "assistant", "content": ""}))
         pieces: list[str] = []
         last: dict[str, Any] = {}
@@ -327,7 +362,9 @@ class ChatHandler:
             # event with OpenAI's error body, and end the stream.
             yield _sse(err.body())
             return
-        prompt_tokens, completion_tokens = self._account_stream(item, last, pieces, t_start)
+        prompt_tokens, completion_tokens = self._account_stream(
+            item, last, pieces, t_start, answer_id
+        )
         yield _sse(chat_chunk(chunk_id, model_id, {}, last.get("finish_reason") or "stop"))
         if options.get("include_usage"):
             usage = {
@@ -341,7 +378,12 @@ class ChatHandler:
         yield "data: [DONE]\n\n"
 
     def _account_stream(
-        self, item: dict[str, Any], last: dict[str, Any], pieces: list[str], t_start: float
+        self,
+        item: dict[str, Any],
+        last: dict[str, Any],
+        pieces: list[str],
+        t_start: float,
+        answer_id: str,
     ) -> tuple[int, int]:
         """Cost and traffic-log row of a finished stream; (prompt, completion) tokens."""
         ctx = self.ctx
@@ -351,10 +393,19 @@ class ChatHandler:
         )
         cost = ctx.account("chat", prompt_tokens, completion_tokens, last.get("compute_s", 0.0))
         turns = [m["content"] for m in item["messages"] if m["role"] == "user"]
+        now = time.time_ns()
+        started = now - int((time.perf_counter() - t_start) * 1e9)
+        ctx.trace(
+            ServedAnswer(
+                "chat", answer_id, last.get("model", ctx.model.label), turns[-1] if turns else "",
+                item["messages"], "".join(pieces), started, (started, now), now, prompt_tokens,
+                completion_tokens,
+            )
+        )  # fmt: skip
         ctx.log(
             "chat", turns[-1] if turns else "", t_start, answer="".join(pieces),
             prompt_tokens=prompt_tokens, completion_tokens=completion_tokens, cost_usd=cost,
-            model=last.get("model", ctx.model.label),
+            model=last.get("model", ctx.model.label), answer_id=answer_id,
         )  # fmt: skip
         return prompt_tokens, completion_tokens
 
@@ -452,15 +503,16 @@ class RagHandler:
     ) -> tuple[dict[str, Any], dict[str, str]]:
         """Answer ``request["question"]`` from the corpus: retrieval (``search``: vector, k,
         filters → hits), a prompt with the chunks, one shared generation per identical request."""
-        ctx, question = self.ctx, request["question"]
+        ctx, question, answer_id = self.ctx, request["question"], new_answer_id()
         key = cache_key("rag", ctx.model.label, {**request, "shape": RAG_ANSWER_SHAPE})
         hit = await ctx.cached("rag", key)
         if hit is not None:  # cached answers passed the guard when they were made
             ctx.log(
                 "rag", question, t0, answer=hit["answer"], cache_hit=True, guard="cached",
-                retrieval_scores=[s["score"] for s in hit["sources"]],
+                retrieval_scores=[s["score"] for s in hit["sources"]], answer_id=answer_id,
+                sources=_given(hit), model=hit.get("model", ctx.model.label),
             )  # fmt: skip
-            return hit, ctx.headers("hit", 0.0)
+            return hit, ctx.headers("hit", 0.0, hit.get("model"), answer_id)
         await ctx.screen("rag", [question], t0)
         done, shared = await self.flight.run(key, lambda: self._make(request, search, filters, key))
         answer = done["answer"]
@@ -471,12 +523,17 @@ class RagHandler:
             SHARED.labels(endpoint="rag").inc()
         else:
             cost = ctx.account("rag", prompt_tokens, answer["completion_tokens"], done["compute_s"])
+            ctx.trace(ServedAnswer(answer_id=answer_id, model=answer["model"], answer=answer["answer"],
+                                   ended_ns=time.time_ns(), extra={"kind": answer["kind"],
+                                   "confidence": answer["confidence"]}, **done["trace"]))  # fmt: skip
         ctx.log(
             "rag", question, t0, answer=answer["answer"], prompt_tokens=prompt_tokens,
             completion_tokens=answer["completion_tokens"], cost_usd=cost,
-            retrieval_scores=done["scores"], model=answer["model"],
+            retrieval_scores=done["scores"], model=answer["model"], answer_id=answer_id,
+            sources=_given(answer),
         )  # fmt: skip
-        return answer, ctx.headers("shared" if shared else "miss", cost, answer["model"])
+        state = "shared" if shared else "miss"
+        return answer, ctx.headers(state, cost, answer["model"], answer_id)
 
     async def _retrieve(
         self, request: dict[str, Any], search: Search, filters: Any
@@ -496,7 +553,9 @@ class RagHandler:
     ) -> dict[str, Any]:
         """One answer, cached under ``key``; what every caller sharing it receives."""
         ctx, question = self.ctx, request["question"]
+        started = time.time_ns()
         emb, hits = await self._retrieve(request, search, filters)
+        retrieved = (started, time.time_ns())
         # Chunks that try to instruct the model are dropped (indirect injection); a random
         # canary in the system prompt tells when an answer repeats it.
         prompt = await asyncio.to_thread(
@@ -506,7 +565,9 @@ class RagHandler:
             SCREENED_CHUNKS.labels(endpoint="rag").inc(prompt.screened)
         item = {"messages": prompt.messages, "max_tokens": request["max_tokens"],
                 "temperature": 0.0, "top_p": 1.0}  # fmt: skip
+        generating = time.time_ns()
         out = await ctx.generate(item)
+        generated = (generating, time.time_ns())
         answer = make_answer(
             question, prompt.hits, out["text"], out["prompt_tokens"], out["completion_tokens"],
             calibration=self.policy.calibration, min_confidence=self.policy.min_confidence,
@@ -517,8 +578,23 @@ class RagHandler:
         answer["model"] = out.get("model", ctx.model.label)
         await ctx.remember(key, answer)
         compute = out.get("compute_s", 0.0) + emb.compute_s
+        trace = {
+            "endpoint": "rag", "question": question, "messages": prompt.messages,
+            "started_ns": started, "retrieve_ns": retrieved, "generate_ns": generated,
+            "prompt_tokens": out["prompt_tokens"], "completion_tokens": out["completion_tokens"],
+            "chunks": [{"chunk_id": h.chunk_id, "source": h.source, "title": h.title,
+                        "text": h.text, "score": h.score} for h in prompt.hits],
+        }  # fmt: skip
         return {"answer": answer, "compute_s": compute, "embed_tokens": emb.tokens,
-                "scores": [h.score for h in hits]}  # fmt: skip
+                "scores": [h.score for h in hits], "trace": trace}  # fmt: skip
+
+
+def _given(answer: dict[str, Any]) -> list[dict[str, Any]]:
+    """The chunks an answer was given, as the traffic log keeps them."""
+    return [
+        {"chunk_id": s.get("chunk_id"), "source": s.get("source"), "score": s.get("score")}
+        for s in answer.get("sources", [])
+    ]
 
 
 # -- RAG through the OpenAI API (model ``refinery-rag``) ---------------------------------------
@@ -547,21 +623,24 @@ def rag_chat_fields(answer: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def rag_chat_response(answer: dict[str, Any]) -> dict[str, Any]:
+def rag_chat_response(answer: dict[str, Any], answer_id: str | None = None) -> dict[str, Any]:
     """A /rag answer as a chat completion: its text the assistant's message, its sources,
     confidence and kind extra top-level fields (the openai client keeps them in
-    ``model_extra``)."""
+    ``model_extra``); its id ``chatcmpl-<answer_id>``."""
     payload = chat_response(
-        RAG_MODEL, answer["answer"], "stop", answer["prompt_tokens"], answer["completion_tokens"]
-    )
+        RAG_MODEL, answer["answer"], "stop", answer["prompt_tokens"], answer["completion_tokens"],
+        answer_id,
+    )  # fmt: skip
     return {**payload, **rag_chat_fields(answer)}
 
 
-async def rag_chat_stream(answer: dict[str, Any], options: dict[str, Any]) -> AsyncIterator[str]:
+async def rag_chat_stream(
+    answer: dict[str, Any], options: dict[str, Any], answer_id: str | None = None
+) -> AsyncIterator[str]:
     """A /rag answer as server-sent chunks: the answer is scored (and maybe withheld) only once
     it is whole, so it comes as one content chunk, then the finish chunk carrying the sources,
     confidence and kind, the usage when asked, and [DONE]."""
-    chunk_id = f"chatcmpl-{uuid.uuid4().hex}"
+    chunk_id = f"chatcmpl-{answer_id or uuid.uuid4().hex}"
     yield _sse(chat_chunk(chunk_id, RAG_MODEL, {"role": "assistant", "content": ""}))
     yield _sse(chat_chunk(chunk_id, RAG_MODEL, {"content": answer["answer"]}))
     yield _sse({**chat_chunk(chunk_id, RAG_MODEL, {}, "stop"), **rag_chat_fields(answer)})
@@ -598,11 +677,12 @@ class Gateway:
         timeout_s: float = 120.0,
         variant: str = "none",
         rag_policy: RagPolicy = RagPolicy(),
+        traces: ServedTraces | None = None,
     ) -> None:
         self.context = GatewayContext(
             chat=chat, cache=cache, traffic=traffic, limits=limits, hourly_price=hourly_price,
             model=ModelIdentity(model_id, model_label, variant, follow), screen_fn=screen,
-            timeout_s=timeout_s,
+            timeout_s=timeout_s, traces=traces,
         )  # fmt: skip
         self.chat_handler = ChatHandler(self.context)
         self.embeddings_handler = EmbeddingsHandler(
@@ -633,8 +713,10 @@ class Gateway:
         self.context.model.check(model)
 
     # -- shared steps the routes call ------------------------------------------------------------
-    def headers(self, cache: str, cost: float, label: str | None = None) -> dict[str, str]:
-        return self.context.headers(cache, cost, label)
+    def headers(
+        self, cache: str, cost: float, label: str | None = None, answer_id: str | None = None
+    ) -> dict[str, str]:
+        return self.context.headers(cache, cost, label, answer_id)
 
     async def screen(self, endpoint: str, texts: list[str], t0: float) -> None:
         await self.context.screen(endpoint, texts, t0)
@@ -654,8 +736,9 @@ class Gateway:
         item: dict[str, Any],
         options: dict[str, Any],
         t_start: float,
+        answer_id: str,
     ) -> AsyncIterator[str]:
-        return self.chat_handler.stream(events, item, options, t_start)
+        return self.chat_handler.stream(events, item, options, t_start, answer_id)
 
     @property
     def embedder(self) -> MicroBatcher[str, Embedded]:
@@ -675,3 +758,5 @@ class Gateway:
     def close(self) -> None:
         self.embeddings_handler.close()
         self.context.traffic.close()
+        if self.context.traces is not None:
+            self.context.traces.close()

@@ -37,6 +37,11 @@ TRAFFIC_DROPPED = bentoml.metrics.Counter(
     documentation="Traffic log rows dropped (queue full, database unavailable); requests are unaffected",
     labelnames=["reason"],
 )
+TRACES_DROPPED = bentoml.metrics.Counter(
+    name="refinery_served_traces_dropped_total",
+    documentation="Served answers not written as MLflow traces (queue full, MLflow unavailable); requests are unaffected",
+    labelnames=["reason"],
+)
 REJECTED = bentoml.metrics.Counter(
     name="refinery_rejected_requests_total",
     documentation="Requests refused before any model ran, by reason.",

@@ -204,9 +204,18 @@ class EmbeddingRequest(BaseModel):
         return texts
 
 
-def chat_response(model: str, text: str, finish: str, prompt_tokens: int, completion_tokens: int):
+def chat_response(
+    model: str,
+    text: str,
+    finish: str,
+    prompt_tokens: int,
+    completion_tokens: int,
+    answer_id: str | None = None,
+):
+    """OpenAI's chat completion body; its id is ``chatcmpl-<answer_id>`` (the id the traffic
+    log and ``refinery explain`` know the answer by)."""
     return {
-        "id": f"chatcmpl-{uuid.uuid4().hex}",
+        "id": f"chatcmpl-{answer_id or uuid.uuid4().hex}",
         "object": "chat.completion",
         "created": int(time.time()),
         "model": model,

@@ -37,6 +37,7 @@ from refinery.core.settings import ServingSettings, Settings
 from refinery.rag.confidence import load_calibration
 from serving.bento import Pins, service_settings
 from serving.gateway import (
+    ANSWER_ID_HEADER,
     RAG_DEFAULT_K,
     RAG_DEFAULT_TOKENS,
     RAG_MAX_QUESTION_CHARS,
@@ -62,6 +63,7 @@ from serving.metrics import (
     ENGINE_WAITING,
     REJECTED,
     SPEC_TOKENS,
+    TRACES_DROPPED,
     TRAFFIC_DROPPED,
 )
 from serving.middleware import GatewayMiddleware
@@ -72,6 +74,7 @@ from serving.openai_schema import (
     Text,
     embedding_response,
 )
+from serving.traffic import new_answer_id
 
 log = logging.getLogger("refinery.service")
 
@@ -479,6 +482,7 @@ class Refinery:
         from refinery.safety.guard import InjectionGuard
         from refinery.safety.screening.documents import document_screen
         from serving.cache import make_cache
+        from serving.traces import ServedTraces
         from serving.traffic import TrafficLog
 
         s = self.settings
@@ -511,9 +515,17 @@ class Refinery:
             timeout_s=s.request_timeout_s,
             variant=self.pins.variant,
             rag_policy=RagPolicy(load_calibration(), s.rag_min_confidence),
+            traces=ServedTraces(
+                self.stores.mlflow_tracking_uri,
+                s.traces,
+                salt=s.traffic.salt,
+                on_drop=lambda reason, n: TRACES_DROPPED.labels(reason=reason).inc(n),
+            ),
         )
         for reason in ("queue_full", "db_error"):  # the series exist before the first drop
             TRAFFIC_DROPPED.labels(reason=reason).inc(0)
+        for reason in ("queue_full", "mlflow_error"):
+            TRACES_DROPPED.labels(reason=reason).inc(0)
         embedder.encode(["warm up"])
         vision_model()  # labels of image parts: loaded now, not on the first image request
         ENTRY_READY.set()
@@ -580,10 +592,11 @@ class Refinery:
             return JSONResponse(payload, headers=headers)
         await gw.screen("chat", [m["content"] for m in item["messages"] if m["role"] == "user"], t0)
         events = await gw.open_stream(item)  # refusals (busy, too long) still get their status
+        answer_id = new_answer_id()
         return StreamingResponse(
-            gw.chat_stream(events, item, body.stream_options or {}, t0),
+            gw.chat_stream(events, item, body.stream_options or {}, t0, answer_id),
             media_type="text/event-stream",
-            headers={"x-refinery-model-version": gw.model_label},
+            headers={"x-refinery-model-version": gw.model_label, ANSWER_ID_HEADER: answer_id},
         )
 
     async def _rag_chat(self, body: ChatCompletionRequest) -> JSONResponse | StreamingResponse:
@@ -593,13 +606,14 @@ class Refinery:
         question = rag_question(body.plain_messages(self.limits))  # the checks of any chat
         limit = body.token_limit(self.limits, RAG_DEFAULT_TOKENS)
         answer, headers = await self._rag(question, RAG_DEFAULT_K, None, limit)
+        answer_id = headers.get(ANSWER_ID_HEADER)
         if body.stream:
             return StreamingResponse(
-                rag_chat_stream(answer, body.stream_options or {}),
+                rag_chat_stream(answer, body.stream_options or {}, answer_id),
                 media_type="text/event-stream",
                 headers=headers,
             )
-        return JSONResponse(rag_chat_response(answer), headers=headers)
+        return JSONResponse(rag_chat_response(answer, answer_id), headers=headers)
 
     @openai_app.post("/embeddings")
     async def embeddings(self, body: EmbeddingRequest) -> JSONResponse:

@@ -41,6 +41,13 @@ log = logging.getLogger("refinery.traffic")
 
 COLUMNS = [c.name for c in traffic_log.columns]
 COPY_SQL = f"COPY {traffic_log.name} ({', '.join(COLUMNS)}) FROM STDIN"
+JSON_COLUMNS = ("retrieval_scores", "sources")
+
+
+def new_answer_id() -> str:
+    """The id of one served answer: its traffic-log ``request_id``, the ``x-refinery-answer-id``
+    header and (as ``chatcmpl-<id>``) a chat completion's id."""
+    return uuid.uuid4().hex
 
 
 def text_hash(text: str, salt: str = "") -> str:
@@ -86,13 +93,18 @@ class TrafficLog:
         cache_hit: bool = False,
         guard: str = "passed",
         retrieval_scores: list[float] | None = None,
+        answer_id: str | None = None,
+        sources: list[dict[str, Any]] | None = None,
     ) -> bool:
-        """Queue one row if this request is sampled; never blocks. True if it was queued."""
+        """Queue one row if this request is sampled; never blocks. True if it was queued.
+        ``answer_id``: the id the response carries (None: a new one); ``sources``: the chunks
+        a RAG answer was given ({chunk_id, source, score})."""
         s = self.settings
         if s.sample_rate < 1.0 and self._rng.random() >= s.sample_rate:
             return False
         # Only what the request knows; hashing and the rest happen in the writer thread.
         row = {
+            "request_id": answer_id or new_answer_id(),
             "ts": datetime.now(UTC),
             "endpoint": endpoint,
             "model": model,
@@ -106,6 +118,7 @@ class TrafficLog:
             "cost_usd": cost_usd,
             "cache_hit": cache_hit,
             "guard": guard,
+            "sources": sources or [],
         }
         try:
             self._queue.put_nowait(row)
@@ -180,7 +193,6 @@ class TrafficLog:
         keep = s.privacy == "full"
         return {
             **row,
-            "request_id": uuid.uuid4().hex,
             "prompt": prompt if keep else None,
             "answer": answer if keep else None,
             "prompt_sha256": text_hash(prompt, s.salt),
@@ -208,7 +220,7 @@ class TrafficLog:
             with cursor, cursor.copy(COPY_SQL) as copy:
                 for r in rows:
                     copy.write_row(
-                        [json.dumps(r[c]) if c == "retrieval_scores" else r[c] for c in COLUMNS]
+                        [json.dumps(r[c]) if c in JSON_COLUMNS else r[c] for c in COLUMNS]
                     )
 
     # -- control --

@@ -16,6 +16,11 @@ TAG_DAGSTER_RUN_URL = "dagster.run_url"
 TAG_DAGSTER_ASSET_KEY = "dagster.asset_key"
 TAG_CODE_VERSION = "refinery.code_version"
 TAG_CORPUS_HASH = "refinery.corpus_hash"
+# Tags of traces people rate (served and evaluation): the model by a keyed hash (blind, see
+# ``model_key``) or, for a service that is not blind, by its version; a served answer's id.
+TAG_MODEL_KEY = "refinery.model_key"
+TAG_MODEL_VERSION = "refinery.model_version"
+TAG_ANSWER_ID = "refinery.answer_id"
 
 
 @functools.cache
@@ -56,3 +61,12 @@ def combined_hash(items: Iterable[tuple[str, str]]) -> str:
         h.update(value.encode("utf-8"))
         h.update(b"\x01")
     return h.hexdigest()
+
+
+def model_key(label: str, salt: str = "") -> str:
+    """A blind name for a model version ("name/version"): the first 16 hex digits of its
+    HMAC-SHA256 keyed with ``salt`` (REFINERY_TRAFFIC_SALT). Traces that people rate carry this
+    instead of the version; without a salt anyone can recompute it from a version's name."""
+    import hmac
+
+    return hmac.new(salt.encode(), label.encode(), hashlib.sha256).hexdigest()[:16]

@@ -228,6 +228,8 @@ traffic_log = sa.Table(
     sa.Column("cost_usd", sa.Float, nullable=False),
     sa.Column("cache_hit", sa.Boolean, nullable=False),
     sa.Column("guard", sa.String(16), nullable=False),  # passed | blocked | off | cached
+    # The chunks a RAG answer was given: [{chunk_id, source, score}] (``refinery explain``).
+    sa.Column("sources", JSONB, nullable=False, server_default=sa.text("'[]'::jsonb")),
 )
 
 # Training examples from users (feedback, logged conversations). They enter a training set only
@@ -351,6 +353,12 @@ def _upgrade(conn: sa.Connection) -> None:
         )
     )
     conn.execute(sa.text("CREATE INDEX IF NOT EXISTS chunks_tsv_gin ON chunks USING gin (tsv)"))
+    conn.execute(
+        sa.text(
+            "ALTER TABLE traffic_log ADD COLUMN IF NOT EXISTS sources jsonb NOT NULL "
+            "DEFAULT '[]'::jsonb"
+        )
+    )
 
 
 def create_embedding_table(engine: sa.Engine, name: str, dim: int) -> sa.Table:

@@ -6,7 +6,7 @@ The settings come in typed groups, frozen dataclasses whose fields name their va
   database or MLflow server, the corpus folder) and the UIs' addresses;
 - ``ServingSettings``: the served Bento (engine, batching, following an alias, the gateway's
   limits, keys, cache, traffic log, image generation), with its nested groups
-  ``RequestLimits``, ``TrafficSettings`` and ``ImageSettings``;
+  ``RequestLimits``, ``TrafficSettings``, ``TraceSettings`` and ``ImageSettings``;
 - ``RunSettings``: the Dagster code location and its runs (the pod a model run asks for, the
   OpenVINO exporter, the Pushgateway).
 
@@ -298,6 +298,32 @@ class TrafficSettings(SettingsGroup):
 
 
 @dataclass(frozen=True)
+class TraceSettings(SettingsGroup):
+    """Served answers as MLflow traces (``serving.traces.ServedTraces``)."""
+
+    TITLE: ClassVar[str] = "served traces"
+
+    sample_rate: float = setting(
+        "REFINERY_TRACE_SAMPLE", 0.1, "Share of chat and RAG answers written as MLflow traces (0: none).",
+        minimum=0.0, maximum=1.0,
+    )  # fmt: skip
+    experiment: str = setting(
+        "REFINERY_TRACE_EXPERIMENT", "refinery-served", "The MLflow experiment served traces go to."
+    )
+    blind: bool = setting(
+        "REFINERY_TRACE_BLIND",
+        True,
+        "Tag traces with a keyed hash of the model version (refinery.model_key), not the version, "
+        "so people rating them in MLflow cannot tell the models apart.",
+    )
+    max_queue: int = setting(
+        "REFINERY_TRACE_QUEUE", 1000, "Traces waiting to be written before new ones drop.",
+        minimum=1,
+    )  # fmt: skip
+    retry_s: float = 30.0  # after MLflow failed, the writer waits this long (not a variable)
+
+
+@dataclass(frozen=True)
 class ImageSettings(SettingsGroup):
     """The image model service and the limits of ``POST /v1/images/generations``."""
 
@@ -413,6 +439,7 @@ class ServingSettings(SettingsGroup):
     )
     limits: RequestLimits = field(default_factory=RequestLimits)
     traffic: TrafficSettings = field(default_factory=TrafficSettings)
+    traces: TraceSettings = field(default_factory=TraceSettings)
     images: ImageSettings = field(default_factory=ImageSettings)
 
 

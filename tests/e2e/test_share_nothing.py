@@ -135,6 +135,26 @@ def test_three_empty_homes_meet_only_through_the_servers(tmp_path: Path, server_
             )  # fmt: skip
             assert rag.status_code == 200, rag.text
             assert rag.json()["answer"] and rag.json()["sources"]
+            # D, another empty home, walks C's answer back to A's training and data.
+            answer_id = rag.headers["x-refinery-answer-id"]
+            d = tmp_path / "d"
+
+            def explained() -> subprocess.CompletedProcess[str]:
+                return refinery("explain", answer_id, env=_env(d, stores), check=False)
+
+            wait_for(lambda: explained().returncode == 0, 60, "the answer in the traffic log")
+            chain = explained().stdout
+            tags = champion.tags
+            for expected in (
+                f"model version refinery-chat/{champion.version}",
+                f"{mlflow_url}/#/models/refinery-chat/versions/{champion.version}",
+                "training run ",
+                f"SFT dataset {tags['refinery.sft_dataset_hash']}",
+                f"corpus {tags['refinery.corpus_hash']} at training (unchanged since",
+                "Dagster: http",
+                *(s["chunk_id"] for s in rag.json()["sources"]),
+            ):
+                assert expected in chain, chain
         finally:
             stop_tree(proc, timeout=15)
         # C built its Bento from the registry: nothing under C but C's own folders.

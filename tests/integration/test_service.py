@@ -151,6 +151,7 @@ def served(settings, server_url, embedder, serve_env, tmp_path_factory) -> Itera
         REFINERY_FOLLOW_ALIAS="champion",
         REFINERY_FOLLOW_INTERVAL_S="2",
         REFINERY_TRAFFIC_FLUSH_S="0.2",
+        REFINERY_TRACE_SAMPLE="1",  # every answer an MLflow trace
     )
     env.update(serve_env)
     bentoml = venv_bin("bentoml")
@@ -616,6 +617,38 @@ def test_traffic_log_holds_what_the_service_answered(served, server_url):
     metrics = httpx.get(served.url + "/metrics", timeout=30).text
     dropped = re.findall(r"^refinery_traffic_log_dropped_total\{[^}]*\} (\S+)$", metrics, re.M)
     assert dropped and all(float(v) == 0 for v in dropped), dropped  # nothing dropped
+
+
+def test_served_answers_are_mlflow_traces_with_the_chunks_they_were_given(served, settings):
+    from refinery.core.lineage import model_key
+    from refinery.core.tracking import client_for
+
+    marker = f"trace-{time.monotonic_ns()}"
+    resp = served.post("/rag", {"question": f"How is honey extracted? {marker}", "k": 2})
+    assert resp.is_success, resp.text
+    answer_id = resp.headers["x-refinery-answer-id"]
+    client = client_for(settings.mlflow_tracking_uri)
+
+    def trace():
+        exp = client.get_experiment_by_name("refinery-served")
+        if exp is None:
+            return None
+        found = client.search_traces(
+            [exp.experiment_id], filter_string=f"tags.`refinery.answer_id` = '{answer_id}'"
+        )
+        return found[0] if found else None
+
+    wait_for(lambda: trace() is not None, 60, "the answer's trace in MLflow")
+    found = trace()
+    spans = {s.name: s for s in found.data.spans}
+    assert set(spans) == {"rag", "retrieve", "generate"}
+    assert spans["retrieve"].span_type == "RETRIEVER" and spans["generate"].span_type == "LLM"
+    given = {d["id"] for d in spans["retrieve"].outputs}
+    assert given == {s["chunk_id"] for s in resp.json()["sources"]}
+    assert spans["rag"].inputs == {"question": f"How is honey extracted? {marker}"}
+    # Blind: the version only as a keyed hash (no REFINERY_TRAFFIC_SALT here).
+    assert found.info.tags["refinery.model_key"] == model_key(current_version(served), "")
+    assert current_version(served) not in str(found.info.tags)
 
 
 def current_version(served: Served) -> str:

@@ -14,6 +14,7 @@ from refinery.rag.confidence import Calibration, ConfidenceModel
 from refinery.retrieval.search import Hit
 from serving.cache import InProcessCache
 from serving.gateway import (
+    ANSWER_ID_HEADER,
     RAG_MODEL,
     Gateway,
     RagPolicy,
@@ -135,7 +136,7 @@ def test_a_stream_that_the_client_leaves_closes_the_generation():
 
     async def run():
         events = await gw.open_stream(dict(ITEM))
-        sse = gw.chat_stream(events, dict(ITEM), {}, 0.0)
+        sse = gw.chat_stream(events, dict(ITEM), {}, 0.0, "a1")
         got = [await anext(sse) for _ in range(3)]
         await sse.aclose()  # what Starlette does when the client disconnects
         return got
@@ -154,7 +155,9 @@ def test_a_complete_stream_ends_with_finish_reason_usage_and_done():
 
     async def run():
         events = await gw.open_stream(dict(ITEM))
-        return [c async for c in gw.chat_stream(events, dict(ITEM), {"include_usage": True}, 0.0)]
+        return [
+            c async for c in gw.chat_stream(events, dict(ITEM), {"include_usage": True}, 0.0, "a2")
+        ]
 
     chunks = asyncio.run(run())
     assert chunks[-1] == "data: [DONE]\n\n"
@@ -334,3 +337,41 @@ def test_the_chat_client_gives_every_connection_back(leave_after):
     finally:
         gc.enable()
     assert remote.open == 0
+
+
+def test_every_answer_carries_its_own_id_in_the_header_the_body_and_the_traffic_log(
+    monkeypatch: pytest.MonkeyPatch,
+):
+    rows: list[dict] = []
+    monkeypatch.setattr(
+        TrafficLog, "_write", lambda self, batch: rows.extend(self.finish(r) for r in batch)
+    )
+    chat = ScriptedChat()
+    chat.gate.set()
+    gw = gateway(chat)
+    gw.context.traffic.settings = TrafficSettings(sample_rate=1.0, flush_s=0.05)
+    hits = [Hit("c1", "d1", "bees.md", "Bees", 0, "Bees make honey from nectar.", 0.8, {}, 1, 1)]
+    request = {"question": "What do bees make?", "k": 3, "filters": {}, "max_tokens": 8}
+
+    async def run():
+        chats = [await gw.chat_completion(dict(ITEM), 0.0) for _ in range(2)]  # miss, then hit
+        rags = [await gw.rag(dict(request), lambda v, k, f: hits, None, 0.0) for _ in range(2)]
+        events = await gw.open_stream(dict(ITEM))
+        streamed = [c async for c in gw.chat_stream(events, dict(ITEM), {}, 0.0, "f" * 32)]
+        return chats, rags, streamed
+
+    chats, rags, streamed = asyncio.run(run())
+    assert gw.context.traffic.flush(5)
+    ids = [h[ANSWER_ID_HEADER] for _, h in chats + rags]
+    assert len(set(ids)) == 4 and all(len(i) == 32 for i in ids)  # a cache hit is an answer too
+    assert [p["id"] for p, _ in chats] == [f"chatcmpl-{i}" for i in ids[:2]]
+    assert json.loads(streamed[0][6:])["id"] == "chatcmpl-" + "f" * 32
+    logged = {r["request_id"]: r for r in rows}
+    assert set(logged) == {*ids, "f" * 32}
+    for answer_id in ids[2:]:  # RAG rows keep the chunks the answer was given
+        assert logged[answer_id]["sources"] == [
+            {"chunk_id": "c1", "source": "bees.md", "score": 0.8}
+        ]
+    assert logged[ids[0]]["sources"] == [] and logged[ids[3]]["cache_hit"]
+    assert rag_chat_response(rags[0][0], ids[2])["id"] == f"chatcmpl-{ids[2]}"
+    gw.close()
