@@ -24,7 +24,7 @@ from typing import Any
 import sqlalchemy as sa
 
 from refinery.core import schema
-from refinery.core.lineage import TAG_CORPUS_HASH, TAG_DAGSTER_RUN_URL, combined_hash
+from refinery.core.lineage import TAG_CORPUS_HASH, TAG_DAGSTER_RUN_URL
 from refinery.core.tracking import client_for
 
 _ID = re.compile(r"^(?:chatcmpl-)?([0-9a-f]{32})$")
@@ -214,13 +214,11 @@ def _user_examples(client: Any, run_id: str) -> list[dict[str, Any]]:
 
 
 def _corpus(prov: Provenance, engine: sa.Engine) -> None:
-    """The corpus hash now, against the one the model was registered with."""
-    d = schema.documents
-    with engine.connect() as conn:
-        now = combined_hash(
-            (r.source, r.content_hash)
-            for r in conn.execute(sa.select(d.c.source, d.c.content_hash))
-        )
+    """The corpus hash now (as ``candidate_model`` computed it), against the one the model was
+    registered with."""
+    from refinery.retrieval.vectorstore import VectorStore
+
+    now = VectorStore(engine).corpus_hash()
     prov.corpus["now"] = now
     trained = prov.corpus.get("trained_with")
     if trained:
@@ -257,16 +255,11 @@ def render(prov: Provenance) -> str:
     r = prov.training_run
     if r:
         lines.append(f"training run {r['name']} ({r['run_id']})")
-        lines.append(f"  MLflow:  {r['url']}")
-        if r.get("dagster_run_url"):
-            lines.append(f"  Dagster: {r['dagster_run_url']}")
+        lines += _pages(r)
     s = prov.sft_dataset
     if s:
         lines.append(f"SFT dataset {s['content_hash']}")
-        if s.get("url"):
-            lines.append(f"  MLflow:  {s['url']}")
-        if s.get("dagster_run_url"):
-            lines.append(f"  Dagster: {s['dagster_run_url']}")
+        lines += _pages(s)
         if "user_examples" in s:
             lines.append(f"  approved user examples: {s['user_examples']}")
             for e in s.get("approved_examples", []):
@@ -292,6 +285,15 @@ def render(prov: Provenance) -> str:
             lines.append(f"  [{ch['rank']}] {ch['source']} {ch['chunk_id']} score {score}: {text}")
     lines += [f"note: {n}" for n in prov.notes]
     return "\n".join(lines)
+
+
+def _pages(link: dict[str, Any]) -> list[str]:
+    """A link's MLflow and Dagster pages, where it has them."""
+    return [
+        f"  {label}{link[key]}"
+        for key, label in (("url", "MLflow:  "), ("dagster_run_url", "Dagster: "))
+        if link.get(key)
+    ]
 
 
 def _short(text: str, limit: int) -> str:

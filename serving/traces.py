@@ -34,6 +34,7 @@ from typing import Any
 
 from refinery.core.lineage import TAG_ANSWER_ID, TAG_MODEL_KEY, TAG_MODEL_VERSION, model_key
 from refinery.core.settings import TraceSettings
+from serving.traffic import DropCounter
 
 log = logging.getLogger("refinery.traces")
 
@@ -76,13 +77,13 @@ class ServedTraces:
     ) -> None:
         self.settings = settings or TraceSettings()
         self.tracking_uri, self.salt = tracking_uri, salt
-        self._on_drop = on_drop
         self._rng = rng or random.Random()
         self._queue: queue.Queue[ServedAnswer] = queue.Queue(self.settings.max_queue)
         self._stop = threading.Event()
         self._experiment_id: str | None = None
         self.written = 0
-        self.dropped: dict[str, int] = {"queue_full": 0, "mlflow_error": 0}
+        self._drop = DropCounter(("queue_full", "mlflow_error"), on_drop, "served traces")
+        self.dropped = self._drop.counts
         self._thread: threading.Thread | None = None
         if self.settings.sample_rate > 0:
             self._thread = threading.Thread(target=self._run, name="served-traces", daemon=True)
@@ -110,14 +111,6 @@ class ServedTraces:
         return {TAG_ANSWER_ID: answer.answer_id, TAG_ENDPOINT: answer.endpoint, **who}
 
     # -- background writer --
-    def _drop(self, reason: str, n: int) -> None:
-        self.dropped[reason] += n
-        if self._on_drop is not None:
-            try:
-                self._on_drop(reason, n)
-            except Exception:  # a metrics hiccup must not kill the writer
-                log.exception("served traces: drop callback failed")
-
     def _run(self) -> None:
         down_until = 0.0
         while not (self._stop.is_set() and self._queue.empty()):

@@ -44,6 +44,25 @@ COPY_SQL = f"COPY {traffic_log.name} ({', '.join(COLUMNS)}) FROM STDIN"
 JSON_COLUMNS = ("retrieval_scores", "sources")
 
 
+class DropCounter:
+    """What a background writer dropped, by reason (``counts``), each drop also reported to
+    ``on_drop`` (the service's Prometheus counter); a failing callback never stops the writer."""
+
+    def __init__(
+        self, reasons: tuple[str, ...], on_drop: Callable[[str, int], None] | None, what: str
+    ) -> None:
+        self.counts: dict[str, int] = dict.fromkeys(reasons, 0)
+        self._on_drop, self._what = on_drop, what
+
+    def __call__(self, reason: str, n: int) -> None:
+        self.counts[reason] += n
+        if self._on_drop is not None:
+            try:
+                self._on_drop(reason, n)
+            except Exception:  # a metrics hiccup must not kill the writer
+                log.exception("%s: drop callback failed", self._what)
+
+
 def new_answer_id() -> str:
     """The id of one served answer: its traffic-log ``request_id``, the ``x-refinery-answer-id``
     header and (as ``chatcmpl-<id>``) a chat completion's id."""
@@ -69,11 +88,11 @@ class TrafficLog:
         self._engine_factory = engine_factory
         self._engine: sa.Engine | None = None
         self._queue: queue.Queue[dict[str, Any]] = queue.Queue(self.settings.max_queue)
-        self._on_drop = on_drop
         self._rng = rng or random.Random()
         self._stop = threading.Event()
         self.written = 0
-        self.dropped: dict[str, int] = {"queue_full": 0, "db_error": 0}
+        self._drop = DropCounter(("queue_full", "db_error"), on_drop, "traffic log")
+        self.dropped = self._drop.counts
         self._thread = threading.Thread(target=self._run, name="traffic-log", daemon=True)
         self._thread.start()
 
@@ -128,14 +147,6 @@ class TrafficLog:
         return True
 
     # -- background writer --
-    def _drop(self, reason: str, n: int) -> None:
-        self.dropped[reason] += n
-        if self._on_drop is not None:
-            try:
-                self._on_drop(reason, n)
-            except Exception:  # a metrics hiccup must not kill the writer
-                log.exception("traffic log drop callback failed")
-
     def _take_batch(self) -> list[dict[str, Any]]:
         """Rows for one transaction: from the first row, gather for up to ``flush_s`` (or until
         ``batch_size``). Without the wait, a steady trickle of requests would make a commit per
