@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 from benchmarks.common import WORK, write_table
-from refinery.core.settings import OFFLINE_ENV, REPO_ROOT
+from refinery.core.settings import REPO_ROOT, isolated_env
 
 BASE = os.environ.get("REFINERY_BENCH_BASE", "fb3c9fb")
 
@@ -39,13 +39,7 @@ def _clone(ref: str, folder: str) -> tuple[str, str]:
 
 def _run(checkout: str, n: int = 1) -> tuple[float, int]:
     home = os.path.join(checkout, ".refinery")
-    env = {
-        k: v
-        for k, v in os.environ.items()
-        if not k.startswith(("REFINERY_", "DAGSTER_", "MLFLOW_", "BENTOML_"))
-    }
-    env.update(OFFLINE_ENV)
-    env.update(
+    env = isolated_env(
         REFINERY_HOME=home,
         PYTHONPATH=checkout,  # this checkout's code, not the virtualenv's editable install
         REFINERY_OPENVINO_PYTHON=str(REPO_ROOT / ".venv-openvino" / "bin" / "python"),

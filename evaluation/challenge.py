@@ -26,7 +26,7 @@ from evaluation.gate import GateDecision, GatePolicy, compare_to_champion
 from evaluation.promotion import current_champion, record_decision
 from evaluation.report import examples_frame, write_report
 from evaluation.review import HumanEvaluation
-from evaluation.tracing import log_traces
+from evaluation.tracing import evaluate_in_mlflow, log_traces
 from refinery.core.registry import LocalModel, ModelRef, download, resolve
 from refinery.core.tracking import TrackedRun
 from refinery.rag.confidence import Calibration, load_calibration
@@ -182,7 +182,7 @@ def run_evaluation(
             tracking_uri, ref, plan, retriever, k=k, batch_size=batch_size,
             max_new_tokens=max_new_tokens, calibration=calibration, progress=progress,
         )  # fmt: skip
-        _log_contender(tracking_uri, run, role, ref.label, result, trace_salt)
+        _log_contender(tracking_uri, run, role, ref, result, k=k, trace_salt=trace_salt)
         results[role] = result
     report = write_report(
         results["challenger"],
@@ -260,12 +260,20 @@ def _log_contender(
     tracking_uri: str,
     run: TrackedRun,
     role: str,
-    label: str,
+    ref: ModelRef,
     result: ModelEvaluation,
+    *,
+    k: int,
     trace_salt: str = "",
 ) -> None:
-    """One model's traces, metrics (prefixed by its role), examples and reliability diagram."""
+    """One model's traces, metrics (prefixed by its role), examples and reliability diagram;
+    its ``mlflow.genai.evaluate`` child run, with the metrics linked to its LoggedModel."""
+    label = ref.label
     log_traces(tracking_uri, run.experiment_id, run.run_id, label, result.examples, trace_salt)
+    evaluate_in_mlflow(
+        tracking_uri, run.experiment_id, run.run_id, label, result.examples, result.metrics,
+        model_id=ref.model_id, k=k, salt=trace_salt,
+    )  # fmt: skip
     run.log_metrics({f"{role}.{m}": v for m, v in result.metrics.items()})
     run.client.log_table(run.run_id, examples_frame(result), f"examples_{role}.json")
     with tempfile.TemporaryDirectory(prefix="refinery-eval-") as tmp:

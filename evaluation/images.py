@@ -202,11 +202,12 @@ def record_and_promote(
     """Log the evaluation to ``run``, tag the version with its metrics, gate it against the
     champion, and move the champion alias to it when it passes. The same version already
     champion stays champion (a rerun changes nothing)."""
-    from refinery.core.registry import CHAMPION
+    from refinery.core.registry import CHAMPION, resolve
     from refinery.core.tracking import client_for
 
     metrics = evaluation.metrics()
-    run.log_metrics(metrics)
+    # Linked to the version's LoggedModel too, so the Models tab shows it with its scores.
+    run.log_metrics(metrics, model_id=resolve(tracking_uri, name, version).model_id)
     run.log_artifact(Path(evaluation.sheet), "review")
     client = client_for(tracking_uri)
     for key, value in metrics.items():

@@ -3,6 +3,11 @@
 A registered version is an MLflow "model from code" (``refinery/generation/pyfunc_model.py``) whose
 artifact is a model folder of safetensors (or an ONNX file): nothing pickled. Aliases, never
 stages. Registering the same lineage twice returns the existing version.
+
+Each version is an MLflow 3 LoggedModel (``create_logged_model`` -> ``log_model_artifacts`` ->
+``finalize_logged_model``), an output of the training run, registered from ``models:/<model id>``:
+the experiment's Models tab lists it, and evaluation links its metrics to it
+(``evaluation.tracing.evaluate_in_mlflow``).
 """
 
 from __future__ import annotations
@@ -14,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from refinery.core.registry import CHALLENGER
+from refinery.core.registry import CHALLENGER, logged_model_id
 from refinery.core.settings import REPO_ROOT
 
 PYFUNC_FILE = REPO_ROOT / "refinery" / "generation" / "pyfunc_model.py"
@@ -33,6 +38,7 @@ class RegisteredVersion:
     run_id: str
     source: str
     reused: bool
+    model_id: str = ""  # the LoggedModel ("m-..."); "" for a version registered before them
 
     @property
     def uri(self) -> str:
@@ -118,7 +124,7 @@ def register(
     Through an explicit client: the fluent ``log_model`` would set process-wide tracking and
     registry URIs that outlive the call.
     """
-    from refinery.core.tracking import client_for
+    from refinery.core.tracking import client_for, process_tracking_uri
 
     _check_name(name)
     client = client_for(tracking_uri)
@@ -127,16 +133,22 @@ def register(
         if alias:
             client.set_registered_model_alias(name, alias, existing.version)
         return RegisteredVersion(
-            name, str(existing.version), existing.run_id, existing.source, reused=True
+            name,
+            str(existing.version),
+            existing.run_id,
+            existing.source,
+            reused=True,
+            model_id=logged_model_id(existing.source),
         )
     all_tags = {
         **{k: str(v) for k, v in tags.items()},
         TAG_LINEAGE_KEY: lineage_key,
         TAG_VARIANT: variant,
     }
-    artifact_path = f"model-{variant}"
     image = kind == "image"
-    _log_pyfunc(client, run_id, artifact_path, model_dir, variant, image, extra_artifacts)
+    model_id = _log_model(
+        client, run_id, name, model_dir, variant, image, extra_artifacts, all_tags
+    )
     if not client.search_registered_models(filter_string=f"name = '{name}'"):
         client.create_registered_model(
             name,
@@ -144,36 +156,90 @@ def register(
             if image
             else f"Refinery chat model ({variant}).",
         )
-    mv = client.create_model_version(
-        name,
-        source=f"runs:/{run_id}/{artifact_path}",
-        run_id=run_id,
-        tags=all_tags,
-        description=description or None,
-    )
+    # A local store resolves a ``models:/<model id>`` source through MLflow's process-wide
+    # tracking URI, not the client's (a TODO in MLflow's SQL registry store).
+    with process_tracking_uri(tracking_uri):
+        mv = client.create_model_version(
+            name,
+            source=f"models:/{model_id}",
+            run_id=run_id,
+            tags=all_tags,
+            description=description or None,
+            model_id=model_id,
+        )
+    _list_version_on_model(client, model_id, name, str(mv.version))
     if alias:
         client.set_registered_model_alias(name, alias, mv.version)
-    return RegisteredVersion(name, str(mv.version), run_id, mv.source or "", reused=False)
+    return RegisteredVersion(
+        name, str(mv.version), run_id, mv.source or "", reused=False, model_id=model_id
+    )
 
 
-def _log_pyfunc(
+def _list_version_on_model(client: Any, model_id: str, name: str, version: str) -> None:
+    """The LoggedModel names its registered versions (tag ``mlflow.modelVersions``, as MLflow's
+    own ``register_model`` writes it), so its page links to them. An MLflow server writes the
+    tag itself; a local store does not."""
+    import json
+
+    from mlflow.utils.mlflow_tags import MLFLOW_MODEL_VERSIONS
+
+    listed = json.loads(client.get_logged_model(model_id).tags.get(MLFLOW_MODEL_VERSIONS) or "[]")
+    if any((v.get("name"), str(v.get("version"))) == (name, version) for v in listed):
+        return
+    listed.append({"name": name, "version": version})
+    client.set_logged_model_tags(model_id, {MLFLOW_MODEL_VERSIONS: json.dumps(listed)})
+
+
+def _log_model(
     client: Any,
     run_id: str,
-    artifact_path: str,
+    name: str,
+    model_dir: Path,
+    variant: str,
+    image: bool,
+    extra_artifacts: Mapping[str, Path] | None,
+    tags: Mapping[str, str],
+) -> str:
+    """Save ``model_dir`` as an MLflow model from code, log it as a LoggedModel output of run
+    ``run_id`` (in the run's experiment) and return its id. A failed upload leaves the
+    LoggedModel FAILED, never READY."""
+    from mlflow.entities import LoggedModelOutput
+
+    experiment_id = client.get_run(run_id).info.experiment_id
+    model = client.create_logged_model(
+        experiment_id,
+        name=name,
+        source_run_id=run_id,
+        tags=dict(tags),
+        params={"variant": variant},
+        model_type="image" if image else "chat",
+    )
+    try:
+        _upload_pyfunc(client, model.model_id, model_dir, variant, image, extra_artifacts)
+    except BaseException:
+        client.finalize_logged_model(model.model_id, "FAILED")
+        raise
+    client.finalize_logged_model(model.model_id, "READY")
+    client.log_outputs(run_id, [LoggedModelOutput(model.model_id, 0)])
+    return str(model.model_id)
+
+
+def _upload_pyfunc(
+    client: Any,
+    model_id: str,
     model_dir: Path,
     variant: str,
     image: bool,
     extra_artifacts: Mapping[str, Path] | None,
 ) -> None:
-    """Save ``model_dir`` as an MLflow model from code and log it to ``run_id`` under
-    ``artifact_path``."""
+    """Save ``model_dir`` as an MLflow model from code into LoggedModel ``model_id``."""
     import mlflow.pyfunc
 
     with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
         # MLflow warns that predict's type hints give no schema and that no input example
         # was given: the signature below says what the model takes.
         warnings.simplefilter("ignore", UserWarning)
-        local = Path(tmp) / artifact_path
+        local = Path(tmp) / "model"
         mlflow.pyfunc.save_model(
             str(local),
             python_model=str(IMAGE_PYFUNC_FILE if image else PYFUNC_FILE),
@@ -188,7 +254,7 @@ def _log_pyfunc(
             signature=image_signature() if image else signature(),
             pip_requirements=pip_requirements(("diffusers", "pillow") if image else ()),
         )
-        client.log_artifacts(run_id, str(local), artifact_path)
+        client.log_model_artifacts(model_id, str(local))
 
 
 def register_folder(

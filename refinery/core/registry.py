@@ -19,13 +19,22 @@ class ModelNotFoundError(LookupError):
 class ModelRef:
     name: str
     version: str
-    source: str
+    source: str  # where the version's artifacts are (what ``download`` reads)
     run_id: str
     tags: dict[str, str]
+    model_id: str = ""  # its MLflow LoggedModel; "" for a version registered before them
 
     @property
     def label(self) -> str:
         return f"{self.name}/{self.version}"
+
+
+def logged_model_id(source: str | None) -> str:
+    """The LoggedModel id of a ``models:/m-...`` version source ("" for any other source)."""
+    import re
+
+    match = re.fullmatch(r"models:/(m-[0-9a-f]+)/?", source or "")
+    return match.group(1) if match else ""
 
 
 def resolve(tracking_uri: str, name: str, alias_or_version: str) -> ModelRef:
@@ -42,7 +51,13 @@ def resolve(tracking_uri: str, name: str, alias_or_version: str) -> ModelRef:
         raise ModelNotFoundError(
             f"no version {alias_or_version!r} of registered model {name!r}"
         ) from err
-    return ModelRef(name, str(mv.version), mv.source or "", mv.run_id or "", dict(mv.tags or {}))
+    model_id = logged_model_id(mv.source)
+    # A LoggedModel's version is downloaded from the artifact location the registry resolved
+    # it to (a models:/ URI would be resolved again through MLflow's process-wide URI).
+    source = client.get_model_version_download_uri(name, mv.version) if model_id else mv.source
+    return ModelRef(
+        name, str(mv.version), source or "", mv.run_id or "", dict(mv.tags or {}), model_id
+    )
 
 
 class NotAChatModel(ValueError):

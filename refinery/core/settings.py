@@ -51,6 +51,16 @@ OFFLINE_ENV = {
     "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
     "TOKENIZERS_PARALLELISM": "false",
 }
+# Variables that say where a command finds its stores and what it runs on.
+STORE_ENV_PREFIXES = ("REFINERY_", "DAGSTER_", "MLFLOW_", "BENTOML_")
+
+
+def isolated_env(**settings: str) -> dict[str, str]:
+    """This process's environment without any store setting, plus ``OFFLINE_ENV`` and
+    ``settings``: for a child command that must find everything through what it is given."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(STORE_ENV_PREFIXES)}
+    return {**env, **OFFLINE_ENV, **settings}
+
 
 MASK = "****"
 Secret = Literal["", "value", "url"]  # "url": only the password inside the URL is secret

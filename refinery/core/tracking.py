@@ -30,6 +30,22 @@ def client_for(tracking_uri: str) -> MlflowClient:
     return MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
 
 
+@contextlib.contextmanager
+def process_tracking_uri(tracking_uri: str) -> Iterator[None]:
+    """MLflow's process-wide tracking URI pointed at ``tracking_uri`` for the
+    duration of the block, then put back. For the MLflow calls that read them rather than a
+    client's: trace export, ``mlflow.genai.evaluate``, and a local store resolving a
+    ``models:/<model id>`` version source."""
+    import mlflow
+
+    previous = mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(tracking_uri)
+    try:
+        yield
+    finally:
+        mlflow.set_tracking_uri(previous)
+
+
 def ensure_experiment(client: MlflowClient, name: str, artifact_root: Path | None) -> str:
     """The experiment's id, created on first use (artifacts under ``artifact_root`` if given)."""
     exp = client.get_experiment_by_name(name)
@@ -61,10 +77,15 @@ class TrackedRun:
         for i in range(0, len(items), 100):
             self.client.log_batch(self.run_id, params=items[i : i + 100])
 
-    def log_metrics(self, metrics: Mapping[str, float], step: int = 0) -> None:
+    def log_metrics(
+        self, metrics: Mapping[str, float], step: int = 0, *, model_id: str | None = None
+    ) -> None:
+        """``model_id``: a LoggedModel the metrics are also linked to (its page shows them)."""
         ts = int(time.time() * 1000)
         items = [
-            Metric(k, float(v), ts, step) for k, v in metrics.items() if math.isfinite(float(v))
+            Metric(k, float(v), ts, step, model_id=model_id or None)
+            for k, v in metrics.items()
+            if math.isfinite(float(v))
         ]
         for i in range(0, len(items), 500):
             self.client.log_batch(self.run_id, metrics=items[i : i + 500])

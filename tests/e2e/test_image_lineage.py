@@ -71,6 +71,11 @@ def test_image_model_trained_judged_registered_and_promoted(fresh_home, tmp_path
     )
     assert champion.tags["refinery.gate"] == "passed"
     assert champion.tags["dagster.asset_key"] == "image_model"
+    # The version is a LoggedModel with the evaluation's metrics linked to it.
+    linked = client.get_logged_model(champion.source.removeprefix("models:/")).metrics
+    assert {m.key: m.value for m in linked}["classifier_accuracy"] == pytest.approx(
+        evaluation["classifier_accuracy"], abs=1e-4
+    )
     plots = {a.path for a in client.list_artifacts(champion.run_id, "plots")}
     assert any(p.endswith("-loss.png") for p in plots) and any(
         p.endswith("-samples.png") for p in plots

@@ -6,7 +6,6 @@ and /rag from the champion. Each home is given only the three store variables.""
 
 from __future__ import annotations
 
-import os
 import shutil
 import subprocess
 from pathlib import Path
@@ -16,7 +15,7 @@ import pytest
 import yaml
 
 from refinery.core.processes import stop_tree
-from refinery.core.settings import OFFLINE_ENV
+from refinery.core.settings import isolated_env
 from refinery.core.tracking import client_for
 from tests.support import REFINERY, free_port, fresh_database, mlflow_server, refinery, wait_for
 
@@ -57,12 +56,7 @@ RUN = {
 def _env(home: Path, stores: dict[str, str]) -> dict[str, str]:
     """This process's environment without any store setting, plus ``stores``: nothing else
     tells the command where anything is."""
-    env = {
-        k: v
-        for k, v in os.environ.items()
-        if not k.startswith(("REFINERY_", "DAGSTER_", "MLFLOW_", "BENTOML_"))
-    }
-    return {**env, **OFFLINE_ENV, **stores, "REFINERY_HOME": str(home)}
+    return isolated_env(**stores, REFINERY_HOME=str(home))
 
 
 def _config(tmp_path: Path, name: str, config: dict) -> str:
@@ -101,7 +95,17 @@ def test_three_empty_homes_meet_only_through_the_servers(tmp_path: Path, server_
         runs = client.search_runs(
             [client.get_experiment_by_name("refinery-evaluation").experiment_id]
         )
-        assert len(runs) == 2  # A's and B's
+        parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+        assert len(parents) == 2  # A's and B's
+        # Each evaluated model has an mlflow.genai.evaluate child run whose metrics are linked
+        # to the version's LoggedModel: the Models tab shows the champion with its scores.
+        children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+        assert {r.data.tags["mlflow.parentRunId"] for r in children} == {
+            r.info.run_id for r in parents
+        }
+        logged = client.get_logged_model(champion.source.removeprefix("models:/"))
+        linked = {m.key for m in logged.metrics}
+        assert {"rag_token_f1/mean", "heldout_perplexity", "rag_answered_right"} <= linked
         shutil.rmtree(b)
 
         refinery("bento", env=_env(c, stores), timeout=600)

@@ -11,6 +11,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import dagster as dg
+import mlflow.artifacts
 import pytest
 import yaml
 
@@ -120,7 +121,21 @@ def test_train_job_registers_a_challenger_with_its_lineage(fresh_home, tmp_path)
     # The OpenVINO export that the CPU serving engine runs travels with the version.
     ov = metadata(result, "openvino_model")
     assert ov["weight_format"] == "int8" and ov["reused"] is False and ov["size_mb"] > 50
-    local = client.download_artifacts(mv.run_id, "model-none/MLmodel", str(tmp_path))
+    # The version is an MLflow 3 LoggedModel: an output of the training run, READY, with the
+    # version's lineage tags, listing the version it was registered as.
+    model_id = mv.source.removeprefix("models:/")
+    logged = client.get_logged_model(model_id)
+    assert mv.source == f"models:/{logged.model_id}" and str(logged.status) == "READY"
+    assert logged.source_run_id == mv.run_id
+    assert logged.tags["refinery.lineage_key"] == tags["refinery.lineage_key"]
+    assert '"version": "1"' in logged.tags["mlflow.modelVersions"]
+    assert model_id in {o.model_id for o in training_run.outputs.model_outputs}
+    local = mlflow.artifacts.download_artifacts(
+        artifact_uri=client.get_model_version_download_uri("refinery-chat", mv.version)
+        + "/MLmodel",
+        tracking_uri=Settings.from_env().mlflow_tracking_uri,
+        dst_path=str(tmp_path),
+    )
     mlmodel = yaml.safe_load(Path(local).read_text())
     artifacts = mlmodel["flavors"]["python_function"]["artifacts"]
     assert set(artifacts) == {"model", "openvino"}

@@ -310,3 +310,16 @@ def test_source_filters_are_parameterized_and_escaped():
     glob = _source_clause(col, "guides/*_v1%.md").compile(dialect=postgresql.dialect())
     assert "LIKE" in str(glob)
     assert glob.params["source_1"] == "guides/%\\_v1\\%.md"
+
+
+def test_isolated_env_drops_every_store_setting_and_adds_the_offline_ones(monkeypatch):
+    from refinery.core.settings import OFFLINE_ENV, isolated_env
+
+    monkeypatch.setenv("REFINERY_DATABASE_URL", "postgresql://elsewhere/db")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://elsewhere:5000")
+    monkeypatch.setenv("DAGSTER_HOME", "/elsewhere")
+    monkeypatch.setenv("PATH_FOR_THE_TEST", "kept")
+    env = isolated_env(REFINERY_HOME="/mine")
+    assert env["REFINERY_HOME"] == "/mine" and env["PATH_FOR_THE_TEST"] == "kept"
+    assert not {"REFINERY_DATABASE_URL", "MLFLOW_TRACKING_URI", "DAGSTER_HOME"} & set(env)
+    assert all(env[k] == v for k, v in OFFLINE_ENV.items())
