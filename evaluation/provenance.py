@@ -25,6 +25,7 @@ import sqlalchemy as sa
 
 from refinery.core import schema
 from refinery.core.lineage import TAG_CORPUS_HASH, TAG_DAGSTER_RUN_URL
+from refinery.core.registry import logged_model_id
 from refinery.core.tracking import client_for
 
 _ID = re.compile(r"^(?:chatcmpl-)?([0-9a-f]{32})$")
@@ -151,6 +152,7 @@ def _model_chain(prov: Provenance, tracking_uri: str, ui: str) -> None:
         "adapter": _json(tags.get("refinery.lora_config")),
         "dagster_run_url": tags.get(TAG_DAGSTER_RUN_URL, ""),
         "imported_from": "",
+        "logged_model": logged_model_id(mv.source),
     }
     if mv.run_id:
         _training_run(prov, client, mv.run_id, ui)
@@ -246,7 +248,8 @@ def render(prov: Provenance) -> str:
     v = prov.version
     if v:
         lines.append(f"  MLflow:  {v['url']}")
-        for key, label in (("base_model", "base model"), ("training_key", "training key"),
+        for key, label in (("logged_model", "LoggedModel"),
+                           ("base_model", "base model"), ("training_key", "training key"),
                            ("imported_from", "imported from"), ("dagster_run_url", "Dagster")):  # fmt: skip
             if v.get(key):
                 lines.append(f"  {label}: {v[key]}")

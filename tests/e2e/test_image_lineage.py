@@ -84,8 +84,12 @@ def test_image_model_trained_judged_registered_and_promoted(fresh_home, tmp_path
     assert len(history) == 150 // 25 and history[-1].value < history[0].value
 
     # The registered version loads through MLflow (no pickle) and draws the same image twice.
+    # (From the location the registry resolved: MLflow resolves a models:/<id> source through
+    # its process-wide tracking URI, not the one given here.)
     local = mlflow.artifacts.download_artifacts(
-        artifact_uri=champion.source, tracking_uri=uri, dst_path=str(tmp_path / "dl")
+        artifact_uri=client.get_model_version_download_uri("refinery-image", champion.version),
+        tracking_uri=uri,
+        dst_path=str(tmp_path / "dl"),
     )
     loaded = mlflow.pyfunc.load_model(local)
     a, b = (loaded.predict(["a handwritten 7"], params={"seed": 3, "size": 32}) for _ in range(2))

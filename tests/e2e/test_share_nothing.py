@@ -152,6 +152,7 @@ def test_three_empty_homes_meet_only_through_the_servers(tmp_path: Path, server_
             for expected in (
                 f"model version refinery-chat/{champion.version}",
                 f"{mlflow_url}/#/models/refinery-chat/versions/{champion.version}",
+                f"LoggedModel: {champion.source.removeprefix('models:/')}",
                 "training run ",
                 f"SFT dataset {tags['refinery.sft_dataset_hash']}",
                 f"corpus {tags['refinery.corpus_hash']} at training (unchanged since",
