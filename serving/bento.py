@@ -28,6 +28,7 @@ from refinery.core.registry import (
     CHAMPION,
     ModelNotFoundError,
     NotAChatModel,
+    artifact_uri,
     read_model_folder,
     resolve,
 )
@@ -268,14 +269,16 @@ def _build_in_child(
     with tempfile.TemporaryDirectory(prefix="refinery-bento-") as tmp:
         model_dir = Path(
             mlflow.artifacts.download_artifacts(
-                artifact_uri=ref.source, tracking_uri=tracking_uri, dst_path=str(Path(tmp) / "dl")
+                artifact_uri=artifact_uri(tracking_uri, ref),
+                tracking_uri=tracking_uri,
+                dst_path=str(Path(tmp) / "dl"),
             )
         )
         read_mlflow_model(model_dir)  # fail here, not in the service, if it is not ours
         image_dir = ""
         if image is not None:
             image_dir = mlflow.artifacts.download_artifacts(
-                artifact_uri=image.source, tracking_uri=tracking_uri,
+                artifact_uri=artifact_uri(tracking_uri, image), tracking_uri=tracking_uri,
                 dst_path=str(Path(tmp) / "image"),
             )  # fmt: skip
             read_mlflow_model(Path(image_dir))

@@ -15,7 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from refinery.core.registry import ModelRef, resolve
+from refinery.core.registry import ModelRef, artifact_uri, resolve
 
 log = logging.getLogger("refinery.follow")
 
@@ -59,7 +59,9 @@ class AliasFollower:
         dst.mkdir(parents=True)
         local = Path(
             mlflow.artifacts.download_artifacts(
-                artifact_uri=ref.source, tracking_uri=self.tracking_uri, dst_path=str(dst)
+                artifact_uri=artifact_uri(self.tracking_uri, ref),
+                tracking_uri=self.tracking_uri,
+                dst_path=str(dst),
             )
         )
         model = self._load(ref, local)

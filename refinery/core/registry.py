@@ -19,7 +19,7 @@ class ModelNotFoundError(LookupError):
 class ModelRef:
     name: str
     version: str
-    source: str  # where the version's artifacts are (what ``download`` reads)
+    source: str  # the version's source: models:/<LoggedModel id>, or an artifact URI before them
     run_id: str
     tags: dict[str, str]
     model_id: str = ""  # its MLflow LoggedModel; "" for a version registered before them
@@ -51,13 +51,20 @@ def resolve(tracking_uri: str, name: str, alias_or_version: str) -> ModelRef:
         raise ModelNotFoundError(
             f"no version {alias_or_version!r} of registered model {name!r}"
         ) from err
-    model_id = logged_model_id(mv.source)
-    # A LoggedModel's version is downloaded from the artifact location the registry resolved
-    # it to (a models:/ URI would be resolved again through MLflow's process-wide URI).
-    source = client.get_model_version_download_uri(name, mv.version) if model_id else mv.source
+    source = mv.source or ""
     return ModelRef(
-        name, str(mv.version), source or "", mv.run_id or "", dict(mv.tags or {}), model_id
+        name, str(mv.version), source, mv.run_id or "", dict(mv.tags or {}), logged_model_id(source)
     )
+
+
+def artifact_uri(tracking_uri: str, ref: ModelRef) -> str:
+    """Where to download the version's files from. A LoggedModel's version: the artifact
+    location the registry resolved it to (MLflow would resolve a ``models:/`` URI again through
+    its process-wide tracking URI, not ``tracking_uri``). Asked only when downloading, so
+    resolving an alias (the follower's poll) stays one call."""
+    if not ref.model_id:
+        return ref.source
+    return str(client_for(tracking_uri).get_model_version_download_uri(ref.name, ref.version))
 
 
 class NotAChatModel(ValueError):
@@ -104,6 +111,6 @@ def download(tracking_uri: str, ref: ModelRef, dst: Path) -> LocalModel:
     import mlflow.artifacts
 
     local = mlflow.artifacts.download_artifacts(
-        artifact_uri=ref.source, tracking_uri=tracking_uri, dst_path=str(dst)
+        artifact_uri=artifact_uri(tracking_uri, ref), tracking_uri=tracking_uri, dst_path=str(dst)
     )
     return read_model_folder(Path(local))
